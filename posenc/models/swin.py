@@ -1,0 +1,231 @@
+"""Swin Transformer: hierarchical stages of (shifted) window attention with a relative bias table per block.
+
+Names follow timm's ``swin_transformer.py``: ``patch_embed.{proj,norm}``,
+``layers.i.downsample.{norm,reduction}`` (patch merging at the start of stages 1..),
+``layers.i.blocks.j.{norm1,attn,norm2,mlp}``, ``norm``, ``head``. Feature maps are (B, H, W, C).
+
+Within a stage, odd blocks cyclically shift the grid by half a window before partitioning, and mask
+attention between tokens that were not neighbours before the shift. As in the reference, a stage whose
+grid is no larger than the window uses the whole grid as its window and does not shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from posenc.attention import Attention
+from posenc.encodings import (
+    Size2,
+    check_window_divides,
+    shifted_window_mask,
+    to_2tuple,
+    window_partition,
+    window_reverse,
+)
+from posenc.models.layers import (
+    BlockTrace,
+    DropPath,
+    Inspection,
+    Mlp,
+    PatchEmbed,
+    PosencModel,
+    config_from_dict,
+    init_weights,
+    normalise_config,
+)
+from posenc.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Everything that defines a Swin model; saved as ``config.json``."""
+
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96  # width of stage 0; doubles at every patch merging
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: tuple[int, int] = (7, 7)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    drop_path_rate: float = 0.0
+    labels: tuple[str, ...] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    model_type: str = "posenc_swin"
+
+    def __post_init__(self) -> None:
+        normalise_config(self)
+        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        object.__setattr__(self, "window_size", to_2tuple(self.window_size))
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"{len(self.depths)} stage depths but {len(self.num_heads)} head counts")
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+        for stage, (grid, window, _) in enumerate(self.stage_geometry()):
+            if grid[0] % window[0] or grid[1] % window[1]:
+                raise ValueError(f"stage {stage}: window {window} does not divide the {grid[0]}x{grid[1]} grid")
+
+    @property
+    def grid(self) -> Size2:
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def position_encoding(self) -> str:
+        return "windowed"
+
+    def stage_geometry(self) -> list[tuple[Size2, Size2, Size2]]:
+        """Per stage at ``img_size``: its grid, its window, and the shift of its odd blocks."""
+        out = []
+        h, w = self.grid
+        for stage in range(len(self.depths)):
+            if stage:
+                h, w = h // 2, w // 2
+            window = (min(h, self.window_size[0]), min(w, self.window_size[1]))
+            shift = tuple(0 if g <= win else win // 2 for g, win in zip((h, w), window))
+            out.append(((h, w), window, shift))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SwinConfig:
+        return config_from_dict(cls, data)
+
+
+class SwinBlock(nn.Module):
+    """Window attention (shifted when ``shift`` is non-zero) and an MLP, both pre-norm residual."""
+
+    def __init__(self, dim: int, heads: int, grid: Size2, window: Size2, shift: Size2, config: SwinConfig, drop_path: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn = Attention(dim, heads, qkv_bias=config.qkv_bias, rel_pos_window=window)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.grid = grid
+        mask = shifted_window_mask(grid, window, shift) if any(shift) else None  # nW, Wh*Ww, Wh*Ww
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def mask_for(self, grid: Size2, device: torch.device) -> Tensor | None:
+        """The shift mask for a grid (the buffer at the built size, computed for others)."""
+        if not any(self.shift):
+            return None
+        if tuple(grid) == self.grid:
+            return self.attn_mask
+        return shifted_window_mask(grid, self.window, self.shift, device=device)
+
+    def forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, BlockTrace | None]:
+        """(B, H, W, C) -> (B, H, W, C), plus a trace when ``need_weights``."""
+        b, h, w, c = x.shape
+        check_window_divides((h, w), self.window)
+        shortcut = x
+        x = self.norm1(x)
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        windows = window_partition(x, self.window)  # B, nW, Wh*Ww, C
+        mask = self.mask_for((h, w), x.device)  # nW, Wh*Ww, Wh*Ww
+        y, trace = self.attn(windows, mask=mask, need_weights=need_weights)  # B, nW, Wh*Ww, C
+        x = window_reverse(y, self.window, (h, w))  # B, H, W, C
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        x = shortcut + self.drop_path(x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if trace is None:
+            return x, None
+        return x, BlockTrace(
+            attn=trace.attn,
+            attn_no_pos=trace.attn_no_pos,
+            pos_bias=trace.pos_bias,
+            mask=mask,
+            grid=(h, w),
+            window=self.window,
+            shift=self.shift,
+        )
+
+
+class PatchMerging(nn.Module):
+    """Halve the grid and double the width: concatenate each 2x2 neighbourhood, norm, project."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        _, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"patch merging needs an even grid, got {h}x{w}; pick another image size")
+        # channel order (dx, dy, c) matches the reference's [x00, x10, x01, x11] concatenation
+        x = rearrange(x, "b (h dy) (w dx) c -> b h w (dx dy c)", dy=2, dx=2)  # B, H/2, W/2, 4C
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then ``depth`` blocks alternating plain and shifted windows."""
+
+    def __init__(self, stage: int, dim: int, config: SwinConfig, rates: list[float]) -> None:
+        super().__init__()
+        grid, window, shift = config.stage_geometry()[stage]
+        self.downsample = PatchMerging(dim // 2, config.norm_eps) if stage else nn.Identity()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, config.num_heads[stage], grid, window, shift if j % 2 else (0, 0), config, rates[j])
+            for j in range(config.depths[stage])
+        )
+
+
+class SwinTransformer(PosencModel):
+    """Swin classifier; ``model(x)`` gives logits, ``model.inspect(x)`` also every block's window attention and bias."""
+
+    architecture = "swin"
+
+    def __init__(self, config: SwinConfig | dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config = config if isinstance(config, SwinConfig) else SwinConfig.from_dict(config)
+        self._hub_mixin_config = config
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True, eps=config.norm_eps)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        stages, start = [], 0
+        for stage, depth in enumerate(config.depths):
+            stages.append(SwinStage(stage, config.embed_dim * 2**stage, config, rates[start : start + depth]))
+            start += depth
+        self.layers = nn.ModuleList(stages)
+        self.num_features = config.embed_dim * 2 ** (len(config.depths) - 1)
+        self.norm = nn.LayerNorm(self.num_features, eps=config.norm_eps)
+        self.head = nn.Linear(self.num_features, config.num_classes)
+        self.apply(init_weights)
+
+    @property
+    def position_encoding(self) -> str:
+        return "windowed"
+
+    def _run(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Size2, list[BlockTrace]]:
+        x = self.patch_embed(x)  # B, h, w, C
+        grid = tuple(x.shape[1:3])
+        traces = []
+        for stage, layer in enumerate(self.layers):
+            x = layer.downsample(x)  # B, H, W, C
+            for block in layer.blocks:
+                x, trace = block(x, need_weights)
+                if trace is not None:
+                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
+        x = self.norm(x).mean(dim=(1, 2))  # B, C
+        return self.head(x), grid, traces
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits."""
+        return self._run(x, need_weights=False)[0]
+
+    def inspect(self, x: Tensor) -> Inspection:
+        """Logits plus, per block, the window attention, the relative bias, the shift mask and the geometry."""
+        logits, grid, traces = self._run(x, need_weights=True)
+        return Inspection(
+            logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
+        )

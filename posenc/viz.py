@@ -1,0 +1,900 @@
+"""Pure views of position encodings: arrays in, a ``PIL.Image`` or a matplotlib ``Figure`` out.
+
+Conventions:
+- Patch grids are ``(h, w)`` with ``indexing="ij"`` and row-major flattening: token ``t = r * w + c``.
+  A patch is ``(row, col)``; a pixel click is ``(x, y)`` as Gradio's ``evt.index`` gives it.
+- Per-key maps are ``(gh, gw)`` arrays (``(heads, gh, gw)`` for one map per head). ``NaN`` marks keys that are
+  absent or masked (outside a Swin window, another shift region); they are drawn as the dimmed photo.
+- Inputs may be numpy arrays or torch tensors; nothing here depends on ``posenc.models``.
+- Photos are drawn with numpy + PIL through matplotlib colormaps. Figures are built with the object API
+  (``matplotlib.figure.Figure``); nothing touches ``matplotlib.pyplot``, so concurrent requests cannot mix.
+- Pass the photo the model actually saw (the resized, center-cropped input), so the grid lies on the right pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw, ImageFont
+
+from posenc.encodings import shift_region_ids
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray | torch.Tensor
+Grid = tuple[int, int]
+Patch = tuple[int, int]
+
+MAX_COLS = 6  # heads per figure row before wrapping
+DIM = 0.35  # brightness of the photo under NaN (absent or masked) cells
+_SAMPLE_MAP_SIDE = 320  # longer side, in pixels, of a map drawn without a photo
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _to_numpy(x: Array, name: str) -> np.ndarray:
+    """Return ``x`` as a float32 numpy array (tensors are detached and moved to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    try:
+        return np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}") from err
+
+
+def _to_tensor(x: Array, name: str) -> torch.Tensor:
+    """Return ``x`` as a float32 CPU tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float32)
+    return torch.from_numpy(_to_numpy(x, name))
+
+
+def _check_grid(grid: Sequence[int], name: str = "grid") -> Grid:
+    """Validate a ``(h, w)`` pair of positive integers."""
+    if len(grid) != 2 or any(int(g) != g or g <= 0 for g in grid):
+        raise ValueError(f"{name} must be (h, w) with positive integers, got {tuple(grid)}")
+    return int(grid[0]), int(grid[1])
+
+
+def _check_patch(patch: Sequence[int], grid: Grid) -> Patch:
+    """Validate that ``patch`` is a ``(row, col)`` inside ``grid``."""
+    if len(patch) != 2:
+        raise ValueError(f"patch must be (row, col), got {patch!r}")
+    r, c = int(patch[0]), int(patch[1])
+    if not (0 <= r < grid[0] and 0 <= c < grid[1]):
+        raise ValueError(f"patch {(r, c)} lies outside the {grid[0]}x{grid[1]} grid; use patch_at() to map a click")
+    return r, c
+
+
+def _patch_rows(pos_embed: Array, grid: Grid) -> torch.Tensor:
+    """Return the patch rows of an absolute embedding as a float tensor (N, C), checking N = h * w."""
+    e = _to_tensor(pos_embed, "pos_embed")
+    if e.ndim == 3 and e.shape[0] == 1:
+        e = e[0]  # N, C
+    n = grid[0] * grid[1]
+    if e.ndim != 2 or e.shape[0] != n:
+        raise ValueError(
+            f"pos_embed must be (N, C) with N = {grid[0]}*{grid[1]} = {n} patch rows, got {tuple(e.shape)}; "
+            "drop the prefix rows first (pos_embed[0, num_prefix:])"
+        )
+    return e
+
+
+def _cell_of_pixel(n_pixels: int, n_cells: int) -> np.ndarray:
+    """Grid cell index of every pixel along one axis (pixel p lies in cell floor(p * n_cells / n_pixels))."""
+    return (np.arange(n_pixels) * n_cells) // n_pixels
+
+
+def _cell_bounds(cell: int, n_pixels: int, n_cells: int) -> tuple[int, int]:
+    """First and last pixel (inclusive) of ``cell`` along one axis; the inverse of ``_cell_of_pixel``."""
+    start = -((-cell * n_pixels) // n_cells)
+    stop = -((-(cell + 1) * n_pixels) // n_cells)
+    return start, stop - 1
+
+
+def _norm(values: np.ndarray, vmin: float | None, vmax: float | None, *, symmetric: bool = False) -> Normalize:
+    """A colour normalisation over the finite values; symmetric puts 0 in the middle of the scale."""
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    if symmetric:
+        m = max(abs(lo), abs(hi))
+        lo, hi = -m, m
+    lo = lo if vmin is None else float(vmin)
+    hi = hi if vmax is None else float(vmax)
+    if not hi > lo:
+        pad = max(abs(lo) * 0.05, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    return Normalize(vmin=lo, vmax=hi)
+
+
+def _fmt(v: float) -> str:
+    """Short number for labels, with a typographic minus."""
+    text = f"{v:.3g}"
+    return text.replace("-", "\u2212")
+
+
+def _head_layout(n: int, max_cols: int = MAX_COLS) -> tuple[int, int]:
+    """Rows and columns for ``n`` panels with at most ``max_cols`` per row, balanced across rows."""
+    rows = max(1, math.ceil(n / max_cols))
+    return rows, math.ceil(n / rows)
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans from matplotlib's data (it has Δ, → and −), or PIL's default font."""
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def patch_at(xy: Sequence[float], image_size: Sequence[int], grid: Sequence[int]) -> Patch:
+    """The patch under a click in image pixels, clamped to the grid.
+
+    Args:
+        xy: click position ``(x, y)`` in pixels of the displayed image (Gradio's ``evt.index``).
+        image_size: ``(w, h)`` of that image in pixels (PIL's ``image.size``).
+        grid: patch grid ``(gh, gw)``.
+
+    Returns:
+        ``(row, col)`` of the patch; pixel ``p`` lies in cell ``floor(p * cells / pixels)`` on each axis,
+        the same mapping ``overlay`` uses, so sizes that are not multiples of the grid stay aligned.
+    """
+    gh, gw = _check_grid(grid)
+    w, h = _check_grid(image_size, "image_size")
+    x, y = xy
+    if isinstance(x, int) and isinstance(y, int):
+        row, col = (y * gh) // h, (x * gw) // w
+    else:
+        row, col = math.floor(float(y) * gh / h), math.floor(float(x) * gw / w)
+    return min(max(row, 0), gh - 1), min(max(col, 0), gw - 1)
+
+
+class SwinWindowKeys(NamedTuple):
+    """Where a query patch's window lies for one Swin block.
+
+    window_index: index of the window in the block's (nW, ...) window axis (row-major over windows, shifted frame).
+    query_index: the query's token index inside its window (row-major, ``Wh * Ww`` tokens).
+    keys: LongTensor (Wh*Ww, 2) of the window's tokens as (row, col) in the unshifted image grid, in window order.
+    masked: BoolTensor (Wh*Ww,) True for keys in another shift region than the query (always False without shift).
+    """
+
+    window_index: int
+    query_index: int
+    keys: torch.Tensor
+    masked: torch.Tensor
+
+
+def swin_window_keys(
+    patch: Sequence[int], grid: Sequence[int], window: Sequence[int], shift: Sequence[int] = (0, 0)
+) -> SwinWindowKeys:
+    """The window, in-window query index, key positions and masked keys of a patch in a (shifted) Swin block.
+
+    The block rolls the grid by ``(-sh, -sw)`` before windowing, so image position ``(r, c)`` sits at
+    ``((r - sh) % H, (c - sw) % W)`` in the shifted frame; keys are mapped back with the roll undone.
+
+    Args:
+        patch: query ``(row, col)`` in the image grid.
+        grid: the stage's patch grid ``(H, W)``; both must be multiples of the window.
+        window: ``(Wh, Ww)`` as the block used it.
+        shift: ``(sh, sw)`` cyclic shift of the block, each in ``[0, window)``.
+
+    Returns:
+        ``SwinWindowKeys(window_index, query_index, keys (Wh*Ww, 2), masked (Wh*Ww,))``.
+    """
+    H, W = _check_grid(grid)
+    Wh, Ww = _check_grid(window, "window")
+    sh, sw = int(shift[0]), int(shift[1])
+    if H % Wh or W % Ww:
+        raise ValueError(f"grid {(H, W)} is not a multiple of window {(Wh, Ww)}; pass the block's effective window")
+    if not (0 <= sh < Wh and 0 <= sw < Ww):
+        raise ValueError(f"shift {(sh, sw)} must lie in [0, window) for window {(Wh, Ww)}")
+    r, c = _check_patch(patch, (H, W))
+    i, j = (r - sh) % H, (c - sw) % W  # position in the shifted frame
+    wi, wj = i // Wh, j // Ww
+    window_index = wi * (W // Ww) + wj
+    query_index = (i % Wh) * Ww + (j % Ww)
+    rows = torch.arange(wi * Wh, (wi + 1) * Wh)  # Wh
+    cols = torch.arange(wj * Ww, (wj + 1) * Ww)  # Ww
+    ri, cj = torch.meshgrid(rows, cols, indexing="ij")  # Wh, Ww
+    ri, cj = ri.reshape(-1), cj.reshape(-1)  # Wh*Ww
+    keys = torch.stack(((ri + sh) % H, (cj + sw) % W), dim=-1)  # Wh*Ww, 2
+    region = shift_region_ids((H, W), (Wh, Ww), (sh, sw))[ri, cj]  # Wh*Ww
+    masked = region != region[query_index]
+    return SwinWindowKeys(window_index, query_index, keys, masked)
+
+
+def window_values_to_grid(
+    values: Array, keys: torch.Tensor, grid: Sequence[int], masked: torch.Tensor | None = None
+) -> np.ndarray:
+    """Scatter per-key values of one window onto the image grid, NaN elsewhere and at masked keys.
+
+    Args:
+        values: (..., Wh*Ww) values in window key order, e.g. ``attn[0, window_index, :, query_index]`` (heads, Wh*Ww).
+        keys: (Wh*Ww, 2) key positions from ``swin_window_keys``.
+        grid: image patch grid ``(H, W)``.
+        masked: optional (Wh*Ww,) bool; True keys are set to NaN.
+
+    Returns:
+        (..., H, W) float32 array.
+    """
+    H, W = _check_grid(grid)
+    v = _to_numpy(values, "values")
+    k = np.asarray(keys, dtype=np.int64)
+    if k.ndim != 2 or k.shape[1] != 2 or v.shape[-1] != k.shape[0]:
+        raise ValueError(f"values (..., K) and keys (K, 2) disagree: {v.shape} vs {k.shape}")
+    out = np.full(v.shape[:-1] + (H, W), np.nan, dtype=np.float32)  # ..., H, W
+    out[..., k[:, 0], k[:, 1]] = v
+    if masked is not None:
+        m = np.asarray(masked, dtype=bool)
+        out[..., k[m, 0], k[m, 1]] = np.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Maps computed from encodings
+
+
+def cosine_similarity_matrix(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
+    """Cosine similarity between every pair of patch embeddings.
+
+    Args:
+        pos_embed: (N, C) patch rows of an absolute position embedding, N = gh * gw (prefix rows dropped).
+        grid: patch grid ``(gh, gw)``.
+
+    Returns:
+        (N, N) float32 array.
+    """
+    e = F.normalize(_patch_rows(pos_embed, _check_grid(grid)), dim=-1)  # N, C
+    return (e @ e.T).numpy()  # N, N
+
+
+def similarity_map(pos_embed: Array, grid: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+    """Cosine similarity of one patch's embedding to every patch's embedding.
+
+    Args:
+        pos_embed: (N, C) patch rows, N = gh * gw.
+        grid: ``(gh, gw)``.
+        patch: query ``(row, col)``.
+
+    Returns:
+        (gh, gw) float32 array, 1 at the query.
+    """
+    gh, gw = _check_grid(grid)
+    r, c = _check_patch(patch, (gh, gw))
+    e = F.normalize(_patch_rows(pos_embed, (gh, gw)), dim=-1)  # N, C
+    return (e @ e[r * gw + c]).reshape(gh, gw).numpy()  # gh, gw
+
+
+def pos_embed_pca_rgb(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
+    """The top three principal components of the patch embeddings as an RGB map.
+
+    Components come from an SVD of the centred (N, C) embedding; each is sign-fixed (its largest score positive)
+    and min-max scaled to [0, 1]. Missing components (C or N below 3) and constant ones are 0.5.
+
+    Args:
+        pos_embed: (N, C) patch rows, N = gh * gw.
+        grid: ``(gh, gw)``.
+
+    Returns:
+        (gh, gw, 3) float32 array in [0, 1].
+    """
+    gh, gw = _check_grid(grid)
+    e = _patch_rows(pos_embed, (gh, gw)).double()
+    x = e - e.mean(dim=0, keepdim=True)  # N, C
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    k = min(3, s.numel())
+    scores = u[:, :k] * s[:k]  # N, k
+    sign = torch.sign(scores.gather(0, scores.abs().argmax(dim=0, keepdim=True)))  # 1, k
+    scores = scores * torch.where(sign == 0, 1.0, sign)
+    lo, hi = scores.min(dim=0).values, scores.max(dim=0).values  # k
+    span = hi - lo
+    scaled = torch.where(span > 1e-12 * s.max().clamp_min(1e-30), (scores - lo) / span.clamp_min(1e-30), 0.5)
+    rgb = torch.full((gh * gw, 3), 0.5, dtype=torch.float64)
+    rgb[:, :k] = scaled
+    return rgb.reshape(gh, gw, 3).float().clamp(0, 1).numpy()  # gh, gw, 3
+
+
+def rope_phase_similarity(angles: Array, grid: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+    """Relative-phase similarity of one position to all others under RoPE.
+
+    RoPE makes q.k depend on ``angle_q - angle_k`` per frequency pair; the mean of ``cos(angle_q - angle_k)``
+    over pairs is 1 at the query and falls off with distance at a rate set by the frequencies.
+
+    Args:
+        angles: (N, head_dim // 2) rotation angles for the N = gh * gw patches (no prefix rows).
+        grid: ``(gh, gw)``.
+        patch: query ``(row, col)``.
+
+    Returns:
+        (gh, gw) float32 array in [-1, 1].
+    """
+    gh, gw = _check_grid(grid)
+    r, c = _check_patch(patch, (gh, gw))
+    a = _to_tensor(angles, "angles").double()
+    if a.ndim != 2 or a.shape[0] != gh * gw:
+        raise ValueError(f"angles must be (N, head_dim//2) with N = {gh * gw}, got {tuple(a.shape)}")
+    return torch.cos(a[r * gw + c] - a).mean(dim=-1).reshape(gh, gw).float().numpy()  # gh, gw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Photo overlays (numpy + PIL)
+
+
+def _photo_array(image: Image.Image | np.ndarray | None, grid: Grid, min_side: int, max_side: int) -> np.ndarray:
+    """The photo as uint8 (H, W, 3), resized so its longer side lies in [min_side, max_side]; a light canvas if None."""
+    if image is None:
+        cell = max(1, _SAMPLE_MAP_SIDE // max(grid))
+        return np.full((grid[0] * cell, grid[1] * cell, 3), 235, dtype=np.uint8)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"image arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}; or pass a PIL image"
+            )
+        pil = Image.fromarray(image)
+    elif isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        raise TypeError(f"image must be a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+    w, h = pil.size
+    side = max(w, h)
+    if side < min_side:
+        k = math.ceil(min_side / side)
+        pil = pil.resize((w * k, h * k), Image.Resampling.BICUBIC)
+    elif side > max_side:
+        k = max_side / side
+        pil = pil.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.LANCZOS)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def _blend(
+    photo: np.ndarray,
+    values: np.ndarray,
+    cmap: Colormap,
+    norm: Normalize | None,
+    alpha: float,
+    *,
+    alpha_by_value: bool = False,
+) -> np.ndarray:
+    """Colour a (gh, gw) map (or take a (gh, gw, 3) RGB map), upsample it nearest to the photo and blend.
+
+    With ``alpha_by_value`` the colour weight is ``alpha * sqrt(normalised value)``, so low values leave the photo
+    visible (suits sparse maps such as attention).
+
+    Returns:
+        uint8 (H, W, 3); NaN cells show the photo dimmed.
+    """
+    H, W = photo.shape[:2]
+    if values.ndim == 3:
+        finite = np.isfinite(values).all(axis=-1)  # gh, gw
+        colour = np.clip(np.nan_to_num(values), 0.0, 1.0)  # gh, gw, 3
+    else:
+        finite = np.isfinite(values)  # gh, gw
+        scaled = np.clip(norm(np.where(finite, values, norm.vmin)), 0.0, 1.0)  # gh, gw
+        colour = cmap(scaled)[..., :3]  # gh, gw, 3
+    weight = np.full(values.shape[:2], alpha, dtype=np.float32)  # gh, gw
+    if alpha_by_value and values.ndim == 2:
+        weight = alpha * np.sqrt(scaled)  # gh, gw
+    rows = _cell_of_pixel(H, values.shape[0])  # H
+    cols = _cell_of_pixel(W, values.shape[1])  # W
+    colour = colour[rows][:, cols]  # H, W, 3
+    weight = weight[rows][:, cols][..., None]  # H, W, 1
+    keep = finite[rows][:, cols][..., None]  # H, W, 1
+    p = photo.astype(np.float32) / 255.0
+    out = np.where(keep, (1.0 - weight) * p + weight * colour, DIM * p)
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _outline_patch(img: np.ndarray, patch: Patch, grid: Grid) -> np.ndarray:
+    """Outline ``patch``'s cell in white, exactly on its bounds, with black rims either side; returns a copy."""
+    H, W = img.shape[:2]
+    y0, y1 = _cell_bounds(patch[0], H, grid[0])
+    x0, x1 = _cell_bounds(patch[1], W, grid[1])
+    width = int(np.clip(min(x1 - x0 + 1, y1 - y0 + 1) // 10, 1, 3))
+    rim = max(1, (width + 1) // 2)
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    draw.rectangle((x0 - rim, y0 - rim, x1 + rim, y1 + rim), outline=(0, 0, 0), width=rim)
+    draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 255), width=width)
+    if x1 - x0 > 2 * (width + rim) and y1 - y0 > 2 * (width + rim):
+        draw.rectangle((x0 + width, y0 + width, x1 - width, y1 - width), outline=(0, 0, 0), width=rim)
+    return np.asarray(pil)
+
+
+def _text_strip(text: str, width: int, size: int) -> Image.Image:
+    """A white strip holding ``text`` centred, shrinking the font until it fits."""
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > 8 and probe.textlength(text, font=font) > width - 8:
+        size -= 1
+        font = _font(size)
+    x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=font)
+    strip = Image.new("RGB", (width, (y1 - y0) + size), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    draw.text((width / 2, strip.height / 2), text, font=font, fill=(0, 0, 0), anchor="mm")
+    return strip
+
+
+def _colorbar_strip(cmap: Colormap, norm: Normalize, width: int, size: int, label: str | None) -> Image.Image:
+    """A horizontal colour bar with min / middle / max tick labels and an optional label above."""
+    font = _font(size)
+    pad = max(10, width // 16)
+    bar_w = max(32, width - 2 * pad)
+    bar_h = max(10, size)
+    label_h = size + 6 if label else 0
+    height = 6 + label_h + bar_h + 4 + size + 8
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    if label:
+        draw.text((width / 2, 6), label, font=font, fill=(0, 0, 0), anchor="mt")
+    top = 6 + label_h
+    gradient = cmap(np.linspace(0.0, 1.0, bar_w))[:, :3]  # bar_w, 3
+    bar = np.round(np.broadcast_to(gradient, (bar_h, bar_w, 3)) * 255).astype(np.uint8)  # bar_h, bar_w, 3
+    strip.paste(Image.fromarray(bar), (pad, top))
+    draw.rectangle((pad - 1, top - 1, pad + bar_w, top + bar_h), outline=(90, 90, 90), width=1)
+    lo, hi = float(norm.vmin), float(norm.vmax)
+    for frac, anchor in ((0.0, "lt"), (0.5, "mt"), (1.0, "rt")):
+        x = pad + frac * (bar_w - 1)
+        draw.line((x, top + bar_h, x, top + bar_h + 3), fill=(60, 60, 60), width=1)
+        draw.text((x, top + bar_h + 4), _fmt(lo + frac * (hi - lo)), font=font, fill=(0, 0, 0), anchor=anchor)
+    return strip
+
+
+def _vstack(parts: Sequence[Image.Image]) -> Image.Image:
+    """Stack equally wide images top to bottom."""
+    width = max(p.width for p in parts)
+    out = Image.new("RGB", (width, sum(p.height for p in parts)), (255, 255, 255))
+    y = 0
+    for p in parts:
+        out.paste(p, ((width - p.width) // 2, y))
+        y += p.height
+    return out
+
+
+def overlay(
+    image: Image.Image | np.ndarray | None,
+    values: Array,
+    *,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.6,
+    alpha_by_value: bool = False,
+    mark: Sequence[int] | None = None,
+    title: str | None = None,
+    colorbar: bool = True,
+    colorbar_label: str | None = None,
+    min_side: int = 256,
+    max_side: int = 1024,
+) -> Image.Image:
+    """Blend a per-patch map with the photo, outline the clicked patch and add a title and a colour bar.
+
+    The map is upsampled nearest so patches stay crisp; pixel p lies in cell floor(p * cells / pixels), the same
+    mapping as ``patch_at``, so images whose size is not a multiple of the grid stay aligned.
+
+    Args:
+        image: the photo the model saw (PIL or uint8 (H, W, 3)); None draws the map alone on a light canvas.
+        values: (gh, gw) scalar map (NaN = absent, drawn as the dimmed photo) or (gh, gw, 3) RGB in [0, 1].
+        cmap: matplotlib colormap name for scalar maps.
+        vmin, vmax: colour scale; default the finite min / max.
+        alpha: weight of the colour over the photo (1 when ``image`` is None).
+        alpha_by_value: scale the weight by sqrt of the normalised value, so low values leave the photo visible.
+        mark: ``(row, col)`` to outline, or None.
+        title: text above the image, or None.
+        colorbar: add a colour bar strip below (scalar maps only).
+        colorbar_label: text above the colour bar.
+        min_side, max_side: the photo is resized so its longer side lies in this range.
+
+    Returns:
+        RGB ``PIL.Image``; the photo area is at least as large as the input (before any ``max_side`` shrink).
+    """
+    vals = _to_numpy(values, "values")
+    rgb = vals.ndim == 3 and vals.shape[-1] == 3
+    if vals.ndim != 2 and not rgb:
+        raise ValueError(f"values must be (gh, gw) or (gh, gw, 3), got {vals.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    grid = (vals.shape[0], vals.shape[1])
+    photo = _photo_array(image, grid, min_side, max_side)
+    cm = matplotlib.colormaps[cmap]
+    norm = None if rgb else _norm(vals, vmin, vmax)
+    img = _blend(photo, vals, cm, norm, 1.0 if image is None else alpha, alpha_by_value=alpha_by_value)
+    if mark is not None:
+        img = _outline_patch(img, _check_patch(mark, grid), grid)
+    width = img.shape[1]
+    size = int(np.clip(round(width / 22), 11, 18))
+    parts = []
+    if title:
+        parts.append(_text_strip(title, width, size + 1))
+    parts.append(Image.fromarray(img))
+    if colorbar and norm is not None:
+        parts.append(_colorbar_strip(cm, norm, width, size, colorbar_label))
+    return _vstack(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures (matplotlib object API)
+
+
+def _new_figure(width: float, height: float, dpi: float = 100) -> Figure:
+    """A fresh constrained-layout figure; never registered with pyplot."""
+    return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+
+
+def _photo_panels(
+    panels: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+    *,
+    nrows: int,
+    ncols: int,
+    cmap: Colormap,
+    norm: Normalize,
+    colorbar_label: str,
+    title: str,
+    row_labels: Sequence[str] | None = None,
+) -> Figure:
+    """A figure of photo overlays in a grid (row-major) with one shared colour bar; None panels stay blank."""
+    h, w = next(p for p in panels if p is not None).shape[:2]
+    panel_w = 2.6 if ncols <= 3 else 2.0
+    title_lines = max(t.count("\n") + 1 for t in titles)
+    row_h = panel_w * h / w + 0.2 * title_lines + 0.1
+    fig = _new_figure(panel_w * ncols + 1.1, row_h * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    used = []
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.remove()
+            continue
+        if panels[k] is None:
+            ax.set_axis_off()
+            continue
+        ax.imshow(panels[k], interpolation="antialiased")
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        used.append(ax)
+    if row_labels is not None:
+        for r, label in enumerate(row_labels):
+            axes[r, 0].set_ylabel(label, fontsize=9)
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=used, shrink=min(0.9, 0.6 + 0.15 * nrows), aspect=25)
+    cbar.set_label(colorbar_label, fontsize=9)
+    cbar.ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _heads_maps(maps: Array, name: str) -> np.ndarray:
+    """Validate a (heads, gh, gw) stack of maps."""
+    m = _to_numpy(maps, name)
+    if m.ndim != 3:
+        raise ValueError(f"{name} must be (heads, gh, gw), got {m.shape}")
+    return m
+
+
+def pos_embed_similarity_grid(
+    pos_embed: Array, grid: Sequence[int], *, title: str = "Position embedding similarity", cmap: str = "viridis"
+) -> Figure:
+    """ViT Figure 7 style: tile (i, j) is the cosine similarity of patch (i, j)'s embedding to every patch.
+
+    The gh x gw tiles of shape (gh, gw) form one mosaic image with one shared colour scale, separated by white
+    gaps one cell wide; tiles stay square for any grid, and the dpi grows with the grid so cells stay visible.
+
+    Args:
+        pos_embed: (N, C) patch rows, N = gh * gw.
+        grid: ``(gh, gw)``.
+        title: figure title.
+        cmap: matplotlib colormap name.
+
+    Returns:
+        A ``Figure`` whose first axes shows the mosaic: tile (i, j) occupies rows ``i*(gh+1) + [0, gh)`` and columns
+        ``j*(gw+1) + [0, gw)``, gaps are NaN; a colour bar on the right.
+    """
+    gh, gw = _check_grid(grid)
+    sims = torch.from_numpy(cosine_similarity_matrix(pos_embed, (gh, gw))).reshape(gh, gw, gh, gw)  # i, j, a, b
+    padded = F.pad(sims, (0, 1, 0, 1), value=float("nan"))  # i, j, a+1, b+1
+    mosaic = rearrange(padded, "i j a b -> (i a) (j b)")[:-1, :-1].numpy()  # gh*(gh+1)-1, gw*(gw+1)-1
+    aspect = mosaic.shape[0] / mosaic.shape[1]  # tiles are (gh, gw), so the mosaic is about (gh/gw)**2 tall
+    img_w = 6.0 if aspect <= 1 else 6.0 / aspect
+    img_h = img_w * aspect
+    dpi = int(np.clip(math.ceil(3 * mosaic.shape[1] / img_w), 100, 200))  # >= 3 pixels per cell where possible
+    fig = _new_figure(img_w + 1.5, img_h + 1.1, dpi=dpi)
+    ax = fig.add_subplot()
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="white")
+    im = ax.imshow(mosaic, cmap=cm, vmin=float(np.nanmin(mosaic)), vmax=1.0, interpolation="nearest")
+    step_c, step_r = max(1, math.ceil(gw / 12)), max(1, math.ceil(gh / 12))
+    ax.set_xticks([j * (gw + 1) + (gw - 1) / 2 for j in range(0, gw, step_c)], [str(j) for j in range(0, gw, step_c)])
+    ax.set_yticks([i * (gh + 1) + (gh - 1) / 2 for i in range(0, gh, step_r)], [str(i) for i in range(0, gh, step_r)])
+    ax.tick_params(length=0, labelsize=8)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    cbar = fig.colorbar(im, cax=ax.inset_axes((1.04, 0.0, 0.04, 1.0)))
+    cbar.set_label("cosine similarity")
+    cbar.ax.tick_params(labelsize=8)
+    ax.set_title(title)
+    return fig
+
+
+def bias_table_heatmaps(
+    table: Array,
+    window: Sequence[int],
+    *,
+    cls_entries: bool = False,
+    title: str = "Relative position bias table",
+    cmap: str = "RdBu_r",
+) -> Figure:
+    """Every head's relative position bias table as a (2Wh-1) x (2Ww-1) heatmap over offsets.
+
+    Row i, column j of a heatmap is offset ``dy = i - (Wh-1)``, ``dx = j - (Ww-1)`` (query minus key), i.e. the
+    table reshaped row-major as Swin and BEiT index it; the zero-offset cell is outlined. BEiT's three cls rows
+    (cls->token, token->cls, cls->cls) are split off and printed under each head's title.
+
+    Args:
+        table: (R, heads) with R = (2Wh-1)(2Ww-1), plus 3 when ``cls_entries``.
+        window: ``(Wh, Ww)``.
+        cls_entries: whether the last 3 rows are BEiT's cls entries.
+        title: figure title.
+        cmap: colormap name; the scale is symmetric about 0 and shared by all heads.
+
+    Returns:
+        A ``Figure`` with one image axes per head (at most 6 per row) and one colour bar.
+    """
+    Wh, Ww = _check_grid(window, "window")
+    t = _to_numpy(table, "table")
+    n_rel = (2 * Wh - 1) * (2 * Ww - 1)
+    expected = n_rel + 3 if cls_entries else n_rel
+    if t.ndim != 2 or t.shape[0] != expected:
+        hint = "" if cls_entries else "; pass cls_entries=True for BEiT tables with 3 cls rows"
+        raise ValueError(f"table must be ({expected}, heads) for window {(Wh, Ww)}, got {t.shape}{hint}")
+    heads = t.shape[1]
+    maps = t[:n_rel].T.reshape(heads, 2 * Wh - 1, 2 * Ww - 1)  # heads, 2Wh-1, 2Ww-1
+    cls = t[n_rel:].T  # heads, 3 (empty without cls entries)
+    norm = _norm(maps, None, None, symmetric=True)
+    cm = matplotlib.colormaps[cmap]
+    nrows, ncols = _head_layout(heads)
+    panel = 1.9 if ncols > 3 else 2.4
+    title_h = 0.55 if cls_entries else 0.3
+    row_h = (panel - 0.4) * (2 * Wh - 1) / (2 * Ww - 1) + title_h + 0.3  # tick labels take ~0.4 in of the width
+    fig = _new_figure(panel * ncols + 1.3, row_h * nrows + 0.8)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    step_y, step_x = max(1, math.ceil((2 * Wh - 1) / 7)), max(1, math.ceil((2 * Ww - 1) / 7))
+    ticks_y = [i for i in range(2 * Wh - 1) if (i - (Wh - 1)) % step_y == 0]
+    ticks_x = [j for j in range(2 * Ww - 1) if (j - (Ww - 1)) % step_x == 0]
+    used = []
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.remove()
+            continue
+        ax.imshow(maps[h], cmap=cm, norm=norm, interpolation="nearest")
+        ax.add_patch(
+            Rectangle((Ww - 1.5, Wh - 1.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2, label="zero offset")
+        )
+        ax.set_xticks(ticks_x, [str(j - (Ww - 1)) for j in ticks_x])
+        ax.set_yticks(ticks_y, [str(i - (Wh - 1)) for i in ticks_y])
+        ax.tick_params(labelsize=7, length=2)
+        head_title = f"head {h}"
+        if cls_entries:
+            c2t, t2c, c2c = cls[h]
+            head_title += f"\ncls\u2192tok {_fmt(c2t)}  tok\u2192cls {_fmt(t2c)}\ncls\u2192cls {_fmt(c2c)}"
+        ax.set_title(head_title, fontsize=8 if cls_entries else 9)
+        used.append(ax)
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=used, shrink=min(0.9, 0.5 + 0.15 * nrows), aspect=25)
+    cbar.set_label("bias (added to attention logits)", fontsize=9)
+    cbar.ax.tick_params(labelsize=8)
+    fig.supxlabel("column offset \u0394x (query \u2212 key)", fontsize=9)
+    fig.supylabel("row offset \u0394y (query \u2212 key)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def query_bias_overlays(
+    image: Image.Image | np.ndarray,
+    bias_row_per_head: Array,
+    patch: Sequence[int],
+    *,
+    title: str | None = None,
+    cls_bias: Array | None = None,
+    cmap: str = "RdBu_r",
+    alpha: float = 0.65,
+) -> Figure:
+    """Each head's relative position bias from the clicked patch to every key it can attend to, on the photo.
+
+    Args:
+        image: the photo the model saw.
+        bias_row_per_head: (heads, gh, gw) bias from the query to each key; NaN where the query cannot attend.
+        patch: the query ``(row, col)``, outlined.
+        title: figure title; default names the patch.
+        cls_bias: optional (heads,) token->cls bias (BEiT), printed in each head's title.
+        cmap: colormap name; the scale is symmetric about 0 and shared by all heads.
+        alpha: weight of the colour over the photo.
+
+    Returns:
+        A ``Figure`` with one panel per head (at most 6 per row) and one colour bar.
+    """
+    maps = _heads_maps(bias_row_per_head, "bias_row_per_head")
+    heads, gh, gw = maps.shape
+    p = _check_patch(patch, (gh, gw))
+    notes = [""] * heads
+    if cls_bias is not None:
+        cb = _to_numpy(cls_bias, "cls_bias").reshape(-1)  # heads
+        if cb.shape[0] != heads:
+            raise ValueError(f"cls_bias must be (heads,) = ({heads},), got {cb.shape}")
+        notes = [f"\ntok\u2192cls {_fmt(float(v))}" for v in cb]
+    photo = _photo_array(image, (gh, gw), 400, 640)
+    norm = _norm(maps, None, None, symmetric=True)
+    cm = matplotlib.colormaps[cmap]
+    panels = [_outline_patch(_blend(photo, maps[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
+    nrows, ncols = _head_layout(heads)
+    return _photo_panels(
+        panels,
+        [f"head {h}{notes[h]}" for h in range(heads)],
+        nrows=nrows,
+        ncols=ncols,
+        cmap=cm,
+        norm=norm,
+        colorbar_label="bias (added to attention logits)",
+        title=title or f"Relative position bias from patch {p}",
+    )
+
+
+def attention_overlays(
+    image: Image.Image | np.ndarray,
+    attn_row_per_head: Array,
+    patch: Sequence[int],
+    *,
+    title: str | None = None,
+    attn_no_pos: Array | None = None,
+    prefix_attn: Array | None = None,
+    shared_scale: bool = False,
+    no_pos_label: str = "without position bias",
+    cmap: str = "inferno",
+    alpha: float = 0.8,
+) -> Figure:
+    """Every head's attention from the clicked patch overlaid on the photo, optionally beside the same without position.
+
+    By default each head is scaled to its own maximum (heads differ widely in how peaked they are) and its title
+    gives that maximum; with ``attn_no_pos`` a second row per head row shows attention with the position term left
+    out, on the same scale as the head above it.
+
+    Args:
+        image: the photo the model saw.
+        attn_row_per_head: (heads, gh, gw) attention probabilities from the query to the patch keys; NaN where the
+            query cannot attend (outside its window or masked).
+        patch: the query ``(row, col)``, outlined.
+        title: figure title; default names the patch.
+        attn_no_pos: optional (heads, gh, gw) attention without the position term.
+        prefix_attn: optional (heads,) or (heads, P) attention to prefix tokens (cls, dist), printed in titles.
+        shared_scale: one scale for all heads instead of one per head.
+        no_pos_label: row label for ``attn_no_pos`` (e.g. "without RoPE" for rotary models).
+        cmap: colormap name.
+        alpha: weight of the colour over the photo at the head's maximum (it falls with the value).
+
+    Returns:
+        A ``Figure`` with one panel per head (two with ``attn_no_pos``), at most 6 per row, and one colour bar.
+    """
+    attn = _heads_maps(attn_row_per_head, "attn_row_per_head")
+    heads, gh, gw = attn.shape
+    p = _check_patch(patch, (gh, gw))
+    rows = [attn]
+    if attn_no_pos is not None:
+        no_pos = _heads_maps(attn_no_pos, "attn_no_pos")
+        if no_pos.shape != attn.shape:
+            raise ValueError(f"attn_no_pos must match attn_row_per_head {attn.shape}, got {no_pos.shape}")
+        rows.append(no_pos)
+    stacked = np.stack(rows)  # R, heads, gh, gw
+    finite = np.where(np.isfinite(stacked), stacked, 0.0)  # R, heads, gh, gw
+    scale = np.full(heads, finite.max()) if shared_scale else finite.max(axis=(0, 2, 3))  # heads
+    scale = np.where(scale > 0, scale, 1.0)  # heads
+    notes = [""] * heads
+    if prefix_attn is not None:
+        pa = _to_numpy(prefix_attn, "prefix_attn")
+        if pa.shape[0] != heads or pa.ndim > 2:
+            raise ValueError(f"prefix_attn must be (heads,) or (heads, P) with heads = {heads}, got {pa.shape}")
+        pa = pa.reshape(heads, -1).sum(axis=-1)  # heads
+        notes = [f"\n\u2192prefix {_fmt(float(v))}" for v in pa]
+    if shared_scale:
+        norm, label = Normalize(0.0, float(scale[0])), "attention weight"
+        head_titles = [f"head {h}{notes[h]}" for h in range(heads)]
+    else:
+        norm, label = Normalize(0.0, 1.0), "attention \u00f7 head max"
+        head_titles = [f"head {h} (max {_fmt(float(scale[h]))}){notes[h]}" for h in range(heads)]
+        stacked = stacked / scale[None, :, None, None]  # R, heads, gh, gw
+    photo = _photo_array(image, (gh, gw), 400, 640)
+    cm = matplotlib.colormaps[cmap]
+    head_rows, ncols = _head_layout(heads)
+    panels, titles, row_labels = [], [], []
+    for hr in range(head_rows):
+        chunk = range(hr * ncols, min(heads, (hr + 1) * ncols))
+        for k, label_row in enumerate(("with position", no_pos_label)[: len(rows)]):
+            for h in range(hr * ncols, (hr + 1) * ncols):
+                if h in chunk:
+                    blended = _blend(photo, stacked[k, h], cm, norm, alpha, alpha_by_value=True)
+                    panels.append(_outline_patch(blended, p, (gh, gw)))
+                    titles.append(head_titles[h] if k == 0 else f"head {h}, no position")
+                else:
+                    panels.append(None)
+                    titles.append("")
+            row_labels.append(label_row)
+    return _photo_panels(
+        panels,
+        titles,
+        nrows=len(row_labels),
+        ncols=ncols,
+        cmap=cm,
+        norm=norm,
+        colorbar_label=label,
+        title=title or f"Attention from patch {p}",
+        row_labels=row_labels if len(rows) > 1 else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def figure_to_png(fig: Figure, *, dpi: float | None = None) -> bytes:
+    """Render a figure to PNG bytes (Agg, no pyplot); ``dpi`` defaults to the figure's own."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi)
+    return buf.getvalue()
+
+
+def figure_to_image(fig: Figure, *, dpi: float | None = None) -> Image.Image:
+    """Render a figure to an RGB ``PIL.Image``."""
+    with Image.open(io.BytesIO(figure_to_png(fig, dpi=dpi))) as img:
+        return img.convert("RGB")
+
+
+def save_npz(path: str | Path, **arrays: Array | None) -> Path:
+    """Save raw tensors / arrays as numpy arrays in a compressed ``.npz``; None values are skipped.
+
+    Args:
+        path: output file; ``.npz`` is appended by numpy when missing.
+        **arrays: name -> array or tensor of any shape (low-precision floats are widened to float32).
+
+    Returns:
+        The path written.
+    """
+    out = {}
+    for name, value in arrays.items():
+        if value is None:
+            logger.debug("save_npz: skipping %s (None)", name)
+            continue
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu()
+            if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+                t = t.float()
+            out[name] = t.numpy()
+        else:
+            out[name] = np.asarray(value)
+    if not out:
+        raise ValueError("save_npz got no arrays to save; pass name=array keyword arguments")
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    np.savez_compressed(path, **out)
+    return path

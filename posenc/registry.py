@@ -1,0 +1,156 @@
+"""The models the app lists: a curated table of Hub checkpoints and the project's own ``checkpoints/``.
+
+Entries only describe models; nothing is downloaded here (see :func:`posenc.hub.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from posenc.models import ARCHITECTURES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the app can load.
+
+    Attributes:
+        name: short display name.
+        source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
+        architecture: "vit", "deit", "beit" or "swin".
+        family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
+        num_params: learned parameters, or None when unknown.
+        accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
+        dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").
+    """
+
+    name: str
+    source: str
+    architecture: str
+    family: str
+    num_params: int | None
+    accuracy: float | None
+    dataset: str
+
+
+#: The curated Hub models, in display order.
+# Top-1 figures are timm's own ImageNet-1k validation results, results/results-imagenet.csv in
+# github.com/huggingface/pytorch-image-models (the table behind the model cards' "Model Comparison").
+# The two transformers-layout repos hold the same weights as a timm tag, whose figure is used:
+# google/vit-base-patch16-224 is the original JAX ViT-B/16 (timm vit_base_patch16_224.orig_in21k_ft_in1k),
+# microsoft/swin-tiny-patch4-window7-224 is Swin-T (timm swin_tiny_patch4_window7_224.ms_in1k; the paper says 81.2).
+# Parameter counts are exact, counted from the built models (timm 1.0.31 and transformers agree).
+HUB_MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry("DeiT-Tiny", "timm/deit_tiny_patch16_224.fb_in1k", "deit", "learned", 5_717_416, 72.172, "ImageNet-1k"),
+    ModelEntry(
+        "DeiT-Small distilled",
+        "timm/deit_small_distilled_patch16_224.fb_in1k",
+        "deit",
+        "learned",
+        22_436_432,
+        81.218,
+        "ImageNet-1k",
+    ),
+    ModelEntry(
+        "ViT-S/16 AugReg", "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", "vit", "learned", 22_050_664, 81.384, "ImageNet-1k"
+    ),
+    ModelEntry("ViT-B/16 (Google)", "google/vit-base-patch16-224", "vit", "learned", 86_567_656, 81.786, "ImageNet-1k"),
+    ModelEntry(
+        "BEiT-B/16", "timm/beit_base_patch16_224.in22k_ft_in22k_in1k", "beit", "relative", 86_530_984, 85.212, "ImageNet-1k"
+    ),
+    ModelEntry("Swin-T", "timm/swin_tiny_patch4_window7_224.ms_in1k", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"),
+    ModelEntry(
+        "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
+    ),
+)
+
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None (with a warning) when it is absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("skipping unreadable %s: %s", path, error)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _count_params(weights: Path) -> int | None:
+    """Elements of every tensor in a safetensors file, read from its header only (posenc saves no buffers)."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except (SafetensorError, OSError) as error:
+        logger.warning("cannot read %s: %s", weights, error)
+        return None
+
+
+def _accuracy(metrics: dict[str, Any] | None) -> float | None:
+    """Final test top-1 in percent from a ``metrics.json`` written by :mod:`posenc.train` (a fraction there)."""
+    value = (metrics or {}).get("accuracy")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 100.0 * float(value)
+    return None
+
+
+def _dataset(metrics: dict[str, Any] | None) -> str:
+    """The training data's name: CIFAR-10 for the JPEG zip (train's default), else the ImageFolder's name."""
+    data = str((metrics or {}).get("dataset") or "")
+    return Path(data).name if data and not data.endswith(".zip") else "CIFAR-10"
+
+
+def bundled_models(checkpoints_dir: str | Path) -> list[ModelEntry]:
+    """The project's own models: every ``checkpoints_dir/*/`` folder holding a posenc ``config.json``.
+
+    Args:
+        checkpoints_dir: the project's ``checkpoints/`` folder; a missing folder gives an empty list.
+
+    Returns:
+        One entry per folder, sorted by name, with the test accuracy from ``metrics.json`` when present.
+    """
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    entries = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        config = _read_json(folder / "config.json")
+        model_type = (config or {}).get("model_type")
+        if model_type not in ARCHITECTURES:
+            logger.debug("skipping %s: not a posenc model folder", folder)
+            continue
+        config_cls, _ = ARCHITECTURES[model_type]
+        try:
+            family = config_cls.from_dict(config).position_encoding
+        except (TypeError, ValueError) as error:
+            logger.warning("skipping %s: invalid config.json: %s", folder, error)
+            continue
+        metrics = _read_json(folder / "metrics.json")
+        weights = folder / "model.safetensors"
+        params = (metrics or {}).get("params")
+        if not isinstance(params, int):
+            params = _count_params(weights) if weights.is_file() else None
+        entries.append(
+            ModelEntry(
+                name=folder.name,
+                source=str(folder),
+                architecture=_ARCHITECTURE_OF_MODEL_TYPE[model_type],
+                family=family,
+                num_params=params,
+                accuracy=_accuracy(metrics),
+                dataset=_dataset(metrics),
+            )
+        )
+    return entries

@@ -30,7 +30,21 @@ from posenc.models import (
 __version__ = "0.1.0"
 
 # Loading pulls in huggingface_hub and the converters; resolve it on first use so ``import posenc`` stays light.
-_LAZY = {"load": "posenc.hub", "LoadedModel": "posenc.hub", "HubLoadError": "posenc.hub", "Preprocess": "posenc.preprocess"}
+_LAZY = {
+    "load": "posenc.hub",
+    "LoadedModel": "posenc.hub",
+    "HubLoadError": "posenc.hub",
+    "Prediction": "posenc.hub",
+    "is_safe_source": "posenc.hub",
+    "Preprocess": "posenc.preprocess",
+    "load_image": "posenc.preprocess",
+    "ImageError": "posenc.preprocess",
+    "HUB_MODELS": "posenc.registry",
+    "ModelEntry": "posenc.registry",
+    "bundled_models": "posenc.registry",
+    "CIFAR10_LABELS": "posenc.labels",
+    "imagenet_labels": "posenc.labels",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -42,7 +56,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CIFAR10_LABELS",
     "FAMILIES",
+    "HUB_MODELS",
+    "ImageError",
+    "ModelEntry",
+    "Prediction",
+    "bundled_models",
+    "imagenet_labels",
+    "is_safe_source",
+    "load_image",
     "BlockTrace",
     "HubLoadError",
     "Inspection",

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
+from posenc.labels import CIFAR10_LABELS
 from posenc.models import FAMILIES, PosencModel, SwinConfig, ViTConfig, build_model
 from posenc.preprocess import Preprocess, load_image
 
 logger = logging.getLogger(__name__)
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 STATE_FILE = "train_state.pt"
@@ -141,10 +141,10 @@ def cifar_zip_members(archive: zipfile.ZipFile, split: str) -> tuple[list[str], 
     if not names:
         raise ValueError(f"{archive.filename} holds no {split}/<class>/*.jpg images; is it the CIFAR-10 JPEG zip?")
     folders = [name.split("/")[1] for name in names]
-    unknown = sorted(set(folders) - set(CIFAR10_CLASSES))
+    unknown = sorted(set(folders) - set(CIFAR10_LABELS))
     if unknown:
-        raise ValueError(f"{archive.filename}: class folders {unknown} are not CIFAR-10 classes {CIFAR10_CLASSES}")
-    return names, torch.tensor([CIFAR10_CLASSES.index(f) for f in folders], dtype=torch.int64)
+        raise ValueError(f"{archive.filename}: class folders {unknown} are not CIFAR-10 classes {CIFAR10_LABELS}")
+    return names, torch.tensor([CIFAR10_LABELS.index(f) for f in folders], dtype=torch.int64)
 
 
 def decode_zip_images(archive: zipfile.ZipFile, names: list[str]) -> Tensor:
@@ -165,14 +165,14 @@ def load_cifar_zip(path: Path, split: str, *, limit: int | None = None, cache_di
         names, labels = cifar_zip_members(archive, split)
         if limit is not None:
             keep = balanced_subset(labels, limit)
-            return ImageSet(decode_zip_images(archive, [names[i] for i in keep]), labels[keep], CIFAR10_CLASSES)
+            return ImageSet(decode_zip_images(archive, [names[i] for i in keep]), labels[keep], CIFAR10_LABELS)
         stat = path.stat()
         cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "posenc"
         cache = cache_dir / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{split}.pt"
         if cache.exists():
             images = torch.load(cache, weights_only=True)
             if images.shape[0] == len(names):
-                return ImageSet(images, labels, CIFAR10_CLASSES)
+                return ImageSet(images, labels, CIFAR10_LABELS)
         tick = time.perf_counter()
         images = decode_zip_images(archive, names)
     seconds = time.perf_counter() - tick
@@ -181,7 +181,7 @@ def load_cifar_zip(path: Path, split: str, *, limit: int | None = None, cache_di
     partial = cache.with_suffix(f".{os.getpid()}.tmp")
     torch.save(images, partial)
     os.replace(partial, cache)  # atomic, so concurrent ranks never read half a file
-    return ImageSet(images, labels, CIFAR10_CLASSES)
+    return ImageSet(images, labels, CIFAR10_LABELS)
 
 
 def load_image_folder(root: Path, size: tuple[int, int], *, limit: int | None = None) -> ImageSet:
@@ -312,7 +312,7 @@ def cifar_model(family: str, **overrides: Any) -> ViTConfig | SwinConfig:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     pp = Preprocess(input_size=(32, 32), interpolation="bicubic", crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    shared = dict(img_size=(32, 32), patch_size=4, num_classes=10, mlp_ratio=2.0, labels=CIFAR10_CLASSES, preprocess=pp)
+    shared = dict(img_size=(32, 32), patch_size=4, num_classes=10, mlp_ratio=2.0, labels=CIFAR10_LABELS, preprocess=pp)
     if family == "windowed":
         swin = dict(embed_dim=64, depths=(2, 5), num_heads=(2, 4), window_size=(4, 4))
         return SwinConfig(**{**shared, **swin, **overrides})

@@ -500,15 +500,15 @@ def train(cfg: TrainConfig, model_config: ViTConfig | SwinConfig | None = None) 
         for epoch in range(first, last):
             tick, lr = time.perf_counter(), opt.param_groups[0]["lr"]
             loss = train_epoch(net, opt, sched, train_set, pp, cfg, rt, epoch)
-            train_s = time.perf_counter() - tick
+            train_s, lr_end = time.perf_counter() - tick, opt.param_groups[0]["lr"]
             due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             acc = evaluate(model, test_set, pp, rt) if due else None
             epoch_s = time.perf_counter() - tick
-            history.append(dict(epoch=epoch + 1, loss=loss, accuracy=acc, lr=lr, train_s=train_s, epoch_s=epoch_s))
+            history.append(dict(epoch=epoch + 1, loss=loss, accuracy=acc, lr=lr, lr_end=lr_end, train_s=train_s, epoch_s=epoch_s))
             if rt.rank == 0:
                 acc_text = "-" if acc is None else f"{100 * acc:.1f}%"
-                logger.info("epoch %d/%d loss %.3f acc %s lr %.2e %.1fs", epoch + 1, cfg.epochs, loss, acc_text, lr,
-                            epoch_s)
+                logger.info("epoch %d/%d loss %.3f acc %s lr %.2e -> %.2e %.1fs", epoch + 1, cfg.epochs, loss, acc_text,
+                            lr, lr_end, epoch_s)
                 _save_state(cfg, model, opt, sched, epoch + 1, history, wall_before + time.perf_counter() - start)
     metrics = _metrics(cfg, model, rt, history, wall_before + time.perf_counter() - start, train_set, test_set)
     if rt.rank == 0 and history and history[-1]["epoch"] == cfg.epochs:

@@ -677,7 +677,7 @@ def bias_table_heatmaps(
     cm = matplotlib.colormaps[cmap]
     nrows, ncols = _head_layout(heads)
     panel = 1.9 if ncols > 3 else 2.4
-    title_h = 0.55 if cls_entries else 0.3
+    title_h = 0.75 if cls_entries else 0.3  # four title lines with the cls entries
     row_h = (panel - 0.4) * (2 * Wh - 1) / (2 * Ww - 1) + title_h + 0.3  # tick labels take ~0.4 in of the width
     fig = _new_figure(panel * ncols + 1.3, row_h * nrows + 0.8)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -699,7 +699,7 @@ def bias_table_heatmaps(
         head_title = f"head {h}"
         if cls_entries:
             c2t, t2c, c2c = cls[h]
-            head_title += f"\ncls\u2192tok {_fmt(c2t)}  tok\u2192cls {_fmt(t2c)}\ncls\u2192cls {_fmt(c2c)}"
+            head_title += f"\ncls\u2192tok {_fmt(c2t)}\ntok\u2192cls {_fmt(t2c)}\ncls\u2192cls {_fmt(c2c)}"
         ax.set_title(head_title, fontsize=8 if cls_entries else 9)
         used.append(ax)
     cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=used, shrink=min(0.9, 0.5 + 0.15 * nrows), aspect=25)

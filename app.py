@@ -1,0 +1,30 @@
+"""posenc's Gradio app: ``python app.py``.
+
+Environment: ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` pick the address (Gradio reads them itself),
+``POSENC_CHECKPOINTS`` the bundled checkpoints folder, ``POSENC_MODELS`` extra local model folders
+(separated by the OS path separator), ``POSENC_CACHE_SIZE`` how many models stay loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from posenc.registry import HUB_MODELS
+from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "assets" / "examples"
+
+demo = create_demo(
+    checkpoints_dir=Path(os.environ.get("POSENC_CHECKPOINTS", ROOT / "checkpoints")),
+    registry=HUB_MODELS,
+    cache_size=int(os.environ.get("POSENC_CACHE_SIZE", "4")),
+    examples_dir=EXAMPLES,
+    extra_models=[p for p in os.environ.get("POSENC_MODELS", "").split(os.pathsep) if p],
+)
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    demo.queue(**QUEUE_OPTIONS).launch(**launch_options(EXAMPLES))

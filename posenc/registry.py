@@ -154,3 +154,37 @@ def bundled_models(checkpoints_dir: str | Path) -> list[ModelEntry]:
             )
         )
     return entries
+
+
+#: Display order of the ablation: from no position information to the strongest priors.
+ABLATION_ORDER = ("none", "learned", "sincos", "relative", "windowed", "rope")
+
+
+def ablation_table(checkpoints_dir: str | Path) -> str:
+    """The README's ablation table, rendered from every bundled model's ``metrics.json``.
+
+    Returns:
+        A Markdown table: family, parameters, CIFAR-10 test accuracy, epochs, training time and hardware.
+    """
+    rows = []
+    for folder in sorted(Path(checkpoints_dir).iterdir()):
+        metrics = _read_json(folder / "metrics.json")
+        if not metrics or metrics.get("accuracy") is None:
+            continue
+        hardware = metrics.get("hardware", {})
+        device = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device", "?")
+        threads = hardware.get("threads")
+        rows.append(
+            (
+                ABLATION_ORDER.index(metrics["family"]) if metrics["family"] in ABLATION_ORDER else len(ABLATION_ORDER),
+                f"| {metrics['family']} | `{folder.name}` | {metrics['params']:,} | {100 * metrics['accuracy']:.1f} % "
+                f"| {metrics['epochs']} | {metrics['wall_time_s'] / 60:.0f} min | {device}"
+                + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+                + " |",
+            )
+        )
+    header = (
+        "| family | checkpoint | parameters | CIFAR-10 test accuracy | epochs | training time | hardware |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    return header + "\n".join(row for _, row in sorted(rows)) + "\n"

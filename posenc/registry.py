@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from posenc.models import ARCHITECTURES
+from posenc.models import ARCHITECTURES, FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,6 @@ def bundled_models(checkpoints_dir: str | Path) -> list[ModelEntry]:
     return entries
 
 
-#: Display order of the ablation: from no position information to the strongest priors.
-ABLATION_ORDER = ("none", "learned", "sincos", "relative", "windowed", "rope")
-
-
 def ablation_table(checkpoints_dir: str | Path) -> str:
     """The README's ablation table, rendered from every bundled model's ``metrics.json``.
 
@@ -176,7 +172,7 @@ def ablation_table(checkpoints_dir: str | Path) -> str:
         threads = hardware.get("threads")
         rows.append(
             (
-                ABLATION_ORDER.index(metrics["family"]) if metrics["family"] in ABLATION_ORDER else len(ABLATION_ORDER),
+                FAMILIES.index(metrics["family"]) if metrics["family"] in FAMILIES else len(FAMILIES),
                 f"| {metrics['family']} | `{folder.name}` | {metrics['params']:,} | {100 * metrics['accuracy']:.1f} % "
                 f"| {metrics['epochs']} | {metrics['wall_time_s'] / 60:.0f} min | {device}"
                 + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")

@@ -81,7 +81,7 @@ def test_cifar_zip_reader_labels_a_known_file_with_its_class(shared_data):
         expected = np.array(Image.open(archive.open("test/horse/0642.jpg")).convert("RGB"))
         decoded = train.decode_zip_images(archive, [names[index]])
     assert len(names) == 10_000 and names == sorted(names)
-    assert train.CIFAR10_CLASSES[labels[index]] == "horse"
+    assert train.CIFAR10_LABELS[labels[index]] == "horse"
     assert torch.bincount(labels).tolist() == [1000] * 10
     torch.testing.assert_close(decoded[0], torch.from_numpy(expected).permute(2, 0, 1))
 
@@ -207,7 +207,7 @@ def test_cifar_preset_encodes_its_family_at_a_shared_size(family):
     model = build_model(config)
     assert model.position_encoding == family
     assert 700_000 <= model.num_params() <= 900_000
-    assert config.labels == train.CIFAR10_CLASSES and config.img_size == (32, 32) and config.patch_size == 4
+    assert config.labels == train.CIFAR10_LABELS and config.img_size == (32, 32) and config.patch_size == 4
     assert config.preprocess.input_size == (32, 32) and config.preprocess.crop_pct == 1.0
     torch.testing.assert_close(torch.tensor(config.preprocess.mean), torch.tensor(train.CIFAR10_MEAN))
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -245,7 +245,7 @@ def test_cli_trains_on_cifar_zip_subset(shared_data, tmp_path):
     model = load_saved(out)
     metrics = json.loads((out / "metrics.json").read_text())
     test = train.load_cifar_zip(shared_data / "cifar10-jpeg.zip", "test", limit=100)
-    assert model.position_encoding == "windowed" and model.config.labels == train.CIFAR10_CLASSES
+    assert model.position_encoding == "windowed" and model.config.labels == train.CIFAR10_LABELS
     assert metrics["train_images"] == 300 and metrics["test_images"] == 100
     assert accuracy_of(model, test) == pytest.approx(metrics["accuracy"])
 

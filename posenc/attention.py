@@ -145,12 +145,34 @@ class Attention(nn.Module):
         if need_weights:
             out, trace = self._inspect(q, k, v, pos, mask, (q_raw, k_raw) if rope is not None else None)
         else:
-            bias = pos if mask is None else (mask if pos is None else pos + mask)  # ..., heads, N, N
-            if bias is not None:
-                bias = bias.to(q.dtype)
-            out, trace = F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None  # ..., heads, N, hd
+            out, trace = self._fast(q, k, v, pos, mask), None  # ..., heads, N, hd
         out = rearrange(out, "... h n d -> ... n (h d)")  # ..., N, C
         return self.proj(out), trace
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        """SDPA with the position bias and the mask folded into one additive ``attn_mask``.
+
+        The fused CPU kernel takes only 4D (B, heads, N, hd) inputs with a 4D mask, and anything else
+        falls back to a much slower unfused path. So extra leading dims (Swin's windows) are folded into
+        the heads, where the per-window mask lines up without being copied for every image.
+
+        Args:
+            q, k, v: (B, ..., heads, N, head_dim).
+            pos: (heads, N, N) relative bias or None.
+            mask: additive mask broadcastable to (B, ..., 1, N, N), or None.
+
+        Returns:
+            (B, ..., heads, N, head_dim).
+        """
+        shape, n = q.shape, q.shape[-2]
+        lead = shape[:-3]  # (B,) or (B, nW)
+        q, k, v = (t.reshape(lead[0], -1, n, t.shape[-1]) for t in (q, k, v))  # B, nW*heads, N, hd
+        bias = pos if mask is None else (mask if pos is None else pos + mask)  # ..., heads, N, N
+        if bias is not None:
+            batch = bias.shape[0] if bias.ndim == len(shape) else 1
+            bias = bias.to(q.dtype).expand(batch, *lead[1:], self.num_heads, n, n)  # B or 1, ..., heads, N, N
+            bias = bias.reshape(batch, -1, n, n)  # B or 1, nW*heads, N, N
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(shape)  # B, ..., heads, N, hd
 
     def _inspect(
         self,

@@ -320,6 +320,10 @@ class _Files:
         if isinstance(error, RevisionNotFoundError):
             return fail(f"{repo} has no revision {self.revision!r}; pass an existing branch, tag or commit", "revision")
         if isinstance(error, LocalEntryNotFoundError):
+            status = _server_error_status(error)
+            if status is not None:  # the Hub answered, with an error of its own, until the retries ran out
+                return fail(f"the Hub answered HTTP {status} (a server error) for {filename} of {repo}; "
+                            "try again later, or pick a bundled model", "network")
             if self.local_files_only:
                 offline = " (local_files_only=True: allow downloads to fetch it)"
             elif hf_constants.HF_HUB_OFFLINE:
@@ -351,6 +355,19 @@ class _Files:
                 "io",
             )
         return None
+
+
+def _server_error_status(error: BaseException) -> int | None:
+    """The 5xx status behind ``error`` when huggingface_hub gave up after the Hub answered with server errors."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+        if response is not None and response.status_code >= 500:
+            return response.status_code
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- loading

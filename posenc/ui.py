@@ -147,7 +147,12 @@ def probe_hub(timeout: float = 3.0) -> bool:
 
 
 class HubStatus:
-    """Whether Hub models can be downloaded: probed once in a background thread; never blocks start-up."""
+    """Whether Hub models can be downloaded, probed at start-up and again after each failed download.
+
+    The start-up probe runs in a background thread and never blocks start-up. Probing again after a failure
+    tells a Hub that is down (downloads stop, cached models still load) from one repo's fault (downloads go on),
+    and lets a Hub that answers again be used again.
+    """
 
     def __init__(self, probe: Callable[[], bool]) -> None:
         self._probe = probe
@@ -162,25 +167,20 @@ class HubStatus:
             if self._started:
                 return
             self._started = True
-        threading.Thread(target=self._run, name="posenc-hub-probe", daemon=True).start()
+        threading.Thread(target=self.recheck, name="posenc-hub-probe", daemon=True).start()
 
-    def _run(self) -> None:
+    def recheck(self) -> bool:
+        """Probe now, in this thread, and record the answer (after a failed download: the Hub, or just that repo?)."""
         try:
             online = bool(self._probe())
         except Exception:  # a probe must never take the app down
             logger.exception("the Hub probe failed")
             online = False
         with self._lock:
-            if self._online is None:
-                self._online = online
+            self._online = online
         self._known.set()
         logger.info("Hugging Face Hub %s", "reachable" if online else "unreachable: serving bundled models only")
-
-    def mark_offline(self) -> None:
-        """Record that a Hub download failed for lack of network."""
-        with self._lock:
-            self._online = False
-        self._known.set()
+        return online
 
     def online(self, wait: float = 0.0) -> bool | None:
         """True or False once known (waiting up to ``wait`` seconds), else None."""
@@ -225,7 +225,12 @@ class Catalog:
         return self.bundled + self.local + self.hub
 
     def find(self, source: str) -> ModelEntry | None:
-        return next((e for e in self.entries if e.source == source), None)
+        """The listed entry for ``source``; a local folder also matches by its resolved path (symlinks, ``./``)."""
+        entry = next((e for e in self.entries if e.source == source), None)
+        if entry is None and source and Path(source).is_dir():
+            resolved = str(Path(source).resolve())
+            entry = next((e for e in self.local + self.bundled if e.source == resolved), None)
+        return entry
 
     def kind(self, source: str) -> str:
         """"bundled", "local folder", "Hub" (curated) or "custom"."""
@@ -361,7 +366,7 @@ class Handlers:
             loaded = self.cache.get(source, on_load=lambda s: progress(0.05, desc=f"Loading {name}"))
         except HubLoadError as error:
             if error.reason in _HUB_FAILURES:
-                self.hub.mark_offline()
+                self.hub.recheck()  # downloads stop only while the Hub itself does not answer
             raise
         return name, loaded
 

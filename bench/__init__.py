@@ -1,0 +1,1 @@
+"""posenc benchmarks: run each as ``python -m bench.<name>`` from the repository root (see bench/report.py)."""

@@ -1,0 +1,122 @@
+"""Forward latency on the CPU: posenc's fast path against timm, and the inspection path against the fast path.
+
+Both libraries get identical random weights (timm's state dict through :func:`posenc.convert.convert_state_dict`),
+checked to give the same logits before anything is timed. posenc and timm calls are interleaved in one
+process under ``torch.inference_mode()`` with the same thread count; see :mod:`bench.common`.
+
+    python -m bench.forward_cpu                     # writes bench/results/forward_cpu.json
+    python -m bench.forward_cpu --quick --out /tmp  # one iteration of each figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import timm
+import torch
+
+from bench.common import parse_args, ratio, summary, time_pairs, write_result
+from posenc.convert import check_state_dict, convert_state_dict
+from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
+
+logger = logging.getLogger(__name__)
+
+#: benchmark name -> (timm model name, the posenc config of the same architecture)
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig]] = {
+    "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
+    "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
+    "beit_base": (
+        "beit_base_patch16_224",
+        ViTConfig(embed_dim=768, num_heads=12, qkv_bias="qv", pos_embed="none", rel_pos_bias=True,
+                  global_pool="avg", init_values=0.1),
+    ),  # fmt: skip
+}
+#: the largest posenc / timm forward ratio allowed at each batch size (the issue's speed targets)
+TARGETS = {1: 1.05, 16: 1.0}
+#: logits must agree this closely, or the two models are not the same computation
+PARITY_ATOL = 1e-3
+
+
+def build_pair(name: str) -> tuple[PosencModel, torch.nn.Module]:
+    """A timm model with random weights and the posenc model loaded with the same weights, both in eval mode."""
+    timm_name, config = MODELS[name]
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name, pretrained=False).eval()
+    model = build_model(config).eval()
+    state = convert_state_dict("timm", reference.state_dict(), config)
+    check_state_dict(model, state, timm_name)
+    model.load_state_dict(state, strict=True)
+    return model, reference
+
+
+def max_abs_diff(model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> float:
+    """Largest logit difference between the two models on ``x``; raises when they disagree."""
+    diff = (model(x) - reference(x)).abs().max().item()
+    if diff > PARITY_ATOL:
+        raise RuntimeError(
+            f"posenc and timm logits differ by {diff:.2e}: the weights do not map, so the timings would mean nothing"
+        )
+    return diff
+
+
+def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """All figures of one architecture: posenc vs timm per batch size, then inspection vs fast path."""
+    model, reference = build_pair(name)
+    size = model.config.img_size
+    rows: dict[str, Any] = {"timm_name": MODELS[name][0], "params": model.num_params(), "forward": [], "inspect": None}
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, *size)
+            diff = max_abs_diff(model, reference, x)
+            t_posenc, t_timm = time_pairs(
+                lambda: model(x), lambda: reference(x), args.repeats, args.warmup, args.min_seconds
+            )
+            r = ratio(t_posenc, t_timm)
+            target = TARGETS.get(batch)
+            rows["forward"].append({
+                "batch": batch,
+                "posenc": summary(t_posenc),
+                "timm": summary(t_timm),
+                "ratio": r,
+                "target": target,
+                "met": None if target is None else r["pair_median"] <= target,
+                "max_abs_diff": diff,
+            })  # fmt: skip
+            logger.info("%s batch %d: posenc/timm %.3f (pairs %.3f [%.3f, %.3f])", name, batch,
+                        r["ratio_of_medians"], r["pair_median"], r["pair_p25"], r["pair_p75"])  # fmt: skip
+        x = torch.randn(inspect_batch, 3, *size)
+        t_inspect, t_fast = time_pairs(
+            lambda: model.inspect(x), lambda: model(x), args.repeats, args.warmup, args.min_seconds
+        )
+        rows["inspect"] = {
+            "batch": inspect_batch,
+            "inspect": summary(t_inspect),
+            "fast": summary(t_fast),
+            "ratio": ratio(t_inspect, t_fast),
+        }
+        logger.info("%s inspect/fast at batch %d: %.2f", name, inspect_batch, rows["inspect"]["ratio"]["pair_median"])
+    return rows
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="what to time")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batches of the timm comparison")
+    parser.add_argument("--inspect-batch", type=int, default=1, help="batch of the inspection figure (the app's)")
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], repeats=20, warmup=3, min_seconds=40.0, extra=_options)
+    models = {name: bench_model(name, args.batch_sizes, args.inspect_batch, args) for name in args.models}
+    write_result(args.out, "forward_cpu", args, {
+        "method": "interleaved pairs (posenc, timm alternate which runs first), torch.inference_mode, random input; "
+                  "a target is met when the median of the per-pair ratios is at most the target",
+        "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
+        "models": models,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Render the benchmark results in ``bench/results/*.json`` as the README's Markdown tables.
+
+    python -m bench.report                    # print the tables
+    python -m bench.report --write README.md  # replace the text between the two markers below in README.md
+
+The README keeps the tables between ``<!-- bench:start -->`` and ``<!-- bench:end -->``, so they always
+match the JSON files they were rendered from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+VIEW_STAGES = ("patch_picker", "predictions", "absolute_views", "relative_views", "rope_view", "attention_view")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.0f}" if value >= 100 else f"{value:.1f}")
+
+
+def _ratio(r: dict[str, Any]) -> str:
+    """Median of the per-pair ratios, its 95 % interval, the pairs' quartiles, and the ratio of the medians."""
+    ci = r.get("pair_median_ci95")
+    interval = f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return (f"**{r['pair_median']:.3f}**{interval}; pairs IQR {r['pair_p25']:.2f}-{r['pair_p75']:.2f}; "
+            f"medians {r['ratio_of_medians']:.3f}")  # fmt: skip
+
+
+def _met(value: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[value]
+
+
+def environment(record: dict[str, Any]) -> str:
+    """One line: hardware, threads, versions, date and the machine's load while it ran."""
+    hw, v = record["hardware"], record["versions"]
+    load = record.get("load_average")
+    busy = f", load average {load[0]:.1f}" if load else ""
+    gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ""
+    quick = " **(quick smoke run: not a measurement)**" if record["settings"].get("quick") else ""
+    when = record["timestamp"][:16].replace("T", " ")
+    return (
+        f"*{hw['cpu']} ({hw['cores']} cores{gpu}), {record['threads']} threads, Python {v['python']}, "
+        f"torch {v['torch']}, timm {v['timm']}, posenc {v['posenc']}; {when} UTC{busy}.*{quick}"
+    )
+
+
+def forward_cpu(record: dict[str, Any]) -> list[str]:
+    lines = [
+        "#### Forward latency on the CPU: posenc fast path vs timm",
+        "",
+        environment(record),
+        "",
+        "| model | batch | posenc ms | timm ms | posenc / timm: median of per-pair ratios | target | met |",
+        "|---|---:|---:|---:|---|---:|---|",
+    ]
+    for name, m in record["models"].items():
+        for row in m["forward"]:
+            posenc, timm = _ms(row["posenc"]["median_ms"]), _ms(row["timm"]["median_ms"])
+            target = row["target"] or "-"
+            cells = [name, str(row["batch"]), posenc, timm, _ratio(row["ratio"]), str(target), _met(row["met"])]
+            lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", "| model | batch | inspection ms | fast ms | inspection / fast |", "|---|---:|---:|---:|---|"]
+    for name, m in record["models"].items():
+        i = m["inspect"]
+        inspect, fast = _ms(i["inspect"]["median_ms"]), _ms(i["fast"]["median_ms"])
+        lines.append(f"| {name} | {i['batch']} | {inspect} | {fast} | {_ratio(i['ratio'])} |")
+    return lines
+
+
+def app_request(record: dict[str, Any]) -> list[str]:
+    lines = [
+        "#### End-to-end app request (Explore tab, model cached)",
+        "",
+        environment(record),
+        "",
+        "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in record["models"].items():
+        s = {k: v["median_ms"] for k, v in m["stages"].items()}
+        label = name if m["bundled"] or name.startswith("deit") else f"{name} (stand-in)"
+        cells = [
+            label, "x".join(map(str, m["input_size"])), _ms(s["preprocess"]), _ms(s["forward_inspect"]),
+            _ms(m["views_ms"]), _ms(s["export_npz"]), _ms(s["png_encode"]), _ms(m["request"]["median_ms"]),
+            f"{m['views_over_forward_inspect']:.1f}",
+        ]  # fmt: skip
+        lines.append(f"| {' | '.join(cells)} |")
+    deit = record["models"].get("deit_tiny_224")
+    if deit is not None:
+        per_view = ", ".join(f"{v} {_ms(deit['stages'][v]['median_ms'])}" for v in VIEW_STAGES)
+        fast = _ms(deit["stages"]["forward_fast"]["median_ms"])
+        lines += ["", f"DeiT-Tiny views (ms): {per_view}; fast-path forward {fast} ms."]
+    return lines
+
+
+def model_load(record: dict[str, Any]) -> list[str]:
+    lines = [
+        "#### Model load (warm cache) and memory",
+        "",
+        environment(record),
+        "",
+        "| model | weights MiB | load ms | peak RSS over before, MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in record["models"].items():
+        load, peak = _ms(m["load"]["median_ms"]), _ms(m["peak_over_before_mb"])
+        lines.append(f"| {name} | {m['weights_mb']:.1f} | {load} | {peak} |")
+    t = record["cache_turnover"]
+    ends = ", ".join(f"{v:.0f}" for v in t["rss_end_of_round_mb"])
+    lines += [
+        "",
+        f"{t['models']} models in turn through the app's cache (size {t['cache_size']}), {t['rounds']} rounds: "
+        f"resident MiB at the end of each round {ends} (start {t['rss_start_mb']:.0f}); growth after the first "
+        f"round {_ms(t['growth_last_round_mb'])} MiB.",
+    ]
+    return lines
+
+
+def gpu(record: dict[str, Any]) -> list[str]:
+    lines = ["#### GPU", "", environment(record), ""]
+    if record["status"] == "no GPU":
+        return lines + ["Not measured: no GPU on the machine that ran it."]
+    if record["status"] != "measured":
+        lines += [f"**{record['status']}**", ""]
+    lines += [
+        "| model | batch | posenc img/s | timm img/s | posenc / timm throughput | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for name, m in record["inference"].items():
+        lines.append(f"| {name} | {m['batch']} | {m['posenc_images_per_s']:.0f} | {m['timm_images_per_s']:.0f} | "
+                     f"{_ratio(m['throughput_ratio'])} | {_met(m['met'])} |")  # fmt: skip
+    lines += ["", "| CIFAR-10 preset | batch | training img/s |", "|---|---:|---:|"]
+    for family, t in record["training"].items():
+        lines.append(f"| {family} | {t['batch_size']} | {t['images_per_s']:.0f} |")
+    return lines
+
+
+def targets(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's speed targets against the figures that decide them (the worst case where there are several)."""
+    rows = []
+    forward = records.get("forward_cpu")
+    if forward is not None:
+        for key, goal in forward["targets"].items():
+            batch = int(key.split("_")[1])
+            found = [(row["ratio"]["pair_median"], name) for name, m in forward["models"].items()
+                     for row in m["forward"] if row["batch"] == batch]  # fmt: skip
+            if found:
+                worst, name = max(found)
+                rows.append((f"posenc / timm forward, batch {batch}", f"<= {goal}", f"{worst:.3f} ({name})",
+                             _met(worst <= goal)))  # fmt: skip
+    app = records.get("app_request")
+    if app is not None:
+        deit = app["models"].get("deit_tiny_224")
+        goal = app["targets"]["views_over_forward"]
+        if deit is not None:
+            value = deit["views_over_forward_inspect"]
+            name = "drawing all views / forward, DeiT-Tiny 224"
+            rows.append((name, f"<= {goal}", f"{value:.1f}", _met(value <= goal)))
+        requests = [(m["request"]["median_ms"], n) for n, m in app["models"].items() if n.startswith("cifar10-")]
+        if requests:
+            goal = app["targets"]["request_ms"]
+            best, worst = min(requests), max(requests)
+            measured = f"{_ms(best[0])} ({best[1]}) to {_ms(worst[0])} ({worst[1]})"
+            rows.append(("bundled model request, 2 threads", f"< {goal:.0f} ms", measured, _met(worst[0] < goal)))
+    gpu_record = records.get("gpu")
+    if gpu_record is not None:
+        goal = gpu_record["targets"]["throughput_ratio"]
+        if gpu_record["status"] != "measured":
+            rows.append(("GPU throughput / timm", f">= {goal}", f"not measured ({gpu_record['status']})", "-"))
+        else:
+            worst, name = min((m["throughput_ratio"]["pair_median"], n) for n, m in gpu_record["inference"].items())
+            rows.append(("GPU throughput / timm", f">= {goal}", f"{worst:.3f} ({name})", _met(worst >= goal)))
+    lines = ["#### Speed targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    return lines + [f"| {' | '.join(row)} |" for row in rows]
+
+
+RENDERERS = {"forward_cpu": forward_cpu, "app_request": app_request, "model_load": model_load, "gpu": gpu}
+
+
+def render(results: Path) -> str:
+    """The Markdown of every result file present in ``results``: the targets first, then each benchmark."""
+    records = {
+        name: json.loads((results / f"{name}.json").read_text())
+        for name in RENDERERS
+        if (results / f"{name}.json").is_file()
+    }
+    if not records:
+        raise SystemExit(f"no benchmark results in {results}; run e.g. `python -m bench.forward_cpu` first")
+    parts = [targets(records)] + [RENDERERS[name](record) for name, record in records.items()]
+    return "\n\n".join("\n".join(lines) for lines in parts) + "\n"
+
+
+def write_between_markers(readme: Path, text: str) -> None:
+    """Replace the text between :data:`START` and :data:`END` in ``readme``."""
+    content = readme.read_text()
+    if START not in content or END not in content:
+        raise SystemExit(f"{readme} lacks the markers {START} and {END}; add them where the tables belong")
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
+    parser.add_argument("--write", type=Path, help="a README to update between the bench markers")
+    args = parser.parse_args()
+    text = render(args.results)
+    if args.write is None:
+        sys.stdout.write(text)
+    else:
+        write_between_markers(args.write, text)
+
+
+if __name__ == "__main__":
+    main()

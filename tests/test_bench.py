@@ -1,0 +1,95 @@
+"""Smoke runs of the benchmarks in ``bench/``: each script runs one iteration and writes well-formed JSON.
+
+Timing is never asserted here; the figures live in ``bench/results/`` and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.report import END, START, render, write_between_markers
+from conftest import ROOT
+
+ENVIRONMENT_KEYS = {"benchmark", "timestamp", "hardware", "threads", "versions", "settings"}
+HEADINGS = {
+    "forward_cpu": "| deit_tiny | 2 |",
+    "app_request": "| cifar10-learned",
+    "model_load": "models in turn through the app's cache",
+    "gpu": "| swin_tiny | 2 |",
+}
+
+# (module, extra arguments kept small so the smoke run takes seconds, a check of the figures it wrote)
+CASES = [
+    (
+        "forward_cpu",
+        ["--models", "deit_tiny", "swin_tiny", "--batch-sizes", "2"],
+        lambda r: [row["batch"] for m in r["models"].values() for row in m["forward"]] == [2, 2]
+        and all(m["inspect"]["ratio"]["n"] == 1 for m in r["models"].values()),
+    ),
+    (
+        "app_request",
+        ["--families", "learned", "windowed"],
+        lambda r: {"cifar10-learned", "cifar10-windowed"} <= r["models"].keys()
+        and all(m["request"]["median_ms"] > 0 and "attention_view" in m["stages"] for m in r["models"].values()),
+    ),
+    (
+        "model_load",
+        ["--families", "learned", "windowed"],
+        lambda r: len(r["cache_turnover"]["rss_after_each_load_mb"]) == 2 * r["cache_turnover"]["models"]
+        and all(m["load"]["n"] == 1 for m in r["models"].values()),
+    ),
+    (
+        "gpu",
+        ["--device", "cpu", "--batch-size", "2", "--models", "swin_tiny", "--families", "windowed"],
+        lambda r: r["inference"]["swin_tiny"]["batch"] == 2 and r["training"]["windowed"]["images_per_s"] > 0,
+    ),
+]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.mark.parametrize(("name", "args", "check"), CASES, ids=[c[0] for c in CASES])
+def test_benchmark_quick_run_writes_its_json(tmp_path, name, args, check):
+    done = run_module(f"bench.{name}", "--quick", "--out", str(tmp_path), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert ENVIRONMENT_KEYS <= record.keys()
+    assert record["benchmark"] == name and record["settings"]["quick"] is True
+    assert record["threads"] == 2 and record["hardware"]["cores"] >= 1
+    assert {"python", "torch", "timm", "posenc"} <= record["versions"].keys()
+    assert check(record)
+    assert HEADINGS[name] in render(tmp_path)
+
+
+def test_gpu_benchmark_records_no_gpu_without_cuda(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script measures instead")
+    done = run_module("bench.gpu", "--quick", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "gpu.json").read_text())["status"] == "no GPU"
+
+
+def test_report_replaces_only_the_text_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
+    write_between_markers(readme, "| new | table |\n")
+    assert readme.read_text() == f"# title\n\n{START}\n| new | table |\n{END}\n\nafter\n"
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n")
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        write_between_markers(readme, "table")
+    assert readme.read_text() == "# title\n"

@@ -91,6 +91,17 @@ def _wait_for_new_image(page, selector: str, old: str) -> str:
     return _src(page, selector)
 
 
+def _wait_for_summary(page, *parts: str) -> None:
+    """Wait until the explore summary holds every one of ``parts`` and no progress message is shown."""
+    page.wait_for_function(
+        "(parts) => { const s = document.querySelector('#summary');"
+        " return s && parts.every((p) => s.innerText.includes(p))"
+        " && !['Loading ', 'Running ', 'Drawing '].some((p) => s.innerText.includes(p)); }",
+        arg=list(parts),
+        timeout=TIMEOUT_MS,
+    )
+
+
 def _shot(page, name: str, selector: str | None = None) -> Path:
     path = SHOTS / name
     if selector is None:
@@ -122,13 +133,16 @@ def test_upload_pick_model_click_patch_shows_overlays(page, tmp_path: Path) -> N
     # pick the Swin model from the dropdown
     page.locator("#model input").click()
     page.locator("[role=option]", has_text="cifar10-windowed").first.click()
-    page.wait_for_function("() => document.querySelector('#summary').innerText.includes('cifar10-windowed')")
+    # the progress text ("Running cifar10-windowed at ...") names the model too; the finished summary
+    # also names the patch, and a click on the picker while the run is pending would land on its overlay
+    _wait_for_summary(page, "cifar10-windowed", "· patch (")
+    picker = _wait_for_new_image(page, "#patch-picker", picker)
     assert "windowed" in page.locator("#model-info").inner_text()
 
     # click a patch near the lower left corner of the model's input
     box = page.locator("#patch-picker img").first.bounding_box()
     page.mouse.click(box["x"] + 0.1 * box["width"], box["y"] + 0.9 * box["height"])
-    page.wait_for_function("() => document.querySelector('#summary').innerText.includes('patch (7, 0)')")
+    _wait_for_summary(page, "cifar10-windowed", "· patch (7, 0)")
     _wait_for_new_image(page, "#patch-picker", picker)
 
     # the relative-bias overlays

@@ -1,9 +1,9 @@
 """End-to-end app request latency: what one Explore-tab request of the app costs, stage by stage.
 
 A request is :meth:`posenc.ui.Handlers.analyse` with the model already in the app's cache: read and
-preprocess the image, one inspection forward pass, every view the Explore tab draws, the ``.npz`` export;
-then Gradio encodes each output image as PNG. Each stage is timed on its own in the order the handler
-runs them, and the whole handler call (plus the PNG encoding) is timed as the request.
+preprocess the image, one inspection forward pass, every view the Explore tab draws, the ``.npz`` export
+and the PNG files it hands Gradio (also the user's downloads). Each stage is timed on its own in the
+order the handler runs them, and the whole handler call is timed as the request.
 
 Models: the bundled CIFAR-10 checkpoints in ``checkpoints/`` (or, while there are none, freshly built
 models of the same presets saved with ``save_pretrained``: timing does not depend on the weights) and
@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gradio.processing_utils import encode_pil_to_bytes
-from PIL import Image
 
 from bench.common import ROOT, SHARED_DATA, parse_args, summary, time_call, write_result
-from posenc import views
+from posenc import views, viz
 from posenc.hub import LoadedModel, load
 from posenc.models import FAMILIES, build_model
 from posenc.preprocess import build_transform, load_image
@@ -87,7 +85,7 @@ def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> dict[st
     drawn = [*(absolute or ()), *(relative or ()), rope, attention]
     timed("export_npz", lambda: views.save_npz(export_dir / "request.npz", seen, patch, block, drawn))
     images = [views.patch_picker(seen, patch)] + [v.image for v in drawn if v is not None]
-    timed("png_encode", lambda: [encode_pil_to_bytes(img, "png") for img in images])
+    timed("png_encode", lambda: [viz.save_png(img, export_dir / f"view{i}.png") for i, img in enumerate(images)])
     return times
 
 
@@ -99,9 +97,8 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
     handlers = Handlers(cache=cache, catalog=catalog, hub=HubStatus(lambda: False))
     loaded = cache.get(source)
 
-    def request() -> None:
-        outputs = handlers.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
-        [encode_pil_to_bytes(out, "png") for out in outputs if isinstance(out, Image.Image)]
+    def request() -> None:  # the handler writes every view as PNG (its downloads) and hands Gradio the paths
+        handlers.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
 
     stages: dict[str, list[float]] = {}
     for _ in range(args.warmup):
@@ -161,7 +158,7 @@ def main() -> None:
     deit = models.get("deit_tiny_224")
     write_result(args.out, "app_request", args, {
         "method": "stages timed one by one in the handler's order; 'request' is Handlers.analyse with the model "
-                  "cached plus Gradio's PNG encoding of its images; medians over repeated requests",
+                  "cached, which writes every view as PNG; medians over repeated requests",
         "image": str(args.image.relative_to(ROOT) if args.image.is_relative_to(ROOT) else args.image),
         "targets": {"request_ms": REQUEST_TARGET_MS, "views_over_forward": VIEWS_TARGET},
         "met": {

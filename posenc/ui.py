@@ -309,9 +309,7 @@ class _Downloads:
         """Save a view as ``<stem>_<what>.png``; None passes through."""
         if image is None:
             return None
-        path = self.folder / f"{self.stem}_{what}.png"
-        image.save(path, format="PNG")
-        return str(path)
+        return str(viz.save_png(image, self.folder / f"{self.stem}_{what}.png"))
 
     def pngs(self, names: Sequence[str], parts: Sequence[views.View] | None) -> list[str | None]:
         """Save several views under ``names``; None gives one None per name (a view that does not apply)."""

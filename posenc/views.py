@@ -397,8 +397,7 @@ def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
     size = f"{grid[0]}x{grid[1]} grid"
     with torch.inference_mode():
         sims = viz.cosine_similarity_matrix(pos, grid)  # N, N
-        tiles = viz.figure_to_image(viz.pos_embed_similarity_grid(
-            pos, grid, title=f"{seen.name}: position embedding similarity ({size})"))
+        tiles = viz.pos_embed_similarity_grid(pos, grid, title=f"{seen.name}: position embedding similarity ({size})")
         sim = viz.similarity_map(pos, grid, patch)  # gh, gw
         pca = viz.pos_embed_pca_rgb(pos, grid)  # gh, gw, 3
     clicked = viz.overlay(seen.photo, sim, vmax=1.0, mark=patch, title=f"Similarity to patch {patch}",
@@ -406,7 +405,7 @@ def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
     pca_img = viz.overlay(seen.photo, pca, alpha=0.75, title="Embedding PCA as RGB",
                           min_side=OVERLAY_SIDE)
     return (
-        View(tiles, {"pos_embed": pos.numpy(), "pos_similarity": sims}),
+        View(tiles.image, {"pos_embed": pos.numpy(), "pos_similarity": sims}),
         View(clicked, {"pos_similarity_to_patch": sim}),
         View(pca_img, {"pos_pca_rgb": pca}),
     )
@@ -428,15 +427,15 @@ def relative_views(seen: Seen, block: int, patch: Patch) -> tuple[View, View]:
             table = resize_rel_pos_bias_table(table, trace.grid, window, attn.rel_pos_cls)  # R', heads
             window = tuple(trace.grid)
         table = table.detach().float()
-        table_img = viz.figure_to_image(viz.bias_table_heatmaps(
+        table_img = viz.bias_table_heatmaps(
             table, window, cls_entries=attn.rel_pos_cls,
-            title=f"{seen.name}: relative position bias table\n{describe_block(seen, block)}"))
+            title=f"{seen.name}: relative position bias table\n{describe_block(seen, block)}").image
         rows, prefix = _query_rows(seen, trace, trace.pos_bias.float(), patch)  # heads, gh, gw
         block_patch = _block_patch(seen, trace, patch)
-        query_img = viz.figure_to_image(viz.query_bias_overlays(
+        query_img = viz.query_bias_overlays(
             seen.photo, rows, block_patch, cls_bias=None if prefix is None else prefix[:, 0],
             title=f"{seen.name}: bias from patch {block_patch} to the keys it attends to\n"
-                  f"{describe_block(seen, block)}"))
+                  f"{describe_block(seen, block)}").image
     arrays = {"bias_table": table.numpy(), "bias_window": np.array(window), "query_bias": rows,
               "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)}
     if prefix is not None:
@@ -467,12 +466,12 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     if trace.attn_no_pos is not None:
         no_pos, _ = _query_rows(seen, trace, trace.attn_no_pos[0].float(), patch)  # heads, gh, gw
     block_patch = _block_patch(seen, trace, patch)
-    fig = viz.attention_overlays(
+    sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
         no_pos_label="without RoPE" if seen.family == "rope" else "without position bias",
         title=f"{seen.name}: attention from patch {block_patch}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
-    return View(viz.figure_to_image(fig), {k: v for k, v in arrays.items() if v is not None})
+    return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 
 
 def position_view(seen: Seen, block: int, patch: Patch) -> View | None:

@@ -1,4 +1,4 @@
-"""Tests for the pure views in posenc.viz: geometry, maps, overlays and figures."""
+"""Tests for the pure views in posenc.viz: geometry, maps, overlays and sheets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
+from matplotlib.colors import Normalize
 from PIL import Image
 
 from posenc import encodings, viz
@@ -31,11 +31,6 @@ def sincos_like(grid: tuple[int, int], dim: int = 64) -> torch.Tensor:
         return torch.cat([a.sin(), a.cos()], dim=1)  # N, dim/2
 
     return torch.cat([enc(cols), enc(rows)], dim=1)  # N, dim
-
-
-def image_axes(fig: Figure) -> list:
-    """Axes of a figure that show an image (colour bars excluded)."""
-    return [ax for ax in fig.axes if ax.images]
 
 
 def photo(w: int, h: int, value: int = 128) -> Image.Image:
@@ -222,7 +217,7 @@ def test_overlay_is_aligned_to_the_grid_for_non_divisible_images():
     values = np.arange(63, dtype=np.float32).reshape(grid)
     out = np.asarray(viz.overlay(photo(w, h), values, alpha=1.0, colorbar=False))
     assert out.shape == (h, w, 3)
-    colours = np.round(matplotlib.colormaps["viridis"](values / 62.0)[..., :3] * 255)  # 7, 9, 3
+    colours = viz.colorize(values, "viridis", Normalize(0.0, 62.0)).astype(int)  # 7, 9, 3
     for y in range(0, h, 7):
         for x in range(0, w, 5):
             r, c = viz.patch_at((x, y), (w, h), grid)
@@ -272,27 +267,51 @@ def test_overlay_shows_an_rgb_map_without_colour_bar():
     assert (out == (255, 0, 0)).all()
 
 
-# ------------------------------------------------------------------------------------------------------------- figures
+# -------------------------------------------------------------------------------------------------------------- sheets
+
+
+def cell_colours(sheet: viz.Sheet, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """The colour at the centre of every cell of panel ``k`` when it shows a map of ``shape``: uint8 (*shape, 3)."""
+    pixels = sheet.crop(k)
+    h, w = pixels.shape[:2]
+    rows = ((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int)
+    cols = ((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int)
+    return pixels[rows][:, cols]
+
+
+def sheet_colours(sheet: viz.Sheet, values: np.ndarray, cmap: str) -> np.ndarray:
+    """What ``values`` look like on the sheet's colour scale (NaN white)."""
+    return viz.colorize(values, cmap, Normalize(sheet.vmin, sheet.vmax))
+
+
+def test_colorize_samples_the_colormap_at_256_levels_and_paints_nan_bad():
+    values = np.array([[0.0, 0.5, 1.0, np.nan]])
+    out = viz.colorize(values, "viridis", Normalize(0.0, 1.0))
+    cmap = matplotlib.colormaps["viridis"]
+    expected = [np.round(np.array(cmap(level / 255)[:3]) * 255) for level in (0, 128, 255)]
+    np.testing.assert_array_equal(out[0, :3], expected)
+    np.testing.assert_array_equal(out[0, 3], (255, 255, 255))
 
 
 @pytest.mark.parametrize(("window", "heads"), [((7, 7), 3), ((3, 4), 2)])
 def test_bias_table_heatmaps_show_the_table_reshaped_by_offset(window, heads):
     Wh, Ww = window
-    n_rel = (2 * Wh - 1) * (2 * Ww - 1)
-    table = torch.arange(n_rel, dtype=torch.float32)[:, None] + 1000.0 * torch.arange(heads)  # R, heads
-    fig = viz.bias_table_heatmaps(table, window)
-    axes = image_axes(fig)
-    assert len(axes) == heads
-    for h, ax in enumerate(axes):
-        np.testing.assert_array_equal(ax.images[0].get_array(), table[:, h].reshape(2 * Wh - 1, 2 * Ww - 1).numpy())
-        assert ax.get_title() == f"head {h}"
-        (centre,) = [p for p in ax.patches if p.get_label() == "zero offset"]
-        assert (centre.get_x() + 0.5, centre.get_y() + 0.5) == (Ww - 1, Wh - 1)
-        x_labels = {t.get_text(): t.get_position()[0] for t in ax.get_xticklabels()}
-        assert x_labels["0"] == Ww - 1
-    # the centre cell holds the entry the model uses for a token attending to itself
+    shape = (2 * Wh - 1, 2 * Ww - 1)
+    table = torch.randn(shape[0] * shape[1], heads, generator=torch.Generator().manual_seed(0))  # R, heads
+    sheet = viz.bias_table_heatmaps(table, window)
+    assert [p.title for p in sheet.panels] == [f"head {h}" for h in range(heads)]
+    assert sheet.vmin == -sheet.vmax  # symmetric about 0, shared by all heads
+    for h in range(heads):
+        shown = cell_colours(sheet, h, shape)
+        expected = sheet_colours(sheet, table[:, h].reshape(shape).numpy(), "RdBu_r")
+        np.testing.assert_array_equal(shown, expected)
+        assert not np.array_equal(shown, sheet_colours(sheet, table[:, h].reshape(shape).numpy()[::-1], "RdBu_r"))
+    # the zero-offset cell is outlined in black: the entry a token uses for itself
+    pixels = sheet.crop(0)
+    cell = pixels.shape[1] // shape[1]
+    assert (pixels[(Wh - 1) * cell, (Ww - 1) * cell] == 0).all()
     zero = int(encodings.relative_position_index(window)[0, 0])
-    assert axes[0].images[0].get_array()[Wh - 1, Ww - 1] == zero
+    assert zero == (Wh - 1) * shape[1] + (Ww - 1)
 
 
 def test_bias_table_heatmaps_split_off_beit_cls_entries():
@@ -300,67 +319,79 @@ def test_bias_table_heatmaps_split_off_beit_cls_entries():
     table = torch.zeros(25 + 3, heads)
     table[:25] = torch.arange(25.0)[:, None]
     table[25:] = torch.tensor([[0.5, -0.5], [1.25, -1.25], [2.0, -2.0]])  # cls->tok, tok->cls, cls->cls
-    fig = viz.bias_table_heatmaps(table, window, cls_entries=True)
-    axes = image_axes(fig)
-    np.testing.assert_array_equal(axes[1].images[0].get_array(), np.arange(25.0).reshape(5, 5))
-    assert "cls\u2192tok 0.5" in axes[0].get_title() and "tok\u2192cls 1.25" in axes[0].get_title()
-    assert "cls\u2192cls \u22122" in axes[1].get_title()
+    sheet = viz.bias_table_heatmaps(table, window, cls_entries=True)
+    np.testing.assert_array_equal(cell_colours(sheet, 1, (5, 5)), sheet_colours(sheet, np.arange(25.0).reshape(5, 5),
+                                                                                 "RdBu_r"))
+    assert "cls\u2192tok 0.5" in sheet.panels[0].title and "tok\u2192cls 1.25" in sheet.panels[0].title
+    assert "cls\u2192cls \u22122" in sheet.panels[1].title
+    assert sheet.vmax == 24.0  # the cls rows are not on the heatmaps' scale
     with pytest.raises(ValueError, match="cls_entries=True"):
         viz.bias_table_heatmaps(table, window)
 
 
 def test_many_heads_wrap_into_rows_of_at_most_six():
-    table = torch.randn(13 * 13, 24)
-    axes = image_axes(viz.bias_table_heatmaps(table, (7, 7)))
-    assert len(axes) == 24
-    rows = {}
-    for ax in axes:
-        rows.setdefault(round(ax.get_position().y0, 3), []).append(ax)
-    assert len(rows) == 4 and all(len(r) == 6 for r in rows.values())
+    sheet = viz.bias_table_heatmaps(torch.randn(13 * 13, 24), (7, 7))
+    assert len(sheet.panels) == 24
+    rows: dict[int, list[int]] = {}
+    for p in sheet.panels:
+        rows.setdefault(p.box[1], []).append(p.box[0])
+    assert len(rows) == 4 and all(len(xs) == 6 and xs == sorted(xs) for xs in rows.values())
+    assert sheet.image.width == max(p.box[2] for p in sheet.panels) + 12
 
 
-def test_pos_embed_similarity_grid_tiles_hold_each_patchs_similarity_map():
+def test_similarity_mosaic_tiles_hold_each_patchs_similarity_map():
     grid = (3, 5)
     pe = sincos_like(grid, 16)
-    fig = viz.pos_embed_similarity_grid(pe, grid)
-    mosaic = np.asarray(image_axes(fig)[0].images[0].get_array().filled(np.nan))
+    mosaic = viz.similarity_mosaic(pe, grid)
     assert mosaic.shape == (3 * 4 - 1, 5 * 6 - 1)
     for i in range(3):
         for j in range(5):
             tile = mosaic[i * 4 : i * 4 + 3, j * 6 : j * 6 + 5]
             np.testing.assert_allclose(tile, viz.similarity_map(pe, grid, (i, j)), atol=1e-6)
     assert np.isnan(mosaic[3]).all() and np.isnan(mosaic[:, 5]).all()
-    ax = image_axes(fig)[0]
-    assert ax.get_xlabel() == "input patch column" and ax.get_ylabel() == "input patch row"
+
+
+def test_pos_embed_similarity_grid_draws_the_mosaic_with_square_cells():
+    grid = (3, 5)
+    pe = sincos_like(grid, 16)
+    sheet = viz.pos_embed_similarity_grid(pe, grid)
+    mosaic = viz.similarity_mosaic(pe, grid)
+    (panel,) = sheet.panels
+    x0, y0, x1, y1 = panel.box
+    assert (x1 - x0) % mosaic.shape[1] == 0 and (y1 - y0) % mosaic.shape[0] == 0
+    assert (x1 - x0) // mosaic.shape[1] == (y1 - y0) // mosaic.shape[0] >= 2  # square, whole pixels per cell
+    np.testing.assert_array_equal(cell_colours(sheet, 0, mosaic.shape), sheet_colours(sheet, mosaic, "viridis"))
+    assert sheet.vmax == 1.0 and sheet.vmin == pytest.approx(float(np.nanmin(mosaic)))
 
 
 def test_query_bias_overlays_label_heads_and_show_cls_bias():
     bias = torch.randn(4, 6, 6)
     bias[:, 0, :] = float("nan")
-    fig = viz.query_bias_overlays(photo(96, 96), bias, (2, 3), cls_bias=torch.tensor([0.5, -1.0, 2.0, 0.0]))
-    axes = image_axes(fig)
-    assert [ax.get_title().splitlines()[0] for ax in axes] == [f"head {h}" for h in range(4)]
-    assert "tok\u2192cls \u22121" in axes[1].get_title()
-    assert len(fig.axes) == 5  # four panels and one shared colour bar
+    sheet = viz.query_bias_overlays(photo(96, 96), bias, (2, 3), cls_bias=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    assert [p.title.splitlines()[0] for p in sheet.panels] == [f"head {h}" for h in range(4)]
+    assert "tok\u2192cls \u22121" in sheet.panels[1].title
+    assert sheet.vmin == -sheet.vmax == -float(bias[:, 1:].abs().max())
+    for k in range(4):
+        top_row = sheet.crop(k)[: sheet.crop(k).shape[0] // 6]
+        assert (top_row == round(128 * viz.DIM)).all()  # keys it cannot attend to: the photo, dimmed
 
 
 def test_attention_overlays_add_a_row_without_position_on_the_pairs_scale():
     g = torch.Generator().manual_seed(0)
     attn = torch.softmax(torch.randn(3, 16, generator=g), -1).reshape(3, 4, 4)
     no_pos = torch.softmax(torch.randn(3, 16, generator=g), -1).reshape(3, 4, 4)
-    fig = viz.attention_overlays(photo(64, 64), attn, (1, 1), attn_no_pos=no_pos, prefix_attn=torch.zeros(3, 1))
-    axes = image_axes(fig)
-    assert len(axes) == 6
-    assert axes[0].get_ylabel() == "with position" and axes[3].get_ylabel() == "without position bias"
+    sheet = viz.attention_overlays(photo(64, 64), attn, (1, 1), attn_no_pos=no_pos, prefix_attn=torch.zeros(3, 1))
+    assert len(sheet.panels) == 6
+    assert len({p.box[1] for p in sheet.panels[:3]}) == 1 and sheet.panels[3].box[1] > sheet.panels[0].box[3]
     pair_max = torch.maximum(attn.amax((1, 2)), no_pos.amax((1, 2)))
     for h in range(3):
-        assert f"head {h} (max {viz._fmt(float(pair_max[h]))})" in axes[h].get_title()
-        assert axes[3 + h].get_title() == f"head {h}, no position"
+        assert f"head {h} (max {viz._fmt(float(pair_max[h]))})" in sheet.panels[h].title
+        assert sheet.panels[3 + h].title == f"head {h}, no position"
     with pytest.raises(ValueError, match="attn_no_pos"):
         viz.attention_overlays(photo(64, 64), attn, (1, 1), attn_no_pos=no_pos[:2])
 
 
-def test_figure_views_build_a_fresh_figure_each_call():
+def test_sheets_are_fresh_and_deterministic():
     table, attn, pe = torch.randn(25, 2), torch.rand(2, 4, 4), torch.randn(16, 8)
     makers = [
         lambda: viz.bias_table_heatmaps(table, (3, 3)),
@@ -370,17 +401,16 @@ def test_figure_views_build_a_fresh_figure_each_call():
     ]
     for make in makers:
         first, second = make(), make()
-        assert isinstance(first, Figure) and isinstance(second, Figure) and first is not second
+        assert isinstance(first, viz.Sheet) and first.image is not second.image
+        np.testing.assert_array_equal(np.asarray(first.image), np.asarray(second.image))
 
 
-def test_figure_to_png_renders_at_the_figures_size():
-    fig = viz.bias_table_heatmaps(torch.randn(9, 1), (2, 2))
-    png = viz.figure_to_png(fig)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    img = viz.figure_to_image(fig)
-    assert img.mode == "RGB"
-    assert img.size == (round(fig.get_figwidth() * fig.dpi), round(fig.get_figheight() * fig.dpi))
-    assert Image.open(io.BytesIO(png)).size == img.size
+def test_save_png_round_trips_the_pixels(tmp_path):
+    image = viz.bias_table_heatmaps(torch.randn(9, 1), (2, 2)).image
+    path = viz.save_png(image, tmp_path / "table.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        np.testing.assert_array_equal(np.asarray(img.convert("RGB")), np.asarray(image))
 
 
 def test_save_npz_round_trips_tensors_and_skips_none(tmp_path):
@@ -405,14 +435,10 @@ def test_views_never_import_pyplot():
         from posenc import viz
         img = Image.new("RGB", (64, 64))
         pe, attn = torch.randn(16, 8), torch.rand(2, 4, 4)
-        figs = [
-            viz.pos_embed_similarity_grid(pe, (4, 4)),
-            viz.bias_table_heatmaps(torch.randn(28, 2), (3, 3), cls_entries=True),
-            viz.query_bias_overlays(img, attn, (1, 1), cls_bias=torch.zeros(2)),
-            viz.attention_overlays(img, attn, (1, 1), attn_no_pos=attn),
-        ]
-        for fig in figs:
-            viz.figure_to_image(fig)
+        viz.pos_embed_similarity_grid(pe, (4, 4))
+        viz.bias_table_heatmaps(torch.randn(28, 2), (3, 3), cls_entries=True)
+        viz.query_bias_overlays(img, attn, (1, 1), cls_bias=torch.zeros(2))
+        viz.attention_overlays(img, attn, (1, 1), attn_no_pos=attn)
         viz.overlay(img, viz.similarity_map(pe, (4, 4), (0, 0)), mark=(0, 0), title="t")
         viz.overlay(img, viz.pos_embed_pca_rgb(pe, (4, 4)))
         viz.overlay(img, viz.rope_phase_similarity(torch.rand(16, 4), (4, 4), (1, 2)))

@@ -307,7 +307,7 @@ def pos_embed_pca_rgb(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
         (gh, gw, 3) float32 array in [0, 1].
     """
     gh, gw = _check_grid(grid)
-    e = _patch_rows(pos_embed, (gh, gw)).double()
+    e = _patch_rows(pos_embed, (gh, gw))  # float32 is ample for colours, and twice as fast as float64 here
     x = e - e.mean(dim=0, keepdim=True)  # N, C
     k = min(3, *x.shape)
     evals, evecs = torch.linalg.eigh(x.T @ x)  # C; C, C (ascending)
@@ -317,8 +317,8 @@ def pos_embed_pca_rgb(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
     lo, hi = scores.min(dim=0).values, scores.max(dim=0).values  # k
     span = hi - lo
     top = evals[-1].clamp_min(0).sqrt().clamp_min(1e-30)  # the largest singular value
-    scaled = torch.where(span > 1e-12 * top, (scores - lo) / span.clamp_min(1e-30), 0.5)
-    rgb = torch.full((gh * gw, 3), 0.5, dtype=torch.float64)
+    scaled = torch.where(span > 1e-5 * top, (scores - lo) / span.clamp_min(1e-30), 0.5)
+    rgb = torch.full((gh * gw, 3), 0.5)
     rgb[:, :k] = scaled
     return rgb.reshape(gh, gw, 3).float().clamp(0, 1).numpy()  # gh, gw, 3
 
@@ -373,17 +373,22 @@ def colorize(values: Array, cmap: str | Colormap, norm: Normalize, *, bad: Seque
 
 
 def _upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest upsampling of a (gh, gw, ...) array to (height, width, ...): pixel p takes cell floor(p * cells / pixels)."""
+    """Nearest upsampling of a uint8 (gh, gw) or (gh, gw, 3) array to (height, width, ...).
+
+    Pixel p takes cell floor(p * cells / pixels). For whole factors PIL's nearest resize does exactly that, in C.
+    """
+    if height % cells.shape[0] == 0 and width % cells.shape[1] == 0:
+        return np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST))
     rows = np.bincount(_cell_of_pixel(height, cells.shape[0]), minlength=cells.shape[0])  # gh: pixels per cell row
     cols = np.bincount(_cell_of_pixel(width, cells.shape[1]), minlength=cells.shape[1])  # gw
     return np.repeat(np.repeat(cells, rows, axis=0), cols, axis=1)
 
 
-def _photo_array(image: Image.Image | np.ndarray | None, grid: Grid, min_side: int, max_side: int) -> np.ndarray:
-    """The photo as uint8 (H, W, 3), resized so its longer side lies in [min_side, max_side]; a light canvas if None."""
+def _photo_image(image: Image.Image | np.ndarray | None, grid: Grid, min_side: int, max_side: int) -> Image.Image:
+    """The photo in RGB, resized so its longer side lies in [min_side, max_side]; a light canvas if None."""
     if image is None:
         cell = max(1, _SAMPLE_MAP_SIDE // max(grid))
-        return np.full((grid[0] * cell, grid[1] * cell, 3), 235, dtype=np.uint8)
+        return Image.new("RGB", (grid[1] * cell, grid[0] * cell), (235, 235, 235))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(
@@ -396,24 +401,24 @@ def _photo_array(image: Image.Image | np.ndarray | None, grid: Grid, min_side: i
         raise TypeError(f"image must be a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
     w, h = pil.size
     side = max(w, h)
-    if side < min_side:
+    if side < min_side:  # a whole factor, nearest: the model's input pixels exactly, cheap to draw and to compress
         k = math.ceil(min_side / side)
-        pil = pil.resize((w * k, h * k), Image.Resampling.BICUBIC)
+        pil = pil.resize((w * k, h * k), Image.Resampling.NEAREST)
     elif side > max_side:
         k = max_side / side
         pil = pil.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.LANCZOS)
-    return np.asarray(pil, dtype=np.uint8)
+    return pil
 
 
 def _blend(
-    photo: np.ndarray,
+    photo: Image.Image,
     values: np.ndarray,
     cmap: Colormap,
     norm: Normalize | None,
     alpha: float,
     *,
     alpha_by_value: bool = False,
-) -> np.ndarray:
+) -> Image.Image:
     """Colour a (gh, gw) map (or take a (gh, gw, 3) RGB map), upsample it nearest to the photo and blend.
 
     Colours and weights are computed per cell, upsampled as uint8, and blended by PIL in C:
@@ -421,9 +426,9 @@ def _blend(
     ``alpha * sqrt(normalised value)``, so low values leave the photo visible (suits sparse maps such as attention).
 
     Returns:
-        uint8 (H, W, 3); NaN cells show the photo dimmed to ``DIM``.
+        A new RGB image of the photo's size; NaN cells show the photo dimmed to ``DIM``.
     """
-    H, W = photo.shape[:2]
+    W, H = photo.size
     if values.ndim == 3:
         finite = np.isfinite(values).all(axis=-1)  # gh, gw
         colour = np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255.0).astype(np.uint8)  # gh, gw, 3
@@ -434,29 +439,28 @@ def _blend(
         colour = _lut(cmap)[levels]  # gh, gw, 3
         weight = alpha * np.sqrt(levels / 255.0) if alpha_by_value else np.full(finite.shape, alpha)  # gh, gw
     weight = np.where(finite, np.round(weight * 255.0), 0).astype(np.uint8)  # gh, gw
-    base = Image.fromarray(photo)
+    base = photo
     if not finite.all():
         dim = base.point(lambda v: round(v * DIM))
         base = Image.composite(base, dim, Image.fromarray(_upsample(finite.astype(np.uint8) * 255, H, W)))
     layer = Image.fromarray(_upsample(colour, H, W))  # H, W, 3
     mask = Image.fromarray(_upsample(weight, H, W))  # H, W
-    return np.asarray(Image.composite(layer, base, mask))
+    return Image.composite(layer, base, mask)
 
 
-def _outline_patch(img: np.ndarray, patch: Patch, grid: Grid) -> np.ndarray:
-    """Outline ``patch``'s cell in white, exactly on its bounds, with black rims either side; returns a copy."""
-    H, W = img.shape[:2]
+def _outline_patch(img: Image.Image, patch: Patch, grid: Grid) -> Image.Image:
+    """Outline ``patch``'s cell in white, exactly on its bounds, with black rims either side; draws on ``img``."""
+    W, H = img.size
     y0, y1 = _cell_bounds(patch[0], H, grid[0])
     x0, x1 = _cell_bounds(patch[1], W, grid[1])
     width = int(np.clip(min(x1 - x0 + 1, y1 - y0 + 1) // 10, 1, 3))
     rim = max(1, (width + 1) // 2)
-    pil = Image.fromarray(img)
-    draw = ImageDraw.Draw(pil)
+    draw = ImageDraw.Draw(img)
     draw.rectangle((x0 - rim, y0 - rim, x1 + rim, y1 + rim), outline=(0, 0, 0), width=rim)
     draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 255), width=width)
     if x1 - x0 > 2 * (width + rim) and y1 - y0 > 2 * (width + rim):
         draw.rectangle((x0 + width, y0 + width, x1 - width, y1 - width), outline=(0, 0, 0), width=rim)
-    return np.asarray(pil)
+    return img
 
 
 def _fit_font(lines: Sequence[str], width: int, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -469,10 +473,12 @@ def _fit_font(lines: Sequence[str], width: int, size: int) -> ImageFont.FreeType
     return font
 
 
+@lru_cache(maxsize=512)
 def _text_strip(text: str, width: int, size: int, *, lines: int | None = None) -> Image.Image:
     """A white strip holding ``text`` (``\\n`` splits lines) centred, shrinking the font until it fits.
 
-    ``lines`` reserves room for that many lines, so strips of one row of panels line up.
+    ``lines`` reserves room for that many lines, so strips of one row of panels line up. Memoised (rendering
+    text is the costliest part of a small view): callers paste the strip and never draw on it.
     """
     rows = text.split("\n")
     font = _fit_font(rows, width, size)
@@ -484,8 +490,33 @@ def _text_strip(text: str, width: int, size: int, *, lines: int | None = None) -
     return strip
 
 
-def _colorbar_strip(cmap: Colormap, norm: Normalize, width: int, size: int, label: str | None) -> Image.Image:
-    """A horizontal colour bar with min / middle / max tick labels and an optional label above."""
+@lru_cache(maxsize=512)
+def _label(text: str, size: int, colour: tuple[int, int, int]) -> Image.Image:
+    """``text`` on white, cropped to its ink box; memoised like :func:`_text_strip`."""
+    font = _font(size)
+    x0, y0, x1, y1 = font.getbbox(text)
+    img = Image.new("RGB", (max(1, x1 - x0), max(1, y1 - y0)), (255, 255, 255))
+    ImageDraw.Draw(img).text((-x0, -y0), text, font=font, fill=colour)
+    return img
+
+
+def _paste_label(
+    canvas: Image.Image, text: str, xy: tuple[float, float], anchor: str, *, size: int = 11,
+    colour: tuple[int, int, int] = (0, 0, 0),
+) -> None:
+    """Paste a small label at ``xy``; ``anchor`` is two letters: l/m/r horizontally, then t/m/b vertically."""
+    img = _label(text, size, colour)
+    dx = {"l": 0.0, "m": 0.5, "r": 1.0}[anchor[0]] * img.width
+    dy = {"t": 0.0, "m": 0.5, "b": 1.0}[anchor[1]] * img.height
+    canvas.paste(img, (round(xy[0] - dx), round(xy[1] - dy)))
+
+
+@lru_cache(maxsize=128)
+def _colorbar_strip(cmap: str, vmin: float, vmax: float, width: int, size: int, label: str | None) -> Image.Image:
+    """A horizontal colour bar from ``vmin`` to ``vmax`` with min / middle / max tick labels and an optional label.
+
+    Memoised like :func:`_text_strip`: callers paste it and never draw on it.
+    """
     font = _font(size)
     pad = max(10, width // 16)
     bar_w = max(32, width - 2 * pad)
@@ -497,10 +528,10 @@ def _colorbar_strip(cmap: Colormap, norm: Normalize, width: int, size: int, labe
     if label:
         draw.text((width / 2, 6), label, font=_fit_font([label], width, size), fill=(0, 0, 0), anchor="mt")
     top = 6 + label_h
-    gradient = _lut(cmap)[np.round(np.linspace(0.0, 255.0, bar_w)).astype(np.int64)]  # bar_w, 3
+    gradient = _lut(matplotlib.colormaps[cmap])[np.round(np.linspace(0.0, 255.0, bar_w)).astype(np.int64)]  # bar_w, 3
     strip.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(gradient, (bar_h, bar_w, 3)))), (pad, top))
     draw.rectangle((pad - 1, top - 1, pad + bar_w, top + bar_h), outline=(90, 90, 90), width=1)
-    lo, hi = float(norm.vmin), float(norm.vmax)
+    lo, hi = float(vmin), float(vmax)
     for frac, anchor in ((0.0, "lt"), (0.5, "mt"), (1.0, "rt")):
         x = pad + frac * (bar_w - 1)
         draw.line((x, top + bar_h, x, top + bar_h + 3), fill=(60, 60, 60), width=1)
@@ -563,20 +594,20 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     grid = (vals.shape[0], vals.shape[1])
-    photo = _photo_array(image, grid, min_side, max_side)
+    photo = _photo_image(image, grid, min_side, max_side)
     cm = matplotlib.colormaps[cmap]
     norm = None if rgb else _norm(vals, vmin, vmax)
     img = _blend(photo, vals, cm, norm, 1.0 if image is None else alpha, alpha_by_value=alpha_by_value)
     if mark is not None:
         img = _outline_patch(img, _check_patch(mark, grid), grid)
-    width = img.shape[1]
+    width = img.width
     size = int(np.clip(round(width / 22), 11, 18))
     parts = []
     if title:
         parts.append(_text_strip(title, width, size + 1))
-    parts.append(Image.fromarray(img))
+    parts.append(img)
     if colorbar and norm is not None:
-        parts.append(_colorbar_strip(cm, norm, width, size, colorbar_label))
+        parts.append(_colorbar_strip(cmap, float(norm.vmin), float(norm.vmax), width, size, colorbar_label))
     return _vstack(parts)
 
 
@@ -611,12 +642,12 @@ _MARGIN = 12  # pixels around the sheet
 
 
 def _compose(
-    panels: Sequence[np.ndarray | None],
+    panels: Sequence[Image.Image | None],
     titles: Sequence[str],
     *,
     ncols: int,
     title: str,
-    cmap: Colormap,
+    cmap: str,
     norm: Normalize,
     colorbar_label: str,
     row_labels: Sequence[str] | None = None,
@@ -625,33 +656,40 @@ def _compose(
     """Lay equally sized panels out row-major under ``title``, each under its title, with one colour bar below.
 
     None panels leave their cell blank (and get no :class:`Panel`); ``row_labels`` head each row of panels.
+    Everything is placed first and pasted once onto one canvas.
     """
-    ph, pw = next(p for p in panels if p is not None).shape[:2]
+    pw, ph = next(p for p in panels if p is not None).size
     width = 2 * _MARGIN + ncols * pw + (ncols - 1) * _GAP
     size = int(np.clip(round(pw / 16), 10, 15))
     title_lines = max(t.count("\n") + 1 for t in titles)
-    blocks = [_text_strip(title, width, size + 3)]
-    y = blocks[0].height
-    boxes = []
+    placed: list[tuple[Image.Image, int, int]] = []  # (image, x, y)
+    boxes: list[Panel] = []
+
+    def place(img: Image.Image, y: int, x: int | None = None) -> int:
+        placed.append((img, (width - img.width) // 2 if x is None else x, y))
+        return y + img.height
+
+    y = place(_text_strip(title, width, size + 3), 0)
     for r in range(math.ceil(len(panels) / ncols)):
         if row_labels is not None:
-            blocks.append(_text_strip(row_labels[r], width, size + 1))
-            y += blocks[-1].height
+            y = place(_text_strip(row_labels[r], width, size + 1), y)
         ks = [k for k in range(r * ncols, min((r + 1) * ncols, len(panels))) if panels[k] is not None]
         strips = {k: _text_strip(titles[k], pw, size, lines=title_lines) for k in ks}
         strip_h = max((s.height for s in strips.values()), default=0)
-        row = Image.new("RGB", (width, strip_h + ph + _GAP), (255, 255, 255))
         for k in ks:
             x = _MARGIN + (k - r * ncols) * (pw + _GAP)
-            row.paste(strips[k], (x, 0))
-            row.paste(Image.fromarray(panels[k]), (x, strip_h))
+            place(strips[k], y, x)
+            place(panels[k], y + strip_h, x)
             boxes.append(Panel(titles[k], (x, y + strip_h, x + pw, y + strip_h + ph)))
-        blocks.append(row)
-        y += row.height
-    blocks.append(_colorbar_strip(cmap, norm, min(width - 2 * _MARGIN, max(320, 2 * pw)), size, colorbar_label))
+        y += strip_h + ph + _GAP
+    bar_w = min(width - 2 * _MARGIN, max(320, 2 * pw))
+    y = place(_colorbar_strip(cmap, float(norm.vmin), float(norm.vmax), bar_w, size, colorbar_label), y)
     if footer:
-        blocks.append(_text_strip(footer, width, size))
-    return Sheet(_vstack(blocks), tuple(boxes), float(norm.vmin), float(norm.vmax))
+        y = place(_text_strip(footer, width, size), y)
+    canvas = Image.new("RGB", (width, y), (255, 255, 255))
+    for img, x, top in placed:
+        canvas.paste(img, (x, top))
+    return Sheet(canvas, tuple(boxes), float(norm.vmin), float(norm.vmax))
 
 
 def _heads_maps(maps: Array, name: str) -> np.ndarray:
@@ -700,22 +738,19 @@ def pos_embed_similarity_grid(
     cell = max(2, math.ceil(_MOSAIC_SIDE / max(mosaic.shape)))
     norm = Normalize(float(np.nanmin(mosaic)), 1.0) if np.nanmin(mosaic) < 1.0 else Normalize(0.0, 1.0)
     cm = matplotlib.colormaps[cmap]
-    picture = np.repeat(np.repeat(colorize(mosaic, cm, norm), cell, axis=0), cell, axis=1)  # H, W, 3
-    size = 11
-    font = _font(size)
-    gutter = 4 * size  # room for row numbers on the left and column numbers on top
+    picture = _upsample(colorize(mosaic, cm, norm), mosaic.shape[0] * cell, mosaic.shape[1] * cell)  # H, W, 3
+    gutter = 44  # room for row numbers on the left and column numbers on top
     framed = Image.new("RGB", (picture.shape[1] + gutter, picture.shape[0] + gutter), (255, 255, 255))
     framed.paste(Image.fromarray(picture), (gutter, gutter))
-    draw = ImageDraw.Draw(framed)
     step_r, step_c = max(1, math.ceil(gh / 12)), max(1, math.ceil(gw / 12))
     for i in range(0, gh, step_r):
-        draw.text((gutter - 4, gutter + (i * (gh + 1) + gh / 2) * cell), str(i), font=font, fill=(0, 0, 0), anchor="rm")
+        _paste_label(framed, str(i), (gutter - 4, gutter + (i * (gh + 1) + gh / 2) * cell), "rm")
     for j in range(0, gw, step_c):
-        draw.text((gutter + (j * (gw + 1) + gw / 2) * cell, gutter - 4), str(j), font=font, fill=(0, 0, 0), anchor="mb")
-    draw.text((4, 4), "row \u2193  col \u2192", font=font, fill=(90, 90, 90), anchor="lt")
+        _paste_label(framed, str(j), (gutter + (j * (gw + 1) + gw / 2) * cell, gutter - 4), "mb")
+    _paste_label(framed, "row \u2193  col \u2192", (4, 4), "lt", colour=(90, 90, 90))
     sheet = _compose(
-        [np.asarray(framed)], [f"tile (row, col): similarity of that patch to every patch ({gh}x{gw})"],
-        ncols=1, title=title, cmap=cm, norm=norm, colorbar_label="cosine similarity",
+        [framed], [f"tile (row, col): similarity of that patch to every patch ({gh}x{gw})"],
+        ncols=1, title=title, cmap=cmap, norm=norm, colorbar_label="cosine similarity",
     )  # fmt: skip
     x0, y0, x1, y1 = sheet.panels[0].box
     return replace(sheet, panels=(Panel(sheet.panels[0].title, (x0 + gutter, y0 + gutter, x1, y1)),))
@@ -761,22 +796,21 @@ def bias_table_heatmaps(
     cm = matplotlib.colormaps[cmap]
     cell = max(2, _TABLE_SIDE // max(2 * Wh - 1, 2 * Ww - 1))
     pictures = np.repeat(np.repeat(colorize(maps, cm, norm), cell, axis=1), cell, axis=2)  # heads, H, W, 3
-    size = 10
-    font = _font(size)
-    gutter = 3 * size  # offset labels left of and below each heatmap
+    gutter = 30  # offset labels left of and below each heatmap
     H, W = pictures.shape[1:3]
     panels = []
     for h in range(heads):
         framed = Image.new("RGB", (W + gutter, H + gutter), (255, 255, 255))
         framed.paste(Image.fromarray(pictures[h]), (gutter, 0))
-        draw = ImageDraw.Draw(framed)
         x0, y0 = gutter + (Ww - 1) * cell, (Wh - 1) * cell
-        draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), outline=(0, 0, 0), width=max(1, cell // 8))
+        ImageDraw.Draw(framed).rectangle(
+            (x0, y0, x0 + cell - 1, y0 + cell - 1), outline=(0, 0, 0), width=max(1, cell // 8)
+        )
         for i, dy in ((0, -(Wh - 1)), (Wh - 1, 0), (2 * Wh - 2, Wh - 1)):
-            draw.text((gutter - 3, (i + 0.5) * cell), _fmt(dy), font=font, fill=(0, 0, 0), anchor="rm")
+            _paste_label(framed, _fmt(dy), (gutter - 3, (i + 0.5) * cell), "rm", size=10)
         for j, dx in ((0, -(Ww - 1)), (Ww - 1, 0), (2 * Ww - 2, Ww - 1)):
-            draw.text((gutter + (j + 0.5) * cell, H + 3), _fmt(dx), font=font, fill=(0, 0, 0), anchor="mt")
-        panels.append(np.asarray(framed))
+            _paste_label(framed, _fmt(dx), (gutter + (j + 0.5) * cell, H + 3), "mt", size=10)
+        panels.append(framed)
     head_titles = []
     for h in range(heads):
         head_title = f"head {h}"
@@ -786,7 +820,7 @@ def bias_table_heatmaps(
         head_titles.append(head_title)
     _, ncols = _head_layout(heads)
     sheet = _compose(
-        panels, head_titles, ncols=ncols, title=title, cmap=cm, norm=norm,
+        panels, head_titles, ncols=ncols, title=title, cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
         footer="row offset \u0394y (left) and column offset \u0394x (below), query \u2212 key; "
                "the outlined cell is zero offset",
@@ -828,13 +862,13 @@ def query_bias_overlays(
         if cb.shape[0] != heads:
             raise ValueError(f"cls_bias must be (heads,) = ({heads},), got {cb.shape}")
         notes = [f"\ntok\u2192cls {_fmt(float(v))}" for v in cb]
-    photo = _photo_array(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
     norm = _norm(maps, None, None, symmetric=True)
     cm = matplotlib.colormaps[cmap]
     panels = [_outline_patch(_blend(photo, maps[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
     return _compose(
         panels, [f"head {h}{notes[h]}" for h in range(heads)], ncols=_head_layout(heads)[1],
-        title=title or f"Relative position bias from patch {p}", cmap=cm, norm=norm,
+        title=title or f"Relative position bias from patch {p}", cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
     )  # fmt: skip
 
@@ -902,7 +936,7 @@ def attention_overlays(
         norm, label = Normalize(0.0, 1.0), "attention \u00f7 head max"
         head_titles = [f"head {h} (max {_fmt(float(scale[h]))}){notes[h]}" for h in range(heads)]
         stacked = stacked / scale[None, :, None, None]  # R, heads, gh, gw
-    photo = _photo_array(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
     cm = matplotlib.colormaps[cmap]
     head_rows, ncols = _head_layout(heads)
     panels, titles, row_labels = [], [], []
@@ -919,7 +953,7 @@ def attention_overlays(
                     titles.append("")
             row_labels.append(label_row)
     return _compose(
-        panels, titles, ncols=ncols, title=title or f"Attention from patch {p}", cmap=cm, norm=norm,
+        panels, titles, ncols=ncols, title=title or f"Attention from patch {p}", cmap=cmap, norm=norm,
         colorbar_label=label, row_labels=row_labels if len(rows) > 1 else None,
     )  # fmt: skip
 

@@ -4,6 +4,13 @@ Both libraries get identical random weights (timm's state dict through :func:`po
 checked to give the same logits before anything is timed. posenc and timm calls are interleaved in one
 process under ``torch.inference_mode()`` with the same thread count; see :mod:`bench.common`.
 
+Two controls say how far a ratio can be trusted:
+
+- **A/A**: timm against a second, identical timm instance, timed the same way. Its ratio should be 1; how far
+  it strays is the noise floor of this machine at that moment (a few per cent on a shared 2-core VM).
+- **Kernels**: the aten operators each forward pass calls, counted with ``torch.profiler``. When posenc calls
+  exactly timm's operators the same number of times, a ratio within the A/A noise is a tie.
+
     python -m bench.forward_cpu                     # writes bench/results/forward_cpu.json
     python -m bench.forward_cpu --quick --out /tmp  # one iteration of each figure
 """
@@ -11,7 +18,9 @@ process under ``torch.inference_mode()`` with the same thread count; see :mod:`b
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+from collections import Counter
 from typing import Any
 
 import timm
@@ -62,9 +71,31 @@ def max_abs_diff(model: torch.nn.Module, reference: torch.nn.Module, x: torch.Te
     return diff
 
 
+def kernel_counts(model: torch.nn.Module, x: torch.Tensor) -> Counter[str]:
+    """How often one forward pass calls each aten operator that does work (views, allocations and no-ops left out)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    skip = ("view", "reshape", "as_strided", "transpose", "permute", "unsqueeze", "squeeze", "expand", "t",
+            "select", "slice", "split", "unbind", "flatten", "empty", "empty_like", "empty_strided", "detach",
+            "alias", "_unsafe_view", "contiguous", "lift", "resolve_conj", "resolve_neg",
+            "dropout", "to")  # eval-mode dropout returns its input; a real conversion shows as _to_copy
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        name = event.name
+        if name.startswith("aten::") and name[6:] not in skip and not name.startswith("aten::_reshape"):
+            counts[name] += 1
+    return counts
+
+
+def kernel_diff(ours: Counter[str], theirs: Counter[str]) -> dict[str, list[int]]:
+    """Operators whose call counts differ: name -> [posenc, timm]."""
+    return {k: [ours[k], theirs[k]] for k in sorted(set(ours) | set(theirs)) if ours[k] != theirs[k]}
+
+
 def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """All figures of one architecture: posenc vs timm per batch size, then inspection vs fast path."""
     model, reference = build_pair(name)
+    twin = copy.deepcopy(reference)  # the A/A control: the same model, a second copy of its weights
     size = model.config.img_size
     rows: dict[str, Any] = {"timm_name": MODELS[name][0], "params": model.num_params(), "forward": [], "inspect": None}
     with torch.inference_mode():
@@ -75,6 +106,9 @@ def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: arg
                 lambda: model(x), lambda: reference(x), args.repeats, args.warmup, args.min_seconds
             )
             r = ratio(t_posenc, t_timm)
+            t_a, t_b = time_pairs(lambda: reference(x), lambda: twin(x), args.repeats, args.warmup, args.min_seconds)
+            control = ratio(t_a, t_b)
+            kernels = kernel_diff(kernel_counts(model, x), kernel_counts(reference, x))
             target = TARGETS.get(batch)
             rows["forward"].append({
                 "batch": batch,
@@ -84,9 +118,13 @@ def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: arg
                 "target": target,
                 "met": None if target is None else r["pair_median"] <= target,
                 "max_abs_diff": diff,
+                "control_timm_timm": control,
+                "same_kernels": not kernels,
+                "kernel_differences": kernels,
             })  # fmt: skip
-            logger.info("%s batch %d: posenc/timm %.3f (pairs %.3f [%.3f, %.3f])", name, batch,
-                        r["ratio_of_medians"], r["pair_median"], r["pair_p25"], r["pair_p75"])  # fmt: skip
+            logger.info("%s batch %d: posenc/timm %.3f (pairs %.3f [%.3f, %.3f]); timm/timm %.3f; same kernels %s",
+                        name, batch, r["ratio_of_medians"], r["pair_median"], r["pair_p25"], r["pair_p75"],
+                        control["pair_median"], not kernels)  # fmt: skip
         x = torch.randn(inspect_batch, 3, *size)
         t_inspect, t_fast = time_pairs(
             lambda: model.inspect(x), lambda: model(x), args.repeats, args.warmup, args.min_seconds
@@ -112,7 +150,9 @@ def main() -> None:
     models = {name: bench_model(name, args.batch_sizes, args.inspect_batch, args) for name in args.models}
     write_result(args.out, "forward_cpu", args, {
         "method": "interleaved pairs (posenc, timm alternate which runs first), torch.inference_mode, random input; "
-                  "a target is met when the median of the per-pair ratios is at most the target",
+                  "a target is met when the median of the per-pair ratios is at most the target; "
+                  "control_timm_timm times timm against an identical copy the same way (the noise floor); "
+                  "same_kernels compares the aten operators each forward calls (torch.profiler)",
         "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
         "models": models,
     })  # fmt: skip

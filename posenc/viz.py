@@ -39,7 +39,7 @@ Array = np.ndarray | torch.Tensor
 Grid = tuple[int, int]
 Patch = tuple[int, int]
 
-MAX_COLS = 6  # heads per figure row before wrapping
+MAX_COLS = 6  # heads per sheet row before wrapping
 DIM = 0.35  # brightness of the photo under NaN (absent or masked) cells
 _SAMPLE_MAP_SIDE = 320  # longer side, in pixels, of a map drawn without a photo
 _PANEL_MIN, _PANEL_MAX = 224, 320  # longer side of each photo panel in a sheet of heads

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bench.common import RESULTS
 from bench.report import END, START, render, write_between_markers
 from conftest import ROOT
 
@@ -28,7 +29,12 @@ CASES = [
         "forward_cpu",
         ["--models", "deit_tiny", "swin_tiny", "--batch-sizes", "2"],
         lambda r: [row["batch"] for m in r["models"].values() for row in m["forward"]] == [2, 2]
-        and all(m["inspect"]["ratio"]["n"] == 1 for m in r["models"].values()),
+        and all(m["inspect"]["ratio"]["n"] == 1 for m in r["models"].values())
+        and all(m["forward"][0]["control_timm_timm"]["n"] == 1 for m in r["models"].values())
+        # DeiT runs exactly timm's operators; Swin folds windows into heads for the fused kernel, so it does not
+        and r["models"]["deit_tiny"]["forward"][0]["same_kernels"] is True
+        and "aten::_scaled_dot_product_flash_attention_for_cpu" in r["models"]["swin_tiny"]["forward"][0][
+            "kernel_differences"],
     ),
     (
         "app_request",
@@ -93,3 +99,11 @@ def test_report_refuses_a_readme_without_markers(tmp_path):
     with pytest.raises(SystemExit, match="lacks the markers"):
         write_between_markers(readme, "table")
     assert readme.read_text() == "# title\n"
+
+
+def test_readme_tables_are_rendered_from_the_committed_results():
+    readme = (ROOT / "README.md").read_text()
+    assert START in readme and END in readme
+    tables = readme.split(START, 1)[1].split(END, 1)[0]
+    assert tables.strip() == render(RESULTS).strip(), "run `python -m bench.report --write README.md`"
+    assert "#### Reliability: load and memory" in tables

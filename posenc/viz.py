@@ -360,7 +360,9 @@ def _levels(values: np.ndarray, norm: Normalize) -> np.ndarray:
     return np.round(np.nan_to_num(scaled) * 255.0).astype(np.uint8)
 
 
-def colorize(values: Array, cmap: str | Colormap, norm: Normalize, *, bad: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+def colorize(
+    values: Array, cmap: str | Colormap, norm: Normalize, *, bad: Sequence[int] = (255, 255, 255)
+) -> np.ndarray:
     """Map values through a colormap: (...,) floats to uint8 (..., 3); NaN gets the ``bad`` colour.
 
     The colormap is sampled at 256 levels, so a value maps to ``cmap(round(255 * norm(value)) / 255)``.

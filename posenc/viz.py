@@ -404,7 +404,7 @@ def _photo_image(image: Image.Image | np.ndarray | None, grid: Grid, min_side: i
     w, h = pil.size
     side = max(w, h)
     if side < min_side:  # a whole factor, nearest: the model's input pixels exactly, cheap to draw and to compress
-        k = math.ceil(min_side / side)
+        k = max(1, min(math.ceil(min_side / side), max_side // side))
         pil = pil.resize((w * k, h * k), Image.Resampling.NEAREST)
     elif side > max_side:
         k = max_side / side
@@ -475,15 +475,27 @@ def _fit_font(lines: Sequence[str], width: int, size: int) -> ImageFont.FreeType
     return font
 
 
+def _wrap(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """``line`` broken at spaces into pieces no wider than ``width`` where possible (a long word stays whole)."""
+    pieces: list[str] = []
+    for word in line.split(" "):
+        if pieces and font.getlength(f"{pieces[-1]} {word}") <= width:
+            pieces[-1] = f"{pieces[-1]} {word}"
+        else:
+            pieces.append(word)
+    return pieces
+
+
 @lru_cache(maxsize=512)
 def _text_strip(text: str, width: int, size: int, *, lines: int | None = None) -> Image.Image:
-    """A white strip holding ``text`` (``\\n`` splits lines) centred, shrinking the font until it fits.
+    """A white strip holding ``text`` (``\\n`` splits lines) centred, shrinking the font to fit, then wrapping.
 
     ``lines`` reserves room for that many lines, so strips of one row of panels line up. Memoised (rendering
     text is the costliest part of a small view): callers paste the strip and never draw on it.
     """
     rows = text.split("\n")
     font = _fit_font(rows, width, size)
+    rows = [wrapped for row in rows for wrapped in _wrap(row, font, width - 8)]
     line_h = round(font.size * 1.25)
     strip = Image.new("RGB", (width, line_h * max(len(rows), lines or 0) + font.size // 2), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
@@ -798,11 +810,11 @@ def bias_table_heatmaps(
     cm = matplotlib.colormaps[cmap]
     cell = max(2, _TABLE_SIDE // max(2 * Wh - 1, 2 * Ww - 1))
     pictures = np.repeat(np.repeat(colorize(maps, cm, norm), cell, axis=1), cell, axis=2)  # heads, H, W, 3
-    gutter = 30  # offset labels left of and below each heatmap
+    gutter, pad = 30, 12  # offset labels left of and below each heatmap; room for the last one on the right
     H, W = pictures.shape[1:3]
     panels = []
     for h in range(heads):
-        framed = Image.new("RGB", (W + gutter, H + gutter), (255, 255, 255))
+        framed = Image.new("RGB", (W + gutter + pad, H + gutter), (255, 255, 255))
         framed.paste(Image.fromarray(pictures[h]), (gutter, 0))
         x0, y0 = gutter + (Ww - 1) * cell, (Wh - 1) * cell
         ImageDraw.Draw(framed).rectangle(
@@ -824,10 +836,10 @@ def bias_table_heatmaps(
     sheet = _compose(
         panels, head_titles, ncols=ncols, title=title, cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
-        footer="row offset \u0394y (left) and column offset \u0394x (below), query \u2212 key; "
+        footer="offsets, query \u2212 key: row \u0394y on the left, column \u0394x below\n"
                "the outlined cell is zero offset",
     )  # fmt: skip
-    boxes = tuple(Panel(p.title, (p.box[0] + gutter, p.box[1], p.box[2], p.box[3] - gutter)) for p in sheet.panels)
+    boxes = tuple(Panel(p.title, (p.box[0] + gutter, p.box[1], p.box[2] - pad, p.box[3] - gutter)) for p in sheet.panels)
     return replace(sheet, panels=boxes)
 
 

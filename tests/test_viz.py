@@ -335,7 +335,7 @@ def test_many_heads_wrap_into_rows_of_at_most_six():
     for p in sheet.panels:
         rows.setdefault(p.box[1], []).append(p.box[0])
     assert len(rows) == 4 and all(len(xs) == 6 and xs == sorted(xs) for xs in rows.values())
-    assert sheet.image.width == max(p.box[2] for p in sheet.panels) + 12
+    assert sheet.image.width == max(p.box[2] for p in sheet.panels) + 12 + 12  # room for the last label, margin
 
 
 def test_similarity_mosaic_tiles_hold_each_patchs_similarity_map():
@@ -370,9 +370,15 @@ def test_query_bias_overlays_label_heads_and_show_cls_bias():
     assert [p.title.splitlines()[0] for p in sheet.panels] == [f"head {h}" for h in range(4)]
     assert "tok\u2192cls \u22121" in sheet.panels[1].title
     assert sheet.vmin == -sheet.vmax == -float(bias[:, 1:].abs().max())
+    weight = round(0.65 * 255) / 255  # the default alpha, as an 8-bit mask
     for k in range(4):
         top_row = sheet.crop(k)[: sheet.crop(k).shape[0] // 6]
         assert (top_row == round(128 * viz.DIM)).all()  # keys it cannot attend to: the photo, dimmed
+        colour = sheet_colours(sheet, bias[k].numpy(), "RdBu_r").astype(float)  # 6, 6, 3
+        expected = 128 + weight * (colour - 128)  # blended over the grey photo
+        shown = cell_colours(sheet, k, (6, 6)).astype(float)
+        shown[2, 3] = expected[2, 3]  # the clicked patch carries its outline
+        np.testing.assert_allclose(shown[1:], expected[1:], atol=1.01)  # head k's own map, on the shared scale
 
 
 def test_attention_overlays_add_a_row_without_position_on_the_pairs_scale():
@@ -383,6 +389,15 @@ def test_attention_overlays_add_a_row_without_position_on_the_pairs_scale():
     assert len(sheet.panels) == 6
     assert len({p.box[1] for p in sheet.panels[:3]}) == 1 and sheet.panels[3].box[1] > sheet.panels[0].box[3]
     pair_max = torch.maximum(attn.amax((1, 2)), no_pos.amax((1, 2)))
+    for k, maps in enumerate((attn, no_pos)):  # each panel: its head's map over the pair's maximum, on the grey photo
+        for h in range(3):
+            scaled = (maps[h] / pair_max[h]).numpy()  # 4, 4
+            colour = viz.colorize(scaled, "inferno", Normalize(0.0, 1.0)).astype(float)
+            weight = np.round(0.8 * np.sqrt(np.round(scaled * 255) / 255) * 255) / 255  # alpha grows with the value
+            expected = 128 + weight[..., None] * (colour - 128)
+            shown = cell_colours(sheet, 3 * k + h, (4, 4)).astype(float)
+            shown[1, 1] = expected[1, 1]  # the clicked patch carries its outline
+            np.testing.assert_allclose(shown, expected, atol=1.01)
     for h in range(3):
         assert f"head {h} (max {viz._fmt(float(pair_max[h]))})" in sheet.panels[h].title
         assert sheet.panels[3 + h].title == f"head {h}, no position"

@@ -41,6 +41,7 @@ Patch = tuple[int, int]
 
 MAX_COLS = 6  # heads per sheet row before wrapping
 DIM = 0.35  # brightness of the photo under NaN (absent or masked) cells
+_DIM_LUT = [round(v * DIM) for v in range(256)] * 3  # Image.point table dimming each RGB band
 _SAMPLE_MAP_SIDE = 320  # longer side, in pixels, of a map drawn without a photo
 _PANEL_MIN, _PANEL_MAX = 224, 320  # longer side of each photo panel in a sheet of heads
 _MOSAIC_SIDE = 560  # about the longer side of the similarity mosaic, in pixels
@@ -374,16 +375,16 @@ def colorize(
     return out
 
 
-def _upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest upsampling of a uint8 (gh, gw) or (gh, gw, 3) array to (height, width, ...).
+def _upsample(cells: np.ndarray, height: int, width: int) -> Image.Image:
+    """Nearest upsampling of a uint8 (gh, gw) or (gh, gw, 3) array to a (width, height) L or RGB image.
 
     Pixel p takes cell floor(p * cells / pixels). For whole factors PIL's nearest resize does exactly that, in C.
     """
     if height % cells.shape[0] == 0 and width % cells.shape[1] == 0:
-        return np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST))
+        return Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST)
     rows = np.bincount(_cell_of_pixel(height, cells.shape[0]), minlength=cells.shape[0])  # gh: pixels per cell row
     cols = np.bincount(_cell_of_pixel(width, cells.shape[1]), minlength=cells.shape[1])  # gw
-    return np.repeat(np.repeat(cells, rows, axis=0), cols, axis=1)
+    return Image.fromarray(np.repeat(np.repeat(cells, rows, axis=0), cols, axis=1))  # height, width, ...
 
 
 def _photo_image(image: Image.Image | np.ndarray | None, grid: Grid, min_side: int, max_side: int) -> Image.Image:
@@ -443,10 +444,9 @@ def _blend(
     weight = np.where(finite, np.round(weight * 255.0), 0).astype(np.uint8)  # gh, gw
     base = photo
     if not finite.all():
-        dim = base.point(lambda v: round(v * DIM))
-        base = Image.composite(base, dim, Image.fromarray(_upsample(finite.astype(np.uint8) * 255, H, W)))
-    layer = Image.fromarray(_upsample(colour, H, W))  # H, W, 3
-    mask = Image.fromarray(_upsample(weight, H, W))  # H, W
+        base = Image.composite(base, base.point(_DIM_LUT), _upsample(finite.astype(np.uint8) * 255, H, W))
+    layer = _upsample(colour, H, W)  # H, W, 3
+    mask = _upsample(weight, H, W)  # H, W
     return Image.composite(layer, base, mask)
 
 
@@ -754,8 +754,8 @@ def pos_embed_similarity_grid(
     cm = matplotlib.colormaps[cmap]
     picture = _upsample(colorize(mosaic, cm, norm), mosaic.shape[0] * cell, mosaic.shape[1] * cell)  # H, W, 3
     gutter = 44  # room for row numbers on the left and column numbers on top
-    framed = Image.new("RGB", (picture.shape[1] + gutter, picture.shape[0] + gutter), (255, 255, 255))
-    framed.paste(Image.fromarray(picture), (gutter, gutter))
+    framed = Image.new("RGB", (picture.width + gutter, picture.height + gutter), (255, 255, 255))
+    framed.paste(picture, (gutter, gutter))
     step_r, step_c = max(1, math.ceil(gh / 12)), max(1, math.ceil(gw / 12))
     for i in range(0, gh, step_r):
         _paste_label(framed, str(i), (gutter - 4, gutter + (i * (gh + 1) + gh / 2) * cell), "rm")

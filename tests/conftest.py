@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +27,33 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CHECKPOINTS = ROOT / "checkpoints"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (an in-process server included), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
+@contextmanager
+def sampled_rss_mb(interval_s: float = 0.02) -> Iterator[list[float]]:
+    """Sample :func:`rss_mb` every ``interval_s`` while the block runs; the list holds the samples, first one before."""
+    samples = [rss_mb()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            samples.append(rss_mb())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
 
 
 @pytest.fixture(scope="session")

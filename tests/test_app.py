@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from conftest import sampled_rss_mb
 from posenc.encodings import window_partition
 from posenc.hub import load
 from posenc.labels import CIFAR10_LABELS
@@ -62,14 +62,6 @@ def _noise(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Im
     """A random RGB image (w, h) = size, converted to ``mode``."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process (the in-process server included), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @pytest.fixture(scope="module")
@@ -396,20 +388,8 @@ def test_huge_image_is_handled_with_bounded_memory(client: Client, checkpoints: 
     path = tmp_path / "huge.png"  # 8000x8000 RGB, drawn in a subprocess so this process never holds it
     subprocess.run([sys.executable, "-c", HUGE_PNG, str(path)], check=True, timeout=120)
     assert path.stat().st_size < 20e6
-    samples = [_rss_mb()]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            samples.append(_rss_mb())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with sampled_rss_mb() as samples:
         result = client.predict(handle_file(path), source(checkpoints, "learned"), None, api_name="/predict")
-    finally:
-        done.set()
-        sampler.join()
     assert len(result["confidences"]) == 5
     assert max(samples) - samples[0] < 1000  # decoded once (192 MB of RGB) and reduced, not copied over and over
 

@@ -47,6 +47,7 @@ from bench.reliability import (
     sample_images,
     start_app,
 )
+from conftest import sampled_rss_mb
 from hub_server import HubServer, patched_hub_client
 from posenc import views
 from posenc.hub import HubLoadError, load
@@ -65,14 +66,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process (the in-process app included), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
 
 
 def _launch(demo, **queue: int) -> str:
@@ -287,16 +280,7 @@ def test_bad_upload_gets_a_correct_result_or_a_clear_message_and_the_next_reques
     message, tolerance = UPLOADS[name]
     path, expected = _make_upload(name, tmp_path)
     model = source(checkpoints, "learned")
-    samples = [_rss_mb()]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            samples.append(_rss_mb())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with sampled_rss_mb() as samples:
         if message is not None:
             with pytest.raises(AppError, match=re.escape(message)) as refused:
                 client.predict(handle_file(path), model, None, api_name="/predict")
@@ -305,9 +289,6 @@ def test_bad_upload_gets_a_correct_result_or_a_clear_message_and_the_next_reques
             seen = _seen_photo(client, path, model)
             reference = views.inspect_image(load(model), Image.fromarray(expected)).photo  # what it must see
             np.testing.assert_allclose(seen.astype(int), np.asarray(reference).astype(int), rtol=0, atol=tolerance)
-    finally:
-        done.set()
-        sampler.join()
     if name == "bomb.png":  # refused from the header: a decode would need 1,600 MB
         assert max(samples) - samples[0] < 150, f"memory rose by {max(samples) - samples[0]:.0f} MB"
     _assert_serves(client, checkpoints, photo)

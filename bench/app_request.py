@@ -56,6 +56,19 @@ def stand_in_models(folder: Path, families: list[str]) -> dict[str, Path]:
     return paths
 
 
+def model_folders(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
+    """The bundled CIFAR-10 models (stand-ins for the missing presets) and DeiT-Tiny when present."""
+    bundled = {Path(e.source).name: Path(e.source) for e in bundled_models(args.checkpoints)}
+    bundled = {name: path for name, path in bundled.items() if name.split("-", 1)[-1] in args.families}
+    missing = [f for f in args.families if f"cifar10-{f}" not in bundled]
+    folders = {**bundled, **stand_in_models(tmp / "stand-ins", missing)}
+    if args.deit.is_dir():
+        folders["deit_tiny_224"] = args.deit
+    else:
+        logger.warning("no DeiT-Tiny folder at %s: its figures are left out", args.deit)
+    return folders
+
+
 def _no_progress(*_: Any, **__: Any) -> None:
     """Stands in for ``gr.Progress`` outside a Gradio event."""
 
@@ -143,17 +156,10 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], repeats=10, warmup=2, min_seconds=20.0, extra=_options)
     with tempfile.TemporaryDirectory(prefix="posenc-bench-") as tmp:
         tmp = Path(tmp)
-        bundled = {Path(e.source).name: Path(e.source) for e in bundled_models(args.checkpoints)}
-        stand_ins = stand_in_models(tmp / "stand-ins", [f for f in args.families if f"cifar10-{f}" not in bundled])
-        cifar = {**{n: p for n, p in bundled.items() if n.split("-", 1)[-1] in args.families}, **stand_ins}
         models: dict[str, Any] = {}
-        for name, folder in sorted(cifar.items()):
-            models[name] = {"bundled": name not in stand_ins, **bench_model(name, folder, args.image, args, tmp)}
-        if args.deit.is_dir():
-            deit = bench_model("deit_tiny_224", args.deit, args.image, args, tmp)
-            models["deit_tiny_224"] = {"bundled": False, **deit}
-        else:
-            logger.warning("no DeiT-Tiny folder at %s: its figures are left out", args.deit)
+        for name, folder in sorted(model_folders(args, tmp).items()):  # the CIFAR-10 models, then DeiT-Tiny
+            bundled = name.startswith("cifar10-") and not folder.is_relative_to(tmp)  # stand-ins are written to tmp
+            models[name] = {"bundled": bundled, **bench_model(name, folder, args.image, args, tmp)}
     cifar_requests = {n: m["request"]["median_ms"] for n, m in models.items() if n.startswith("cifar10-")}
     deit = models.get("deit_tiny_224")
     write_result(args.out, "app_request", args, {

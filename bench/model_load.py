@@ -23,11 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.app_request import DEIT_TINY, stand_in_models
+from bench.app_request import DEIT_TINY, model_folders
 from bench.common import ROOT, parse_args, peak_rss_mb, reset_peak_rss, rss_mb, summary, time_call, write_result
 from posenc.hub import load
 from posenc.models import FAMILIES
-from posenc.registry import bundled_models
 from posenc.ui import ModelCache
 
 logger = logging.getLogger(__name__)
@@ -52,19 +51,6 @@ def measure_peak(source: str) -> dict[str, float | None]:
 def weights_mb(folder: Path) -> float:
     """Size of the weight files in a model folder, in MiB."""
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) / 2**20
-
-
-def model_folders(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
-    """The bundled CIFAR-10 models (stand-ins for the missing presets) and DeiT-Tiny when present."""
-    bundled = {Path(e.source).name: Path(e.source) for e in bundled_models(args.checkpoints)}
-    bundled = {name: path for name, path in bundled.items() if name.split("-", 1)[-1] in args.families}
-    missing = [f for f in args.families if f"cifar10-{f}" not in bundled]
-    folders = {**bundled, **stand_in_models(tmp / "stand-ins", missing)}
-    if args.deit.is_dir():
-        folders["deit_tiny_224"] = args.deit
-    else:
-        logger.warning("no DeiT-Tiny folder at %s: its figures are left out", args.deit)
-    return folders
 
 
 def turnover_sources(folders: dict[str, Path], tmp: Path) -> list[str]:

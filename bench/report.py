@@ -51,6 +51,11 @@ def environment(record: dict[str, Any]) -> str:
     )
 
 
+def _section(title: str, record: dict[str, Any]) -> list[str]:
+    """A benchmark's heading and the line saying where and when it ran."""
+    return [f"#### {title}", "", environment(record), ""]
+
+
 def _ratio_short(r: dict[str, Any]) -> str:
     """Median of the per-pair ratios with its 95 % interval."""
     ci = r.get("pair_median_ci95")
@@ -59,10 +64,7 @@ def _ratio_short(r: dict[str, Any]) -> str:
 
 def forward_cpu(record: dict[str, Any]) -> list[str]:
     lines = [
-        "#### Forward latency on the CPU: posenc fast path vs timm",
-        "",
-        environment(record),
-        "",
+        *_section("Forward latency on the CPU: posenc fast path vs timm", record),
         "Ratios are medians of per-pair ratios with their 95 % interval. **A/A** times timm against an identical "
         "copy of itself the same way: the noise floor of the moment. **Same kernels**: each forward calls the same "
         "aten operators the same number of times (torch.profiler).",
@@ -94,10 +96,7 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
 
 def app_request(record: dict[str, Any]) -> list[str]:
     lines = [
-        "#### End-to-end app request (Explore tab, model cached)",
-        "",
-        environment(record),
-        "",
+        *_section("End-to-end app request (Explore tab, model cached)", record),
         "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -121,10 +120,7 @@ def app_request(record: dict[str, Any]) -> list[str]:
 
 def model_load(record: dict[str, Any]) -> list[str]:
     lines = [
-        "#### Model load (warm cache) and memory",
-        "",
-        environment(record),
-        "",
+        *_section("Model load (warm cache) and memory", record),
         "| model | weights MiB | load ms | peak RSS over before, MiB |",
         "|---|---:|---:|---:|",
     ]
@@ -143,7 +139,7 @@ def model_load(record: dict[str, Any]) -> list[str]:
 
 
 def gpu(record: dict[str, Any]) -> list[str]:
-    lines = ["#### GPU", "", environment(record), ""]
+    lines = _section("GPU", record)
     if record["status"] == "no GPU":
         return lines + ["Not measured: no GPU on the machine that ran it."]
     if record["status"] != "measured":
@@ -206,10 +202,7 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
 def reliability(record: dict[str, Any]) -> list[str]:
     load, mem = record["load"], record["memory"]
     lines = [
-        "#### Reliability: load and memory",
-        "",
-        environment(record),
-        "",
+        *_section("Reliability: load and memory", record),
         f"One `python app.py` process on 127.0.0.1 ({record['checkpoints']} checkpoints), driven through "
         "gradio_client.",
         "",

@@ -121,6 +121,7 @@ class Attention(nn.Module):
         num_prefix: int = 0,
         grid: Size2 | None = None,
         need_weights: bool = False,
+        position: bool = True,
     ) -> tuple[Tensor, AttentionTrace | None]:
         """Attend over tokens.
 
@@ -131,6 +132,7 @@ class Attention(nn.Module):
             num_prefix: leading tokens that RoPE leaves unrotated.
             grid: (h, w) token grid for the relative bias when it differs from the table's window.
             need_weights: take the inspection path and return an :class:`AttentionTrace`.
+            position: False leaves the relative bias and the RoPE rotation out (the mask stays).
 
         Returns:
             (..., N, C) output and the trace (None on the fast path).
@@ -138,9 +140,11 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # ..., N, 3C
         q, k, v = rearrange(qkv, "... n (three h d) -> three ... h n d", three=3, h=self.num_heads)  # ..., heads, N, hd
         q_raw, k_raw = q, k
+        if not position:
+            rope = None
         if rope is not None:
             q, k = apply_rope(q, rope, num_prefix), apply_rope(k, rope, num_prefix)
-        pos = self.position_bias(grid)  # heads, N, N or None
+        pos = self.position_bias(grid) if position else None  # heads, N, N or None
         mask = mask[..., None, :, :] if mask is not None else None  # ..., 1, N, N
         if need_weights:
             out, trace = self._inspect(q, k, v, pos, mask, (q_raw, k_raw) if rope is not None else None)

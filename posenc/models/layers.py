@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +94,8 @@ class BlockTrace:
         window: (Wh, Ww) attention window (Swin) or None for global attention.
         shift: (sh, sw) cyclic shift (Swin) or None.
         stage: stage index (0 for ViT).
+        position: further position tensors this block used, keyed by the names its mechanisms declare in
+            :mod:`posenc.mechanisms` (e.g. a Swin V2 block's computed bias table); empty for most models.
     """
 
     attn: Tensor
@@ -104,6 +106,7 @@ class BlockTrace:
     window: Size2 | None = None
     shift: Size2 | None = None
     stage: int = 0
+    position: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,17 @@ class Inspection:
     """The logits of one forward pass and every position tensor it used.
 
     Attributes:
-        logits: (B, num_classes).
+        logits: (B, num_classes); for a headless model (no classifier) the pooled features (B, C).
         grid: (h, w) patch grid of the input.
-        num_prefix_tokens: leading non-patch tokens (cls, distillation).
+        num_prefix_tokens: leading non-patch tokens (cls, distillation, registers).
         pos_embed: (1, pos_embed_prefix + h*w, C) absolute embedding actually added, after resampling; or None.
         pos_embed_prefix: leading rows of ``pos_embed`` that are not patches.
         rope_angles: (h*w, head_dim/2) RoPE angles, or None.
         blocks: one :class:`BlockTrace` per block, in order.
+        prefix_names: a name per prefix token, in token order ("cls", "dist", "reg0", ...); empty means
+            unnamed (see :attr:`prefix_labels`).
+        position: further model-level position tensors, keyed by the names the model's mechanisms declare
+            in :mod:`posenc.mechanisms`.
     """
 
     logits: Tensor
@@ -127,6 +134,15 @@ class Inspection:
     pos_embed_prefix: int
     rope_angles: Tensor | None
     blocks: list[BlockTrace]
+    prefix_names: tuple[str, ...] = ()
+    position: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def prefix_labels(self) -> tuple[str, ...]:
+        """A name for every prefix token: :attr:`prefix_names`, or "cls", "dist", ... when unnamed."""
+        if self.prefix_names:
+            return self.prefix_names
+        return ("cls", "dist", *(f"prefix{i}" for i in range(2, self.num_prefix_tokens)))[: self.num_prefix_tokens]
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -204,6 +220,16 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
     @property
     def position_encoding(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:  # pragma: no cover - overridden
+        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none."""
+        raise NotImplementedError
+
+    @property
+    def headless(self) -> bool:
+        """True when the model has no classifier (``num_classes == 0``): ``model(x)`` returns pooled features."""
+        return self.config.num_classes == 0
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]

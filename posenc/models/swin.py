@@ -121,8 +121,8 @@ class SwinBlock(nn.Module):
             return self.attn_mask
         return shifted_window_mask(grid, self.window, self.shift, device=device)
 
-    def forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, BlockTrace | None]:
-        """(B, H, W, C) -> (B, H, W, C), plus a trace when ``need_weights``."""
+    def forward(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, BlockTrace | None]:
+        """(B, H, W, C) -> (B, H, W, C), plus a trace when ``need_weights``; ``position=False`` drops the bias."""
         b, h, w, c = x.shape
         check_window_divides((h, w), self.window)
         shortcut = x
@@ -131,7 +131,7 @@ class SwinBlock(nn.Module):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = window_partition(x, self.window)  # B, nW, Wh*Ww, C
         mask = self.mask_for((h, w), x.device)  # nW, Wh*Ww, Wh*Ww
-        y, trace = self.attn(windows, mask=mask, need_weights=need_weights)  # B, nW, Wh*Ww, C
+        y, trace = self.attn(windows, mask=mask, need_weights=need_weights, position=position)  # B, nW, Wh*Ww, C
         x = window_reverse(y, self.window, (h, w))  # B, H, W, C
         if any(self.shift):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
@@ -206,26 +206,30 @@ class SwinTransformer(PosencModel):
     def position_encoding(self) -> str:
         return "windowed"
 
-    def _run(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Size2, list[BlockTrace]]:
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        return ("rel_table",)
+
+    def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
         x = self.patch_embed(x)  # B, h, w, C
         grid = tuple(x.shape[1:3])
         traces = []
         for stage, layer in enumerate(self.layers):
             x = layer.downsample(x)  # B, H, W, C
             for block in layer.blocks:
-                x, trace = block(x, need_weights)
+                x, trace = block(x, need_weights, position)
                 if trace is not None:
                     traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits."""
-        return self._run(x, need_weights=False)[0]
+    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every relative bias out."""
+        return self._run(x, need_weights=False, position=position)[0]
 
-    def inspect(self, x: Tensor) -> Inspection:
+    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus, per block, the window attention, the relative bias, the shift mask and the geometry."""
-        logits, grid, traces = self._run(x, need_weights=True)
+        logits, grid, traces = self._run(x, need_weights=True, position=position)
         return Inspection(
             logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
         )

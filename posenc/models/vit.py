@@ -119,10 +119,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, grid: Size2, need_weights: bool
+        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, grid: Size2, need_weights: bool, position: bool = True
     ) -> tuple[Tensor, AttentionTrace | None]:
         """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights``."""
-        y, trace = self.attn(self.norm1(x), rope=rope, num_prefix=num_prefix, grid=grid, need_weights=need_weights)
+        y, trace = self.attn(
+            self.norm1(x), rope=rope, num_prefix=num_prefix, grid=grid, need_weights=need_weights, position=position
+        )
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, trace
@@ -174,6 +176,12 @@ class VisionTransformer(PosencModel):
     def position_encoding(self) -> str:
         return self.config.position_encoding
 
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        cfg = self.config
+        absolute = () if cfg.pos_embed == "none" else (cfg.pos_embed,)
+        return absolute + (("rel_table",) if cfg.rel_pos_bias else ()) + (("rope_axial",) if cfg.rope else ())
+
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
 
@@ -199,12 +207,12 @@ class VisionTransformer(PosencModel):
         head_dim = self.config.embed_dim // self.config.num_heads
         return rope_2d_angles(grid, head_dim, self.config.rope_base, device=self.rope_angles.device)
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, Size2, Tensor | None, int]:
-        """Pixels to tokens with the prefix tokens and the absolute embedding added."""
+    def _embed(self, x: Tensor, position: bool = True) -> tuple[Tensor, Size2, Tensor | None, int]:
+        """Pixels to tokens with the prefix tokens and the absolute embedding added (left out without ``position``)."""
         x = self.patch_embed(x)  # B, h, w, C
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)  # B, h*w, C
-        pos, pos_prefix = self.absolute_embedding((h, w))
+        pos, pos_prefix = self.absolute_embedding((h, w)) if position else (None, 0)
         prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if pos is not None and pos_prefix == 0:
             x = x + pos
@@ -224,22 +232,25 @@ class VisionTransformer(PosencModel):
             pooled = x[:, 0]  # B, C
         return self.head(self.fc_norm(pooled))
 
-    def _run(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Size2, Tensor | None, int, Tensor | None, list]:
-        x, grid, pos, pos_prefix = self._embed(x)
-        rope = self.rope_for(grid)
+    def _run(
+        self, x: Tensor, need_weights: bool, position: bool = True
+    ) -> tuple[Tensor, Size2, Tensor | None, int, Tensor | None, list]:
+        x, grid, pos, pos_prefix = self._embed(x, position)
+        rope = self.rope_for(grid) if position else None
         traces = []
         for block in self.blocks:
-            x, trace = block(x, rope=rope, num_prefix=self.config.num_prefix_tokens, grid=grid, need_weights=need_weights)
+            x, trace = block(x, rope=rope, num_prefix=self.config.num_prefix_tokens, grid=grid,
+                             need_weights=need_weights, position=position)
             traces.append(trace)
         return self._head(x), grid, pos, pos_prefix, rope, traces
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits."""
-        return self._run(x, need_weights=False)[0]
+    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every position term out."""
+        return self._run(x, need_weights=False, position=position)[0]
 
-    def inspect(self, x: Tensor) -> Inspection:
+    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus the attention and the position tensors of every block (see :class:`Inspection`)."""
-        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True)
+        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
         blocks = [
             BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=t.pos_bias, mask=None, grid=grid)
             for t in traces
@@ -248,6 +259,7 @@ class VisionTransformer(PosencModel):
             logits=logits,
             grid=grid,
             num_prefix_tokens=self.config.num_prefix_tokens,
+            prefix_names=("cls", "dist")[: self.config.num_prefix_tokens],
             pos_embed=pos,
             pos_embed_prefix=pos_prefix,
             rope_angles=rope,

@@ -7,10 +7,11 @@ renames the weights by rule (a few regex substitutions plus fusing separate quer
 ``qkv``), drops derived buffers and fits position tensors to the config's grid; :func:`check_state_dict`
 compares keys and shapes with the model before a strict load.
 
-Supported: timm ``vit_*``, ``deit_*`` (incl. distilled), ``beit_*``/``beitv2_*`` and ``swin_*``
-(see :data:`TIMM_FAMILIES`); transformers model types ``vit``, ``deit``, ``beit`` and ``swin``
+Supported: the timm architectures of :data:`posenc.models.TIMM_PRESETS` (a table keyed by the architecture
+name, as timm's registry is) and the transformers model types of :data:`TRANSFORMERS_ARCHITECTURES`
 (classification heads), stored in the Hub layout that ``save_pretrained`` writes
-(``vit.encoder.layer.0.attention.attention.query.weight``, ...).
+(``vit.encoder.layer.0.attention.attention.query.weight``, ...). :func:`supported_table` renders both for the
+README.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,21 +29,13 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, SwinConfig, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
 
 Config = ViTConfig | SwinConfig
 
-#: timm architecture families and the sizes posenc rebuilds by name.
-TIMM_FAMILIES = {
-    "vit": "vit_{tiny,small,base,large}_patch{8,16,32}_{img}",
-    "deit": "deit_{tiny,small,base}[_distilled]_patch16_{img}",
-    "beit": "beit_{base,large}_patch16_{img}",
-    "beitv2": "beitv2_{base,large}_patch16_{img}",
-    "swin": "swin_{tiny,small,base,large}_patch4_window{7,12}_{img}",
-}
 #: transformers ``model_type`` -> the classification architectures posenc converts.
 TRANSFORMERS_ARCHITECTURES = {
     "vit": ("ViTForImageClassification",),
@@ -49,32 +43,13 @@ TRANSFORMERS_ARCHITECTURES = {
     "beit": ("BeitForImageClassification",),
     "swin": ("SwinForImageClassification",),
 }
-
-# Facts from timm's model registrations: (embed_dim, depth, heads) for ViT/DeiT/BEiT and
-# (embed_dim, depths, heads) for Swin.
-_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
-_SWIN_SIZES = {
-    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+# timm constructor arguments (``model_args``) named differently from the posenc config field they set.
+_TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "use_abs_pos_emb": lambda value: {"pos_embed": "learned" if value else "none"},
+    # either gives every BEiT block a table; resolved in config_from_timm
+    "use_rel_pos_bias": lambda value: {"use_rel_pos_bias": bool(value)},
+    "use_shared_rel_pos_bias": lambda value: {"use_shared_rel_pos_bias": bool(value)},
 }
-_FAMILY_SIZES = {
-    "vit": ("tiny", "small", "base", "large"),
-    "deit": ("tiny", "small", "base"),
-    "beit": ("base", "large"),
-    "beitv2": ("base", "large"),
-    "swin": ("tiny", "small", "base", "large"),
-}
-_TIMM_NAME = re.compile(
-    r"^(?P<family>vit|deit|beitv2|beit|swin)_(?P<size>tiny|small|base|large)(?P<distilled>_distilled)?"
-    r"_patch(?P<patch>\d+)(?:_window(?P<window>\d+))?_(?P<img>\d+)$"
-)
-# timm constructor arguments (saved under ``model_args``) that map one-to-one onto config fields.
-_TIMM_ARGS = {
-    "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "depths", "num_heads",
-    "window_size", "mlp_ratio", "qkv_bias", "global_pool", "class_token", "no_embed_class", "init_values", "fc_norm",
-}  # fmt: skip
 
 Rule = tuple[str, str | Callable[[re.Match], str]]
 _TIMM_RULES: list[Rule] = [
@@ -108,6 +83,10 @@ _TRANSFORMERS_RULES: list[Rule] = [
     (r"^(classifier|cls_classifier)\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]  # fmt: skip
+#: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
+#: transformers layout per ``model_type``. A new family adds its row.
+_TIMM_RULES_FOR: dict[type, list[Rule]] = {}
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {}
 # Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
 _DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token")
 
@@ -121,9 +100,28 @@ class CheckpointMismatchError(ValueError):
 
 
 def _supported() -> str:
-    timm = ", ".join(TIMM_FAMILIES.values())
+    timm = ", ".join(sorted(TIMM_PRESETS))
     hf = ", ".join(f"{t} ({'/'.join(a)})" for t, a in TRANSFORMERS_ARCHITECTURES.items())
-    return f"supported: timm {timm}; transformers model types {hf}; posenc_vit, posenc_swin"
+    return f"supported: timm architectures {timm}; transformers model types {hf}; {', '.join(ARCHITECTURES)}"
+
+
+def supported_table() -> str:
+    """The README's table of supported architectures, rendered from :data:`TIMM_PRESETS` and the transformers table.
+
+    Returns:
+        Markdown: one row per posenc model class with its position mechanisms, the timm architecture names
+        and the transformers model types it loads.
+    """
+    rows = []
+    for model_type, (config_cls, model_cls) in ARCHITECTURES.items():
+        names = sorted(name for name, (cls, _) in TIMM_PRESETS.items() if cls is config_cls)
+        mechanisms = sorted({m for name in names for m in config_cls(**TIMM_PRESETS[name][1]).mechanisms})
+        types = sorted(t for t, cls in _TRANSFORMERS_CONFIG.items() if cls is config_cls)
+        timm = ", ".join(f"`{n}`" for n in names) or "-"
+        rows.append(f"| `{model_type}` ({model_cls.__name__}) | {', '.join(mechanisms) or '-'} | {timm} | "
+                    f"{', '.join(f'`{t}`' for t in types) or '-'} |")
+    header = "| posenc model | position mechanisms | timm architectures | transformers model types |\n|---|---|---|---|\n"
+    return header + "\n".join(rows) + "\n"
 
 
 def detect_layout(config: dict[str, Any]) -> str:
@@ -148,34 +146,20 @@ def detect_layout(config: dict[str, Any]) -> str:
 
 
 def config_from_timm(config: dict[str, Any]) -> Config:
-    """A posenc config from a timm Hub ``config.json``; sizes come from the architecture name by rule.
+    """A posenc config from a timm Hub ``config.json``: the architecture's preset, then its ``model_args``.
 
-    The name (its ``.tag`` dropped) is parsed as ``{family}_{size}[_distilled]_patch{P}[_window{W}]_{img}``,
-    the family's fixed options added, then the recorded ``model_args`` (e.g. ``depth``) applied on top.
+    The architecture name (its ``.tag`` dropped) is looked up in :data:`posenc.models.TIMM_PRESETS`, the table
+    of the config fields each timm registration fixes (as timm's own registry rebuilds a model), and the
+    recorded ``model_args`` (e.g. ``depth``) are applied on top. Names are never parsed.
     """
     pretrained = config.get("pretrained_cfg") or {}
     name = str(config.get("architecture") or pretrained.get("architecture") or "").split(".")[0]
-    match = _TIMM_NAME.match(name)
-    if (
-        match is None
-        or match["size"] not in _FAMILY_SIZES[match["family"]]
-        or (match["family"] == "swin") != bool(match["window"])
-        or (match["family"] != "deit" and match["distilled"])
-    ):
+    if name not in TIMM_PRESETS:
         raise UnsupportedModelError(f"timm architecture {name!r} is not supported; {_supported()}")
-    family, size, img = match["family"], match["size"], int(match["img"])
-    args: dict[str, Any] = {"img_size": img, "patch_size": int(match["patch"])}
-    if family == "swin":
-        args["embed_dim"], args["depths"], args["num_heads"] = _SWIN_SIZES[size]
-        args["window_size"] = int(match["window"])
-    else:
-        args["embed_dim"], args["depth"], args["num_heads"] = _VIT_SIZES[size]
-        args["distilled"] = bool(match["distilled"])
-    if family.startswith("beit"):
-        init = 0.1 if (family, size) == ("beit", "base") else 1e-5
-        args.update(qkv_bias="qv", pos_embed="none", rel_pos_bias=True, global_pool="avg", init_values=init)
+    config_cls, preset = TIMM_PRESETS[name]
+    args: dict[str, Any] = dict(preset)
     for key, value in (config.get("model_args") or {}).items():
-        args.update(_timm_arg(name, key, value, swin=family == "swin"))
+        args.update(_timm_arg(name, key, value, config_cls))
     if "use_rel_pos_bias" in args or "use_shared_rel_pos_bias" in args:
         args["rel_pos_bias"] = args.pop("use_rel_pos_bias", True) or args.pop("use_shared_rel_pos_bias", False)
         args.pop("use_shared_rel_pos_bias", None)
@@ -184,20 +168,18 @@ def config_from_timm(config: dict[str, Any]) -> Config:
         raise UnsupportedModelError(f"timm model {name!r} has no classifier head (num_classes=0); pick a fine-tuned tag")
     args["labels"] = _timm_labels(config, args["num_classes"])
     args["preprocess"] = Preprocess.from_timm(pretrained)
-    return (SwinConfig if family == "swin" else ViTConfig)(**args)
+    return config_cls(**args)
 
 
-def _timm_arg(name: str, key: str, value: Any, swin: bool) -> dict[str, Any]:
+def _timm_arg(name: str, key: str, value: Any, config_cls: type) -> dict[str, Any]:
     """One recorded timm constructor argument as posenc config fields; anything else is refused."""
-    fields = {f.name for f in dataclasses.fields(SwinConfig if swin else ViTConfig)}
-    if key in _TIMM_ARGS & fields:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if key in fields:
         return {key: tuple(value) if isinstance(value, list) else value}
-    if key.endswith("drop_rate") or (swin and key == "global_pool" and value == "avg"):
-        return {}  # dropout is off at inference; Swin always averages
-    if key == "use_abs_pos_emb":
-        return {"pos_embed": "learned" if value else "none"}
-    if key in ("use_rel_pos_bias", "use_shared_rel_pos_bias"):  # either gives every block a table
-        return {key: bool(value)}
+    if key.endswith("drop_rate") or (key == "global_pool" and value == "avg" and "global_pool" not in fields):
+        return {}  # dropout is off at inference; a model without the field always averages (Swin)
+    if key in _TIMM_ARG_RULES:
+        return _TIMM_ARG_RULES[key](value)
     raise UnsupportedModelError(f"timm model {name!r} was built with {key}={value!r}, which posenc does not support")
 
 
@@ -218,6 +200,9 @@ def _timm_labels(config: dict[str, Any], num_classes: int) -> tuple[str, ...] | 
 
 def config_from_transformers(config: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> Config:
     """A posenc config from a transformers ``config.json`` and its ``preprocessor_config.json``.
+
+    The fields every image model shares (size, classes, labels, preprocessing) are read here; the
+    ``model_type``'s builder in :data:`_TRANSFORMERS_BUILDERS` reads the rest.
 
     DeiT rule: DeiT was trained and evaluated with ImageNet mean/std (0.485, 0.456, 0.406) /
     (0.229, 0.224, 0.225), but transformers' ``DeiTImageProcessor`` defaults to 0.5/0.5, so a DeiT
@@ -241,39 +226,66 @@ def config_from_transformers(config: dict[str, Any], preprocessor: dict[str, Any
         "in_chans": config.get("num_channels", 3),
         "num_classes": num_classes,
         "qkv_bias": config.get("qkv_bias", True),
-        "norm_eps": config.get("layer_norm_eps", 1e-5 if model_type == "swin" else 1e-12),
+        "norm_eps": config.get("layer_norm_eps", 1e-12),
         "labels": tuple(labels) if labels else None,
         "preprocess": _transformers_preprocess(model_type, preprocessor, img_size),
     }
-    if model_type == "swin":
-        if config.get("use_absolute_embeddings"):
-            raise UnsupportedModelError("Swin with absolute position embeddings is not supported")
-        return SwinConfig(
-            embed_dim=config["embed_dim"],
-            depths=tuple(config["depths"]),
-            num_heads=tuple(config["num_heads"]),
-            window_size=config.get("window_size", 7),
-            mlp_ratio=config.get("mlp_ratio", 4.0),
-            **common,
-        )
-    hidden = config["hidden_size"]
-    common.update(
-        embed_dim=hidden,
-        depth=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_ratio=config.get("intermediate_size", 4 * hidden) / hidden,
-        distilled=model_type == "deit",
+    return _TRANSFORMERS_BUILDERS[model_type](config, common)
+
+
+def _swin_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SwinConfig:
+    if config.get("use_absolute_embeddings"):
+        raise UnsupportedModelError("Swin with absolute position embeddings is not supported")
+    return SwinConfig(
+        embed_dim=config["embed_dim"],
+        depths=tuple(config["depths"]),
+        num_heads=tuple(config["num_heads"]),
+        window_size=config.get("window_size", 7),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        **{**common, "norm_eps": config.get("layer_norm_eps", 1e-5)},
     )
-    if model_type == "beit":
-        scale = config.get("layer_scale_init_value", 0.1)
-        common.update(
-            qkv_bias="qv",
-            pos_embed="learned" if config.get("use_absolute_position_embeddings") else "none",
-            rel_pos_bias=bool(config.get("use_relative_position_bias") or config.get("use_shared_relative_position_bias")),
-            global_pool="avg" if config.get("use_mean_pooling", True) else "token",
-            init_values=scale if scale and scale > 0 else None,
-        )
-    return ViTConfig(**common)
+
+
+def _vit_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config."""
+    hidden = config["hidden_size"]
+    return {
+        "embed_dim": hidden,
+        "depth": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+        "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+    }
+
+
+def _vit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    return ViTConfig(**common, **_vit_fields(config))
+
+
+def _deit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    return ViTConfig(**common, **_vit_fields(config), distilled=True)
+
+
+def _beit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    scale = config.get("layer_scale_init_value", 0.1)
+    return ViTConfig(
+        **{**common, "qkv_bias": "qv"},
+        **_vit_fields(config),
+        pos_embed="learned" if config.get("use_absolute_position_embeddings") else "none",
+        rel_pos_bias=bool(config.get("use_relative_position_bias") or config.get("use_shared_relative_position_bias")),
+        global_pool="avg" if config.get("use_mean_pooling", True) else "token",
+        init_values=scale if scale and scale > 0 else None,
+    )
+
+
+#: transformers ``model_type`` -> the function that reads the rest of its config.
+_TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
+    "vit": _vit_from_transformers,
+    "deit": _deit_from_transformers,
+    "beit": _beit_from_transformers,
+    "swin": _swin_from_transformers,
+}
+#: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
+_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig}
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:
@@ -305,17 +317,24 @@ def _close(a: Any, b: tuple[float, ...]) -> bool:
 # --------------------------------------------------------------------------- state dicts
 
 
-def convert_state_dict(layout: str, state_dict: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+def convert_state_dict(
+    layout: str, state_dict: dict[str, Tensor], config: Config, *, model_type: str | None = None
+) -> dict[str, Tensor]:
     """A posenc state dict from a ``"timm"``, ``"transformers"`` or ``"posenc"`` one.
 
-    Keys are renamed by rule; separate query/key/value projections are fused into ``qkv``; derived
-    buffers are dropped; BEiT's shared relative table is copied into every block; relative tables and
-    ``pos_embed`` are resized bicubically when the checkpoint's window or grid differs from the config's.
+    Keys are renamed by rule (timm: the rules of the config's class in :data:`_TIMM_RULES_FOR`; transformers:
+    those of ``model_type`` in :data:`_TRANSFORMERS_RULES_FOR`; both default to the ViT/Swin rules); separate
+    query/key/value projections are fused into ``qkv``; derived buffers are dropped; BEiT's shared relative
+    table is copied into every block; relative tables and ``pos_embed`` are resized bicubically when the
+    checkpoint's window or grid differs from the config's.
+
+    Args:
+        model_type: the transformers ``model_type`` of the checkpoint's config.json (transformers layout).
     """
     if layout == "timm":
-        out = _rename(state_dict, _TIMM_RULES)
+        out = _rename(state_dict, _TIMM_RULES_FOR.get(type(config), _TIMM_RULES))
     elif layout == "transformers":
-        out = _fuse_qkv(_rename(state_dict, _TRANSFORMERS_RULES))
+        out = _fuse_qkv(_rename(state_dict, _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)))
     elif layout == "posenc":
         out = dict(state_dict)
     else:
@@ -419,3 +438,19 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
         "The config does not match the weights: check the repo's config.json (architecture, sizes, "
         "num_classes) or load another revision."
     )
+
+
+def write_supported_table(readme: str | Path) -> None:
+    """Replace the README's table between ``<!-- supported:start -->`` and ``<!-- supported:end -->``."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = "<!-- supported:start -->\n", "<!-- supported:end -->"
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + supported_table() + rest[rest.index(end):], encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_supported_table(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+

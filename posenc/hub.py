@@ -463,7 +463,7 @@ def load(source: str, *, revision: str | None = None, local_files_only: bool | N
     weights_path = files.weights()
     raw = _read_weights(files, weights_path)
     try:
-        state_dict = convert_state_dict(layout, raw, model.config)
+        state_dict = convert_state_dict(layout, raw, model.config, model_type=config.get("model_type"))
         check_state_dict(model, state_dict, source)
     except CheckpointMismatchError as error:
         message = str(error) if source in str(error) else f"{source}: {error}"

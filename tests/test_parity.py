@@ -29,6 +29,7 @@ from posenc.convert import (
     config_from_transformers,
     convert_state_dict,
     detect_layout,
+    supported_table,
 )
 from posenc.encodings import resize_rel_pos_bias_table
 from posenc.models import SwinConfig, ViTConfig, build_model
@@ -210,7 +211,7 @@ def test_timm_sizes_follow_from_the_architecture_name(name, expected):
 
 @pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "deit3_small_patch16_224", "vit_huge_patch14_224"])
 def test_unsupported_timm_architecture_lists_supported_families(name):
-    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*vit_.*deit_.*beit_.*swin_"):
+    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*beit_.*deit_.*swin_.*vit_tiny_patch16_224"):
         config_from_timm({"architecture": name, "num_classes": 1000})
 
 
@@ -274,3 +275,11 @@ def test_deit_uses_imagenet_statistics_whatever_the_preprocessor_says(caplog):
         {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "size": {"height": 32, "width": 32}},
     )
     assert isinstance(swin, SwinConfig) and swin.preprocess.std == IMAGENET_STD
+
+
+def test_readme_table_of_supported_architectures_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = supported_table()
+    assert "`deit_tiny_patch16_224`" in table and "`swin`" in table
+    assert "<!-- supported:start -->\n" + table + "<!-- supported:end -->" in readme
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from posenc.models import swin, vit
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.vit import ViTConfig, VisionTransformer
@@ -12,6 +13,13 @@ from posenc.models.vit import ViTConfig, VisionTransformer
 ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
+}
+
+#: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
+#: its own ``TIMM_PRESETS`` table; a new module adds one line here.
+TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
+    **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
+    **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
 }
 
 
@@ -36,6 +44,7 @@ __all__ = [
     "PosencModel",
     "SwinConfig",
     "SwinTransformer",
+    "TIMM_PRESETS",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

@@ -222,9 +222,12 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
         raise NotImplementedError
 
     @property
-    def mechanisms(self) -> tuple[str, ...]:  # pragma: no cover - overridden
-        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none."""
-        raise NotImplementedError
+    def mechanisms(self) -> tuple[str, ...]:
+        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none.
+
+        Every config says which it builds (its ``mechanisms`` property), so tables can list them without a model.
+        """
+        return self.config.mechanisms
 
     @property
     def headless(self) -> bool:

@@ -81,6 +81,11 @@ class SwinConfig:
     def position_encoding(self) -> str:
         return "windowed"
 
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The position mechanisms this config builds: a learned relative table in every window."""
+        return ("rel_table",)
+
     def stage_geometry(self) -> list[tuple[Size2, Size2, Size2]]:
         """Per stage at ``img_size``: its grid, its window, and the shift of its odd blocks."""
         out = []
@@ -206,10 +211,6 @@ class SwinTransformer(PosencModel):
     def position_encoding(self) -> str:
         return "windowed"
 
-    @property
-    def mechanisms(self) -> tuple[str, ...]:
-        return ("rel_table",)
-
     def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
         x = self.patch_embed(x)  # B, h, w, C
         grid = tuple(x.shape[1:3])
@@ -233,3 +234,23 @@ class SwinTransformer(PosencModel):
         return Inspection(
             logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
         )
+
+
+# ------------------------------------------------------------------------------------------- timm presets
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+#: timm architecture name (no pretrained tag) -> the SwinConfig fields its registration fixes; the checkpoint's
+#: ``model_args`` apply on top (see posenc.convert).
+TIMM_PRESETS: dict[str, dict[str, Any]] = {
+    "swin_tiny_patch4_window7_224": {**_T, "window_size": 7, "img_size": 224},
+    "swin_small_patch4_window7_224": {**_S, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window7_224": {**_B, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window12_384": {**_B, "window_size": 12, "img_size": 384},
+    "swin_large_patch4_window7_224": {**_L, "window_size": 7, "img_size": 224},
+    "swin_large_patch4_window12_384": {**_L, "window_size": 12, "img_size": 384},
+}
+

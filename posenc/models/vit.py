@@ -93,6 +93,12 @@ class ViTConfig:
             return "rope"
         return self.pos_embed
 
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The position mechanisms (names declared in :mod:`posenc.mechanisms`) this config builds."""
+        absolute = () if self.pos_embed == "none" else (self.pos_embed,)
+        return absolute + (("rel_table",) if self.rel_pos_bias else ()) + (("rope_axial",) if self.rope else ())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
         return config_from_dict(cls, data)
@@ -175,12 +181,6 @@ class VisionTransformer(PosencModel):
     @property
     def position_encoding(self) -> str:
         return self.config.position_encoding
-
-    @property
-    def mechanisms(self) -> tuple[str, ...]:
-        cfg = self.config
-        absolute = () if cfg.pos_embed == "none" else (cfg.pos_embed,)
-        return absolute + (("rel_table",) if cfg.rel_pos_bias else ()) + (("rope_axial",) if cfg.rope else ())
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
@@ -265,3 +265,50 @@ class VisionTransformer(PosencModel):
             rope_angles=rope,
             blocks=blocks,
         )
+
+
+# ------------------------------------------------------------------------------------------- timm presets
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_BEIT = dict(qkv_bias="qv", pos_embed="none", rel_pos_bias=True, global_pool="avg")
+
+#: timm architecture name (no pretrained tag) -> the ViTConfig fields its registration fixes, as in timm's own
+#: registry; the ``model_args`` recorded in a checkpoint's config.json apply on top (see posenc.convert).
+TIMM_PRESETS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
+    "vit_tiny_patch16_384": {**_TINY, "patch_size": 16, "img_size": 384},
+    "vit_small_patch8_224": {**_SMALL, "patch_size": 8, "img_size": 224},
+    "vit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
+    "vit_small_patch16_384": {**_SMALL, "patch_size": 16, "img_size": 384},
+    "vit_small_patch32_224": {**_SMALL, "patch_size": 32, "img_size": 224},
+    "vit_small_patch32_384": {**_SMALL, "patch_size": 32, "img_size": 384},
+    "vit_base_patch8_224": {**_BASE, "patch_size": 8, "img_size": 224},
+    "vit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},
+    "vit_base_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384},
+    "vit_base_patch32_224": {**_BASE, "patch_size": 32, "img_size": 224},
+    "vit_base_patch32_384": {**_BASE, "patch_size": 32, "img_size": 384},
+    "vit_large_patch14_224": {**_LARGE, "patch_size": 14, "img_size": 224},
+    "vit_large_patch16_224": {**_LARGE, "patch_size": 16, "img_size": 224},
+    "vit_large_patch16_384": {**_LARGE, "patch_size": 16, "img_size": 384},
+    "vit_large_patch32_224": {**_LARGE, "patch_size": 32, "img_size": 224},
+    "vit_large_patch32_384": {**_LARGE, "patch_size": 32, "img_size": 384},
+    "deit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
+    "deit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
+    "deit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},
+    "deit_base_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384},
+    "deit_tiny_distilled_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_small_distilled_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_base_distilled_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_base_distilled_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384, "distilled": True},
+    "beit_base_patch16_224": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 0.1},
+    "beit_base_patch16_384": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 384, "init_values": 0.1},
+    "beit_large_patch16_224": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+    "beit_large_patch16_384": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 384, "init_values": 1e-5},
+    "beit_large_patch16_512": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 512, "init_values": 1e-5},
+    "beitv2_base_patch16_224": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+    "beitv2_large_patch16_224": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+}
+

@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, SamConfig, SwinConfig, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
 
-Config = ViTConfig | SwinConfig
+Config = ViTConfig | SwinConfig | SamConfig
 
 #: transformers ``model_type`` -> the classification architectures posenc converts.
 TRANSFORMERS_ARCHITECTURES = {
@@ -42,6 +42,7 @@ TRANSFORMERS_ARCHITECTURES = {
     "deit": ("DeiTForImageClassificationWithTeacher",),
     "beit": ("BeitForImageClassification",),
     "swin": ("SwinForImageClassification",),
+    "vitdet": ("VitDetBackbone", "VitDetModel"),  # headless backbones
 }
 # timm constructor arguments (``model_args``) named differently from the posenc config field they set.
 _TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -86,7 +87,16 @@ _TRANSFORMERS_RULES: list[Rule] = [
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
 _TIMM_RULES_FOR: dict[type, list[Rule]] = {}
-_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {}
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
+    "vitdet": [
+        (r"^embeddings\.projection\.", "patch_embed.proj."),
+        (r"^embeddings\.position_embeddings$", "pos_embed"),  # (1, 1 + h*w, C): reshaped in _fit_positions
+        (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+        (r"\.attention\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}."),
+        (r"\.attention\.(o_proj|proj)\.", ".attn.proj."),
+        (r"\.attention\.", ".attn."),
+    ],
+}
 # Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
 _DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token")
 
@@ -131,7 +141,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ("posenc_vit", "posenc_swin"):
+    if model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"
@@ -164,7 +174,7 @@ def config_from_timm(config: dict[str, Any]) -> Config:
         args["rel_pos_bias"] = args.pop("use_rel_pos_bias", True) or args.pop("use_shared_rel_pos_bias", False)
         args.pop("use_shared_rel_pos_bias", None)
     args["num_classes"] = int(config.get("num_classes", args.get("num_classes", 1000)))
-    if args["num_classes"] == 0:
+    if args["num_classes"] == 0 and not getattr(config_cls, "headless_ok", False):
         raise UnsupportedModelError(f"timm model {name!r} has no classifier head (num_classes=0); pick a fine-tuned tag")
     args["labels"] = _timm_labels(config, args["num_classes"])
     args["preprocess"] = Preprocess.from_timm(pretrained)
@@ -277,15 +287,40 @@ def _beit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> V
     )
 
 
+def _vitdet_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SamConfig:
+    """ViTDet's backbone: SAM's encoder without a neck, its embedding learned at ``pretrain_image_size``."""
+    if config.get("residual_block_indices"):
+        raise UnsupportedModelError(
+            f"ViTDet with residual conv blocks {config['residual_block_indices']} is not supported; pick one without")
+    windowed = set(config.get("window_block_indices") or ())
+    depth = config["num_hidden_layers"]
+    hidden = config["hidden_size"]
+    return SamConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-6)},
+        embed_dim=hidden,
+        depth=depth,
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=config.get("mlp_ratio", 4),
+        use_abs_pos=config.get("use_absolute_position_embeddings", True),
+        use_rel_pos=config.get("use_relative_position_embeddings", False),
+        window_size=config.get("window_size", 0) if windowed else 0,
+        global_attn_indexes=tuple(i for i in range(depth) if i not in windowed),
+        pretrain_img_size=config.get("pretrain_image_size", 224),
+        pos_embed_antialias=False,
+        neck=False,
+    )
+
+
 #: transformers ``model_type`` -> the function that reads the rest of its config.
 _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
     "vit": _vit_from_transformers,
     "deit": _deit_from_transformers,
     "beit": _beit_from_transformers,
     "swin": _swin_from_transformers,
+    "vitdet": _vitdet_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig}
+_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "vitdet": SamConfig}
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:
@@ -407,6 +442,10 @@ def _fit_positions(state_dict: dict[str, Tensor], config: Config) -> dict[str, T
         if pos.shape[1] != prefix + config.grid[0] * config.grid[1] and side * side == pos.shape[1] - prefix:
             logger.info("resampling pos_embed from %dx%d to %s", side, side, config.grid)
             out["pos_embed"] = resample_abs_pos_embed(pos, config.grid, (side, side), prefix)  # 1, P + h*w, C
+    if pos is not None and isinstance(config, SamConfig) and pos.ndim == 3:
+        h, w = config.pos_embed_grid
+        if pos.shape[1] >= h * w:  # a flat (1, P + h*w, C) embedding (ViTDet keeps an unused cls row first)
+            out["pos_embed"] = pos[:, pos.shape[1] - h * w :].reshape(1, h, w, pos.shape[-1])  # 1, h, w, C
     return out
 
 

@@ -182,6 +182,94 @@ def resize_rel_pos_bias_table(
     return torch.cat([grid, extra], dim=0) if extra is not None else grid
 
 
+# --------------------------------------------------------------------------- decomposed relative positions (SAM, ViTDet)
+
+
+def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """Linearly resize a 1D table of relative position embeddings to ``length`` offsets (SAM's and ViTDet's rule).
+
+    Args:
+        rel_pos: (L, C) one embedding per offset ``-(L-1)/2 .. (L-1)/2``.
+        length: offsets wanted, ``2 * size - 1``.
+
+    Returns:
+        (length, C); ``rel_pos`` itself when the length already fits.
+    """
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    table = rel_pos.T[None]  # 1, C, L
+    table = F.interpolate(table, size=length, mode="linear")  # 1, C, length
+    return table[0].T  # length, C
+
+
+def decomposed_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """The embedding of every (query, key) offset along one axis, from a 1D table.
+
+    The table is resized to ``2 * max(q_size, k_size) - 1`` offsets when it has another length. When
+    queries and keys differ in number, the shorter axis is stretched to the longer one before the offset
+    is taken (MViTv2's rule); the offset is then truncated to an integer index.
+
+    Args:
+        q_size, k_size: query and key positions along the axis.
+        rel_pos: (L, C) table.
+
+    Returns:
+        (q_size, k_size, C) with ``[i, j] = table[i - j + k_size - 1]`` when the sizes are equal.
+    """
+    table = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)  # 2*max-1, C
+    q = torch.arange(q_size, dtype=torch.float32)[:, None] * max(k_size / q_size, 1.0)  # q, 1
+    k = torch.arange(k_size, dtype=torch.float32)[None, :] * max(q_size / k_size, 1.0)  # 1, k
+    index = (q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()  # q, k
+    return table[index.to(table.device)]  # q, k, C
+
+
+def decomposed_rel_pos_factors(q: Tensor, rel_h: Tensor, rel_w: Tensor, grid: Size2) -> tuple[Tensor, Tensor]:
+    """The two factors of the decomposed relative bias: each query's dot product with its row and column offsets.
+
+    ``bias[q, k] = factor_h[q, row(k)] + factor_w[q, col(k)]`` with ``factor_h[q, kr] = q . R_h[row(q) - kr]``.
+
+    Args:
+        q: (..., h*w, head_dim) queries (unscaled), row-major over the grid.
+        rel_h: (h, h, head_dim) from :func:`decomposed_rel_pos` for the rows.
+        rel_w: (w, w, head_dim) for the columns.
+        grid: (h, w).
+
+    Returns:
+        (..., h*w, h) and (..., h*w, w).
+    """
+    h, w = grid
+    q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # ..., h, w, hd
+    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, h
+    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, w
+    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, h and ..., h*w, w
+
+
+def decomposed_rel_pos_bias(factor_h: Tensor, factor_w: Tensor) -> Tensor:
+    """The bias of every (query, key) pair from its two factors: (..., N, h) and (..., N, w) -> (..., N, h*w)."""
+    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, h, w
+    return bias.flatten(-2)  # ..., N, h*w
+
+
+def pad_to_window(x: Tensor, window: Size2) -> Tensor:
+    """Zero-pad a feature map at the bottom and right to a multiple of the window (SAM, ViTDet).
+
+    Args:
+        x: (B, H, W, C).
+
+    Returns:
+        (B, Hp, Wp, C) with ``Hp, Wp`` the next multiples of ``Wh, Ww``; ``x`` itself when nothing is padded.
+    """
+    pad_h, pad_w = (-x.shape[1]) % window[0], (-x.shape[2]) % window[1]
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # B, Hp, Wp, C
+
+
+def padded_grid(grid: Size2, window: Size2) -> Size2:
+    """(Hp, Wp): the grid rounded up to a multiple of the window, as :func:`pad_to_window` pads it."""
+    return (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
+
+
 # --------------------------------------------------------------------------- windows (Swin)
 
 
@@ -316,6 +404,7 @@ def resample_abs_pos_embed(
     old_grid: Size2 | None = None,
     num_prefix: int = 1,
     interpolation: str = "bicubic",
+    antialias: bool = True,
 ) -> Tensor:
     """Resample a learned absolute position embedding to another patch grid.
 
@@ -326,6 +415,7 @@ def resample_abs_pos_embed(
         new_grid: (h, w) target grid.
         old_grid: (old_h, old_w); inferred as a square when omitted.
         num_prefix: number of leading rows that are not patches.
+        antialias: low-pass when shrinking, as timm does; transformers' ViTDet does not.
 
     Returns:
         (1, num_prefix + h*w, C).
@@ -343,6 +433,7 @@ def resample_abs_pos_embed(
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     c = patches.shape[-1]
     patches = patches.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)  # 1, C, old_h, old_w
-    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation, antialias=interpolation != "nearest")
+    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation,
+                            antialias=antialias and interpolation != "nearest")
     patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos_embed.dtype)  # 1, h*w, C
     return torch.cat([prefix, patches], dim=1)

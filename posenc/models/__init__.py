@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import swin, vit
+from posenc.models import sam, swin, vit
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
+from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.vit import ViTConfig, VisionTransformer
 
@@ -13,6 +14,7 @@ from posenc.models.vit import ViTConfig, VisionTransformer
 ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
+    "posenc_sam": (SamConfig, SamViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -20,6 +22,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
 TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
+    **{name: (SamConfig, args) for name, args in sam.TIMM_PRESETS.items()},
 }
 
 
@@ -29,6 +32,8 @@ def build_model(config: ViTConfig | SwinConfig | dict[str, Any]) -> PosencModel:
         return VisionTransformer(config)
     if isinstance(config, SwinConfig):
         return SwinTransformer(config)
+    if isinstance(config, SamConfig):
+        return SamViT(config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -42,6 +47,8 @@ __all__ = [
     "BlockTrace",
     "Inspection",
     "PosencModel",
+    "SamConfig",
+    "SamViT",
     "SwinConfig",
     "SwinTransformer",
     "TIMM_PRESETS",

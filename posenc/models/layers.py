@@ -13,7 +13,7 @@ from posenc.encodings import Size2
 from posenc.preprocess import Preprocess
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "decomposed")
 
 
 class PatchEmbed(nn.Module):
@@ -205,6 +205,8 @@ DESCRIPTIONS = {
     "relative": "a BEiT-style learned relative position bias over the whole patch grid, with cls entries.",
     "windowed": "a Swin-style learned relative position bias inside (shifted) local windows.",
     "rope": "2D axial rotary position embedding applied to queries and keys.",
+    "decomposed": "a learned absolute embedding plus a decomposed relative bias that depends on the query's content "
+    "(SAM, ViTDet): q.R_h[row offset] + q.R_w[column offset].",
 }
 
 

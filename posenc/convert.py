@@ -131,7 +131,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ("posenc_vit", "posenc_swin"):
+    if model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"

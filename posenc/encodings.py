@@ -395,6 +395,50 @@ def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0) -> Tensor:
     return torch.cat([prefix, rotated], dim=-2) if num_prefix else rotated
 
 
+# --------------------------------------------------------------------------- biases by absolute offset, GPSA offsets
+
+
+def offset_bias_index(key_grid: Size2, stride: int = 1, *, device: torch.device | None = None) -> Tensor:
+    """Index into a per-offset bias table (LeViT, TinyViT) for every (query, key) pair.
+
+    The bias depends on the absolute offset only: ``(|dy|, |dx|)`` maps to table entry ``|dy| * w + |dx|``
+    of a table with ``h * w`` entries, so it is symmetric in both axes. With ``stride`` > 1 (LeViT's
+    attention subsampling) the queries sit on every ``stride``-th row and column of the key grid.
+
+    Args:
+        key_grid: (h, w) grid of the keys.
+        stride: step of the query grid over the key grid.
+
+    Returns:
+        (Nq, h*w) int64, ``Nq = ceil(h / stride) * ceil(w / stride)``, queries and keys row-major.
+    """
+    h, w = key_grid
+    ky, kx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # h, w
+    qy, qx = torch.meshgrid(
+        torch.arange(0, h, stride, device=device), torch.arange(0, w, stride, device=device), indexing="ij"
+    )  # h', w'
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()  # Nq, Nk
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()  # Nq, Nk
+    return dy * w + dx
+
+
+def gpsa_offsets(grid: Size2, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ConViT's relative offsets between patches, the input of its positional attention.
+
+    Args:
+        grid: (h, w) patch grid.
+
+    Returns:
+        (N, N, 3) for ``N = h*w``: ``[dx, dy, dx**2 + dy**2]`` with ``(dy, dx) = key - query`` (rows, columns).
+    """
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # h, w
+    ys, xs = ys.reshape(-1).to(dtype), xs.reshape(-1).to(dtype)  # N
+    dx = xs[None, :] - xs[:, None]  # N, N
+    dy = ys[None, :] - ys[:, None]  # N, N
+    return torch.stack([dx, dy, dx**2 + dy**2], dim=-1)  # N, N, 3
+
+
 # --------------------------------------------------------------------------- resampling
 
 

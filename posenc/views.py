@@ -377,7 +377,8 @@ def _query_rows(
 
 
 def _require(seen: Seen, families: tuple[str, ...], what: str, hint: str) -> None:
-    if seen.family not in families:
+    """Raise :class:`ViewUnavailable` unless the model's family, or one of its mechanisms, is among ``families``."""
+    if seen.family not in families and not set(families) & set(seen.loaded.model.mechanisms):
         raise ViewUnavailable(
             f"{seen.name} uses {FAMILY_NAMES.get(seen.family, seen.family)}, so it has no {what}; {hint}"
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import sam, swin, vit
+from posenc.models import convit, sam, swin, vit
+from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
@@ -15,6 +16,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
     "posenc_sam": (SamConfig, SamViT),
+    "posenc_convit": (ConViTConfig, ConViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -23,17 +25,14 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
     **{name: (SamConfig, args) for name, args in sam.TIMM_PRESETS.items()},
+    **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
 }
 
 
-def build_model(config: ViTConfig | SwinConfig | dict[str, Any]) -> PosencModel:
+def build_model(config: Any) -> PosencModel:
     """A freshly initialised model from a config object or a ``config.json`` dict (dispatch on ``model_type``)."""
-    if isinstance(config, ViTConfig):
-        return VisionTransformer(config)
-    if isinstance(config, SwinConfig):
-        return SwinTransformer(config)
-    if isinstance(config, SamConfig):
-        return SamViT(config)
+    if not isinstance(config, dict):
+        return ARCHITECTURES[config.model_type][1](config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -45,6 +44,8 @@ __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
     "BlockTrace",
+    "ConViT",
+    "ConViTConfig",
     "Inspection",
     "PosencModel",
     "SamConfig",

@@ -448,18 +448,20 @@ def resample_abs_pos_embed(
     old_grid: Size2 | None = None,
     num_prefix: int = 1,
     interpolation: str = "bicubic",
-    antialias: bool = True,
+    antialias: bool | None = None,
 ) -> Tensor:
     """Resample a learned absolute position embedding to another patch grid.
 
-    Prefix rows (cls, distillation) are kept apart and left unchanged.
+    Prefix rows (cls, distillation) are kept apart and left unchanged. The interpolation runs in float32 with
+    ``align_corners=False``, as timm and transformers do.
 
     Args:
         pos_embed: (1, num_prefix + old_h*old_w, C).
         new_grid: (h, w) target grid.
         old_grid: (old_h, old_w); inferred as a square when omitted.
         num_prefix: number of leading rows that are not patches.
-        antialias: low-pass when shrinking, as timm does; transformers' ViTDet does not.
+        interpolation: ``F.interpolate`` mode.
+        antialias: None: on except for "nearest" (timm's default); transformers' DINOv2 and SigLIP use False.
 
     Returns:
         (1, num_prefix + h*w, C).
@@ -477,7 +479,7 @@ def resample_abs_pos_embed(
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     c = patches.shape[-1]
     patches = patches.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)  # 1, C, old_h, old_w
-    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation,
-                            antialias=antialias and interpolation != "nearest")
+    antialias = interpolation != "nearest" if antialias is None else antialias
+    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation, antialias=antialias)
     patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos_embed.dtype)  # 1, h*w, C
     return torch.cat([prefix, patches], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -22,10 +23,12 @@ class PatchEmbed(nn.Module):
     Returns (B, h, w, C) so both models can take it from there.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5, bias: bool = True
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = nn.LayerNorm(embed_dim, eps=eps) if norm else nn.Identity()
 
     def grid(self, image_size: Size2) -> Size2:
@@ -43,13 +46,28 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
-class Mlp(nn.Module):
-    """Two linear layers with GELU between (timm names: fc1, fc2)."""
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: MLP activations by the name configs use (timm's ``act_layer`` names).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+}
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -219,7 +219,6 @@ def test_unsupported_timm_architecture_lists_supported_families(name):
     ("config", "message"),
     [
         ({"model_args": {"act_layer": "relu"}}, "act_layer='relu'"),
-        ({"num_classes": 0}, "no classifier head"),
     ],
 )
 def test_timm_options_posenc_cannot_rebuild_are_refused(config, message):

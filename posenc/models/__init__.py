@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import swin, vit
+from posenc.models import eva, swin, vit
+from posenc.models.eva import Eva, EvaConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.vit import ViTConfig, VisionTransformer
@@ -13,6 +14,7 @@ from posenc.models.vit import ViTConfig, VisionTransformer
 ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
+    "posenc_eva": (EvaConfig, Eva),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -20,15 +22,15 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
 TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
+    **{name: (EvaConfig, args) for name, args in eva.TIMM_PRESETS.items()},
 }
 
 
-def build_model(config: ViTConfig | SwinConfig | dict[str, Any]) -> PosencModel:
+def build_model(config: ViTConfig | SwinConfig | EvaConfig | dict[str, Any]) -> PosencModel:
     """A freshly initialised model from a config object or a ``config.json`` dict (dispatch on ``model_type``)."""
-    if isinstance(config, ViTConfig):
-        return VisionTransformer(config)
-    if isinstance(config, SwinConfig):
-        return SwinTransformer(config)
+    for config_cls, model_cls in ARCHITECTURES.values():
+        if isinstance(config, config_cls):
+            return model_cls(config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -40,6 +42,8 @@ __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
     "BlockTrace",
+    "Eva",
+    "EvaConfig",
     "Inspection",
     "PosencModel",
     "SwinConfig",

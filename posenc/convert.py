@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, SamConfig, SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, EvaConfig, SamConfig, SwinConfig, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
 
-Config = ViTConfig | SwinConfig | SamConfig
+Config = ViTConfig | SwinConfig | SamConfig | EvaConfig
 
 #: transformers ``model_type`` -> the classification architectures posenc converts.
 TRANSFORMERS_ARCHITECTURES = {
@@ -57,7 +57,9 @@ _TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
     # either gives every BEiT block a table; resolved in config_from_timm
     "use_rel_pos_bias": lambda value: {"use_rel_pos_bias": bool(value)},
     "use_shared_rel_pos_bias": lambda value: {"use_shared_rel_pos_bias": bool(value)},
-    "dynamic_img_size": lambda value: {},  # posenc always resamples the embedding to the input's grid
+    # posenc models run at any size a multiple of the patch, and always fuse q/k/v (split ones are fused on load)
+    "dynamic_img_size": lambda value: {},
+    "qkv_fused": lambda value: {},
 }
 
 Rule = tuple[str, str | Callable[[re.Match], str]]
@@ -97,7 +99,10 @@ _TRANSFORMERS_RULES: list[Rule] = [
 ]  # fmt: skip
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
-_TIMM_RULES_FOR: dict[type, list[Rule]] = {}
+_TIMM_RULES_FOR: dict[type, list[Rule]] = {
+    # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv by _fuse_qkv
+    EvaConfig: [(r"\.attn\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}.")],
+}
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
     "vitdet": [
         (r"^embeddings\.projection\.", "patch_embed.proj."),
@@ -126,8 +131,8 @@ _TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
         *_TRANSFORMERS_RULES,
     ],
 }
-# Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
-_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token")
+# Buffers rebuilt from the config (DINOv3's RoPE periods too; and BEiT's unused mask token): never loaded.
+_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token", "periods")
 
 
 class UnsupportedModelError(ValueError):
@@ -460,7 +465,7 @@ def convert_state_dict(
         model_type: the transformers ``model_type`` of the checkpoint's config.json (transformers layout).
     """
     if layout == "timm":
-        out = _rename(state_dict, _TIMM_RULES_FOR.get(type(config), _TIMM_RULES))
+        out = _fuse_qkv(_rename(state_dict, _TIMM_RULES_FOR.get(type(config), _TIMM_RULES)))
     elif layout == "transformers":
         out = _fuse_qkv(_rename(state_dict, _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)))
     elif layout == "posenc":
@@ -553,7 +558,7 @@ def _fit_positions(state_dict: dict[str, Tensor], config: Config) -> dict[str, T
             logger.info("resizing %s from window %s to %s", key, old, window)
             out[key] = resize_rel_pos_bias_table(table, window, old, cls_token)  # R', heads
     pos = state_dict.get("pos_embed")
-    if pos is not None and isinstance(config, ViTConfig) and pos.ndim == 3:
+    if pos is not None and isinstance(config, (ViTConfig, EvaConfig)) and pos.ndim == 3:
         prefix = 0 if config.no_embed_class else config.num_prefix_tokens
         side = math.isqrt(pos.shape[1] - prefix)
         if pos.shape[1] != prefix + config.grid[0] * config.grid[1] and side * side == pos.shape[1] - prefix:

@@ -350,48 +350,121 @@ def check_window_divides(grid: Size2, window: Size2) -> None:
 
 
 def rope_2d_angles(
-    grid: Size2, head_dim: int, base: float = 100.0, *, device: torch.device | None = None
+    grid: Size2,
+    head_dim: int,
+    base: float = 100.0,
+    *,
+    indexing: str = "ij",
+    ref_grid: Size2 | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """Rotation angles of axial 2D RoPE on a patch grid.
+    """Rotation angles of axial 2D RoPE on a patch grid (posenc, RoPE-ViT axial, EVA-02).
+
+    Frequencies are ``base ** (-k / (head_dim / 4))`` for ``k < head_dim / 4``; each axis gets the whole ladder.
 
     Args:
         grid: (h, w).
         head_dim: per-head width, a multiple of 4.
-        base: frequency base (100 for images, as in RoPE-ViT).
+        base: frequency base ("temperature": 100 in RoPE-ViT, 10000 in EVA-02).
+        indexing: "ij": the first ``head_dim/4`` angles turn with the row, the rest with the column (posenc,
+            EVA-02); "xy": the column first, then the row (Naver's RoPE-ViT).
+        ref_grid: (H_ref, W_ref) to rescale positions so the grid spans the reference grid (EVA-02's
+            ``ref_feat_shape``: position ``i`` on an axis of ``n`` patches becomes ``i * ref / n``); None keeps
+            integer positions.
 
     Returns:
-        (h*w, head_dim/2) angles: the first ``head_dim/4`` pairs turn with the row, the rest with the column.
+        (h*w, head_dim/2) angles, tokens row-major.
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    if indexing not in ("ij", "xy"):
+        raise ValueError(f"RoPE grid indexing must be 'ij' or 'xy', got {indexing!r}")
     h, w = grid
     freqs = base ** -(torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 4))  # hd/4
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32, device=device),
-        torch.arange(w, dtype=torch.float32, device=device),
-        indexing="ij",
-    )  # h, w
+    rows = torch.arange(h, dtype=torch.float32, device=device)  # h
+    cols = torch.arange(w, dtype=torch.float32, device=device)  # w
+    if ref_grid is not None:
+        rows, cols = rows / h * ref_grid[0], cols / w * ref_grid[1]
+    ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
     ang_y = ys.reshape(-1, 1) * freqs  # h*w, hd/4
     ang_x = xs.reshape(-1, 1) * freqs  # h*w, hd/4
-    return torch.cat([ang_y, ang_x], dim=1)  # h*w, hd/2
+    return torch.cat([ang_y, ang_x] if indexing == "ij" else [ang_x, ang_y], dim=1)  # h*w, hd/2
 
 
-def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0) -> Tensor:
-    """Rotate query or key vectors by RoPE angles; prefix (cls) tokens are left unrotated.
+def rope_centered_angles(
+    grid: Size2, head_dim: int, base: float = 100.0, *, indexing: str = "ij", device: torch.device | None = None
+) -> Tensor:
+    """Rotation angles of DINOv3's RoPE: patch centres normalised to [-1, 1] on each axis, periods ``base ** (4k / head_dim)``.
 
-    Channel pairs are ``(x[..., i], x[..., i + head_dim/2])`` (rotate-half layout).
+    A position's coordinate is ``2 * (i + 0.5) / n - 1`` on an axis of ``n`` patches, so the same image content
+    gets the same angles at any resolution; the angle of period ``p`` is ``2 * pi * coordinate / p``.
 
     Args:
-        x: (..., N, head_dim) with ``N = num_prefix + len(angles)``.
-        angles: (N - num_prefix, head_dim/2).
+        grid: (h, w).
+        head_dim: per-head width, a multiple of 4.
+        base: period base (DINOv3: 100).
+        indexing: "ij": the first ``head_dim/4`` angles turn with the row, the rest with the column; "xy": the
+            column first.
+
+    Returns:
+        (h*w, head_dim/2) angles, tokens row-major.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    if indexing not in ("ij", "xy"):
+        raise ValueError(f"RoPE grid indexing must be 'ij' or 'xy', got {indexing!r}")
+    h, w = grid
+    periods = base ** (2.0 * torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 2))  # hd/4
+    rows = 2.0 * (torch.arange(0.5, h, dtype=torch.float32, device=device) / h) - 1.0  # h
+    cols = 2.0 * (torch.arange(0.5, w, dtype=torch.float32, device=device) / w) - 1.0  # w
+    ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
+    ang_y = 2 * math.pi * ys.reshape(-1, 1) / periods  # h*w, hd/4
+    ang_x = 2 * math.pi * xs.reshape(-1, 1) / periods  # h*w, hd/4
+    return torch.cat([ang_y, ang_x] if indexing == "ij" else [ang_x, ang_y], dim=1)  # h*w, hd/2
+
+
+def rope_mixed_angles(freqs: Tensor, grid: Size2) -> Tensor:
+    """Rotation angles of mixed RoPE (RoPE-ViT): learned 2D frequencies per head, ``angle = x * f_x + y * f_y``.
+
+    Args:
+        freqs: (2, ..., head_dim/2) learned frequencies, ``freqs[0]`` along the column (x), ``freqs[1]`` along
+            the row (y); timm's ``rope.freqs`` is (2, depth, heads, head_dim/2).
+        grid: (h, w).
+
+    Returns:
+        (..., h*w, head_dim/2) angles, tokens row-major.
+    """
+    h, w = grid
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=freqs.device),
+        torch.arange(w, dtype=torch.float32, device=freqs.device),
+        indexing="ij",
+    )  # h, w
+    f = freqs.float()
+    return xs.reshape(-1, 1) * f[0].unsqueeze(-2) + ys.reshape(-1, 1) * f[1].unsqueeze(-2)  # ..., h*w, hd/2
+
+
+def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0, *, interleaved: bool = False) -> Tensor:
+    """Rotate query or key vectors by RoPE angles; prefix (cls, register) tokens are left unrotated.
+
+    Args:
+        x: (..., N, head_dim) with ``N = num_prefix + N'``.
+        angles: (..., N', head_dim/2), broadcast against ``x`` (e.g. (N', hd/2), or (heads, N', hd/2) per head).
+        interleaved: channel pairs are ``(x[..., 2i], x[..., 2i+1])`` (timm's default layout, EVA and RoPE-ViT);
+            otherwise ``(x[..., i], x[..., i + head_dim/2])`` (rotate-half layout: posenc, DINOv3).
 
     Returns:
         Tensor of the same shape.
     """
     prefix, tokens = x[..., :num_prefix, :], x[..., num_prefix:, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # N', hd/2
-    a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
-    rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)  # ..., N', hd
+    cos, sin = angles.cos(), angles.sin()  # ..., N', hd/2
+    if interleaved:
+        a, b = tokens[..., 0::2], tokens[..., 1::2]  # ..., N', hd/2
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # ..., N', hd
+    else:
+        a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
+        rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)  # ..., N', hd
+    rotated = rotated.to(x.dtype)
     return torch.cat([prefix, rotated], dim=-2) if num_prefix else rotated
 
 

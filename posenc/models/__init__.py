@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, sam, swin, vit
+from posenc.models import convit, eva, sam, swin, vit
 from posenc.models.convit import ConViT, ConViTConfig
+from posenc.models.eva import Eva, EvaConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
@@ -17,6 +18,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swin": (SwinConfig, SwinTransformer),
     "posenc_sam": (SamConfig, SamViT),
     "posenc_convit": (ConViTConfig, ConViT),
+    "posenc_eva": (EvaConfig, Eva),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -26,6 +28,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
     **{name: (SamConfig, args) for name, args in sam.TIMM_PRESETS.items()},
     **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
+    **{name: (EvaConfig, args) for name, args in eva.TIMM_PRESETS.items()},
 }
 
 
@@ -46,6 +49,8 @@ __all__ = [
     "BlockTrace",
     "ConViT",
     "ConViTConfig",
+    "Eva",
+    "EvaConfig",
     "Inspection",
     "PosencModel",
     "SamConfig",

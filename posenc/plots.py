@@ -209,12 +209,18 @@ def decodability(r2: np.ndarray, *, title: str = "Position decodability (held-ou
 
 def write_folder_plots(result: FolderResult, out: Path) -> list[Path]:
     """The CLI's PNG files for a :class:`~posenc.measure.FolderResult`, written into ``out``."""
-    written = [viz.save_png(attention_distance({result.model: result.attention_distance}),
+    name = Path(result.model).name or result.model
+    about = f"{name}, {result.images} images"
+    written = [viz.save_png(attention_distance({name: result.attention_distance},
+                                               title=f"Mean attention distance per head ({about})"),
                             out / "attention_distance.png")]
     if not isinstance(result.filters, str):
         written.append(viz.save_png(filters(*result.filters), out / "patch_filters.png"))
-    written.append(viz.save_png(reliance(result.reliance), out / "reliance.png"))
+    written.append(viz.save_png(reliance(result.reliance, title=f"Position reliance ({about})"), out / "reliance.png"))
     if not isinstance(result.sweep, str):
-        written.append(viz.save_png(sweep(result.sweep), out / "resolution_sweep.png"))
-    written.append(viz.save_png(decodability(result.decodability), out / "decodability.png"))
+        written.append(viz.save_png(sweep(result.sweep, title=f"Resolution sweep ({about})"),
+                                    out / "resolution_sweep.png"))
+    written.append(viz.save_png(decodability(result.decodability, title=f"Position decodability, held-out R² "
+                                             f"({name}, {result.held_out} held-out images)"),
+                                out / "decodability.png"))
     return written

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import posenc
-from posenc import measure, viz
+from posenc import measure, views, viz
 from posenc.cli import main
 from posenc.models import SwinConfig, ViTConfig, build_model
 
@@ -307,3 +307,55 @@ def test_cli_skips_bad_files_with_a_count_keeps_every_good_one_and_writes_its_ou
     with torch.inference_mode():
         per_block = measure.mean_attention_distance(loaded.model.inspect(x), (32, 32))
     np.testing.assert_allclose(distance, [d.mean(0).numpy() for d in per_block], atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------ the app's Measure tab
+
+
+def _noop_progress(*args, **kwargs) -> None:
+    return None
+
+
+@pytest.mark.parametrize("family", ["learned", "windowed"])
+def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_path):
+    from posenc.ui_measure import MeasureHandlers
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / f"cifar10-{family}"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"bundled checkpoint {folder} is absent")
+    loaded = posenc.load(str(folder))
+    h = MeasureHandlers(lambda source, progress: (family, loaded))
+    photo = _photo(tmp_path / "photo.png", 3)
+    *pngs, npz, summary = h.measure(str(photo), family, progress=_noop_progress)
+    for path in pngs:
+        with Image.open(path) as img:
+            assert img.format == "PNG"
+    numbers = np.load(npz)
+    with torch.inference_mode():
+        seen = loaded.model.inspect(loaded.pixels(photo))
+    expected = measure.mean_attention_distance(seen, (32, 32))
+    for b, d in enumerate(expected):
+        np.testing.assert_allclose(numbers[f"attention_distance_block{b}"], d[0].numpy(), rtol=1e-5)
+    assert numbers["filter_components"].shape[0] == 28
+    assert numbers["reliance_shuffle_kl"].shape == (3,)
+    assert [tuple(s) for s in numbers["sweep_sizes"]] == views.input_sizes(loaded)
+    assert len(numbers["sweep_p_top1"]) == len(numbers["sweep_sizes"]) >= 2
+    assert "no position term" in summary and "| 32x32 |" in summary
+
+
+def test_measure_tab_says_when_filters_do_not_apply(tmp_path, monkeypatch):
+    from posenc.ui_measure import MeasureHandlers
+
+    loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-none"))
+    monkeypatch.setattr(loaded.model.patch_embed, "proj", torch.nn.Identity())  # no plain patch conv any more
+    h = MeasureHandlers(lambda source, progress: ("none", loaded))
+    with pytest.raises(Exception, match="not applicable"):
+        h.patch_filters("none", progress=_noop_progress)
+
+
+def test_app_has_a_named_endpoint_per_measurement():
+    from posenc.ui import create_demo
+
+    demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep"} <= names

@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, SwinConfig, SwinV2Config, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
 
-Config = ViTConfig | SwinConfig
+Config = ViTConfig | SwinConfig | SwinV2Config
 
 #: transformers ``model_type`` -> the classification architectures posenc converts.
 TRANSFORMERS_ARCHITECTURES = {
@@ -42,6 +42,8 @@ TRANSFORMERS_ARCHITECTURES = {
     "deit": ("DeiTForImageClassificationWithTeacher",),
     "beit": ("BeitForImageClassification",),
     "swin": ("SwinForImageClassification",),
+    "swinv2": ("Swinv2ForImageClassification",),
+    "data2vec-vision": ("Data2VecVisionForImageClassification",),
 }
 # timm constructor arguments (``model_args``) named differently from the posenc config field they set.
 _TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -83,12 +85,36 @@ _TRANSFORMERS_RULES: list[Rule] = [
     (r"^(classifier|cls_classifier)\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]  # fmt: skip
+# The attention layout transformers is moving to (``attention.{q,k,v,o}_proj``, Swin's table under
+# ``attention.relative_position_bias``), spelled back as today's layout so the rules below apply to both.
+_TRANSFORMERS_NEXT_LAYOUT: list[Rule] = [
+    (r"\.attention\.(?:attention\.|self\.)?([qkv])_proj\.",
+     lambda m: f".attention.self.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (r"\.attention\.(?:attention\.|self\.)?o_proj\.", ".attention.output.dense."),
+    (r"(\.\d+)\.attention\.relative_position_bias\.relative_position_bias_table$",
+     r"\1.attention.self.relative_position_bias_table"),
+]  # fmt: skip
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
-_TIMM_RULES_FOR: dict[type, list[Rule]] = {}
-_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {}
+_TIMM_RULES_FOR: dict[type, list[Rule]] = {
+    # swinv2_cr spells the stages and the bias MLP differently from swinv2
+    SwinV2Config: [*_TIMM_RULES, (r"^stages\.", "layers."), (r"\.attn\.meta_mlp\.fc1\.", ".attn.cpb_mlp.0."),
+                   (r"\.attn\.meta_mlp\.fc2\.", ".attn.cpb_mlp.2.")],
+}  # fmt: skip
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
+    "swinv2": [
+        (r"^swinv2\.", ""),
+        *_TRANSFORMERS_NEXT_LAYOUT,
+        (r"\.attention\.(?:self\.)?continuous_position_bias_mlp\.", ".attn.cpb_mlp."),
+        (r"\.attention\.(?:self\.)?logit_scale$", ".attn.logit_scale"),
+        *_TRANSFORMERS_RULES,
+    ],
+    "data2vec-vision": [(r"^data2vec_vision\.", ""), *_TRANSFORMERS_NEXT_LAYOUT, *_TRANSFORMERS_RULES],
+}
 # Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
-_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token")
+_DERIVED = (
+    "relative_position_index", "attn_mask", "k_bias", "mask_token", "relative_coords_table", "relative_coordinates_log"
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -131,7 +157,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ("posenc_vit", "posenc_swin"):
+    if model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"
@@ -246,6 +272,21 @@ def _swin_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> S
     )
 
 
+def _swinv2_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SwinV2Config:
+    if config.get("use_absolute_embeddings"):
+        raise UnsupportedModelError("Swin V2 with absolute position embeddings is not supported")
+    depths = tuple(config["depths"])
+    return SwinV2Config(
+        embed_dim=config["embed_dim"],
+        depths=depths,
+        num_heads=tuple(config["num_heads"]),
+        window_size=config.get("window_size", 7),
+        pretrained_window_sizes=tuple(config.get("pretrained_window_sizes") or (0,) * len(depths)),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        **{**common, "norm_eps": config.get("layer_norm_eps", 1e-5), "qkv_bias": "qv" if common["qkv_bias"] else False},
+    )
+
+
 def _vit_fields(config: dict[str, Any]) -> dict[str, Any]:
     """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config."""
     hidden = config["hidden_size"]
@@ -283,9 +324,14 @@ _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Con
     "deit": _deit_from_transformers,
     "beit": _beit_from_transformers,
     "swin": _swin_from_transformers,
+    "swinv2": _swinv2_from_transformers,
+    "data2vec-vision": _beit_from_transformers,  # BEiT's architecture under another name
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig}
+_TRANSFORMERS_CONFIG = {
+    "vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "swinv2": SwinV2Config,
+    "data2vec-vision": ViTConfig,
+}  # fmt: skip
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

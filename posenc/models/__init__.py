@@ -1,18 +1,20 @@
-"""posenc's models: a ViT with pluggable position encoding and a Swin with windowed relative bias."""
+"""posenc's models: a ViT with pluggable position encoding, a Swin with windowed relative bias, and Swin V2."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import swin, vit
+from posenc.models import swin, swin_v2, vit
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.swin import SwinConfig, SwinTransformer
+from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.vit import ViTConfig, VisionTransformer
 
 #: config ``model_type`` -> (config class, model class)
 ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
+    "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -20,15 +22,15 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
 TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
+    **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
 }
 
 
-def build_model(config: ViTConfig | SwinConfig | dict[str, Any]) -> PosencModel:
+def build_model(config: Any) -> PosencModel:
     """A freshly initialised model from a config object or a ``config.json`` dict (dispatch on ``model_type``)."""
-    if isinstance(config, ViTConfig):
-        return VisionTransformer(config)
-    if isinstance(config, SwinConfig):
-        return SwinTransformer(config)
+    for config_cls, model_cls in ARCHITECTURES.values():
+        if isinstance(config, config_cls):
+            return model_cls(config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -44,6 +46,8 @@ __all__ = [
     "PosencModel",
     "SwinConfig",
     "SwinTransformer",
+    "SwinTransformerV2",
+    "SwinV2Config",
     "TIMM_PRESETS",
     "ViTConfig",
     "VisionTransformer",

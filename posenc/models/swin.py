@@ -156,11 +156,15 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halve the grid and double the width: concatenate each 2x2 neighbourhood, norm, project."""
+    """Halve the grid and double the width: concatenate each 2x2 neighbourhood, norm, project.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``norm_after`` (Swin V2) projects first and normalises the 2C result.
+    """
+
+    def __init__(self, dim: int, eps: float, *, norm_after: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.norm_after = norm_after
+        self.norm = nn.LayerNorm(2 * dim if norm_after else 4 * dim, eps=eps)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,6 +174,8 @@ class PatchMerging(nn.Module):
             raise ValueError(f"patch merging needs an even grid, got {h}x{w}; pick another image size")
         # channel order (dx, dy, c) matches the reference's [x00, x10, x01, x11] concatenation
         x = rearrange(x, "b (h dy) (w dx) c -> b h w (dx dy c)", dy=2, dx=2)  # B, H/2, W/2, 4C
+        if self.norm_after:
+            return self.norm(self.reduction(x))
         return self.reduction(self.norm(x))
 
 

@@ -146,12 +146,21 @@ class SwinV2Config:
         return out
 
     def size_step(self) -> Size2:
-        """(h, w) that every input size is a multiple of: each stage grid must be a multiple of its window."""
-        step_h = step_w = self.patch_size
-        for stage, (_, window, _) in enumerate(self.stage_geometry()):
-            step_h = math.lcm(step_h, self.patch_size * 2**stage * window[0])
-            step_w = math.lcm(step_w, self.patch_size * 2**stage * window[1])
-        return (step_h, step_w)
+        """(h, w) that every input size is a multiple of: the patch times the halvings of the grid over the stages.
+
+        Not every multiple fits (see :meth:`fits`): windows shrink with a smaller grid, so the sizes a model takes
+        are not one lattice.
+        """
+        step = self.patch_size * 2 ** (len(self.depths) - 1)
+        return (step, step)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input: every stage grid at that size a multiple of its window."""
+        step = self.size_step()
+        if size[0] % step[0] or size[1] % step[1]:
+            return False
+        geometry = self.stage_geometry((size[0] // self.patch_size, size[1] // self.patch_size))
+        return all(g % win == 0 for grid, window, _ in geometry for g, win in zip(grid, window))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwinV2Config:

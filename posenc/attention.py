@@ -176,7 +176,7 @@ class Attention(nn.Module):
             batch = bias.shape[0] if bias.ndim == len(shape) else 1
             bias = bias.to(q.dtype).expand(batch, *lead[1:], self.num_heads, n, n)  # B or 1, ..., heads, N, N
             bias = bias.reshape(batch, -1, n, n)  # B or 1, nW*heads, N, N
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale).reshape(shape)  # B, ..., heads, N, hd
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(shape)  # B, ..., heads, N, hd
 
     def _inspect(
         self,

@@ -218,6 +218,20 @@ class CpbAttention(Attention):
         table = self.bias_of(coords.to(self.logit_scale.dtype)).reshape(-1, self.num_heads)  # R, heads
         return table, index
 
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        """timm's ops for cosine attention (it does not use SDPA here): logits, bias, mask, softmax, values.
+
+        Args:
+            q: (B, nW, heads, N, hd) unit queries times the temperature; k: unit keys; v: values.
+            pos: (heads, N, N) bias or None; mask: (nW, 1, N, N) or None.
+        """
+        logits = q @ k.transpose(-2, -1)  # B, nW, heads, N, N
+        if pos is not None:
+            logits = logits + pos
+        if mask is not None:
+            logits = logits + mask
+        return logits.softmax(dim=-1) @ v  # B, nW, heads, N, hd
+
     def forward(  # type: ignore[override]
         self, x: Tensor, *, window: Size2, mask: Tensor | None = None, need_weights: bool = False, position: bool = True
     ) -> tuple[Tensor, Any, Tensor | None]:

@@ -28,15 +28,16 @@ import torch
 
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
-from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
+from posenc.models import PosencModel, SwinConfig, SwinV2Config, ViTConfig, build_model
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
+    "swinv2_tiny": ("swinv2_tiny_window8_256", SwinV2Config()),  # the defaults are swinv2_tiny_window8_256
     "beit_base": (
         "beit_base_patch16_224",
         ViTConfig(embed_dim=768, num_heads=12, qkv_bias="qv", pos_embed="none", rel_pos_bias=True,

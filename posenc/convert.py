@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, EvaConfig, SamConfig, SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, EvaConfig, SamConfig, SwinConfig, SwinV2Config, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
 
-Config = ViTConfig | SwinConfig | SamConfig | EvaConfig
+Config = ViTConfig | SwinConfig | SamConfig | EvaConfig | SwinV2Config
 
 #: transformers ``model_type`` -> the classification architectures posenc converts.
 TRANSFORMERS_ARCHITECTURES = {
@@ -48,6 +48,8 @@ TRANSFORMERS_ARCHITECTURES = {
     "ijepa": ("IJepaForImageClassification",),
     "vit_msn": ("ViTMSNForImageClassification",),
     "siglip": ("SiglipForImageClassification",),
+    "swinv2": ("Swinv2ForImageClassification",),
+    "data2vec-vision": ("Data2VecVisionForImageClassification",),
 }
 #: Base-model architectures of that table: no classifier, ``model(x)`` returns the pooled features they return.
 _HEADLESS_ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
@@ -97,12 +99,24 @@ _TRANSFORMERS_RULES: list[Rule] = [
     (r"^(classifier|cls_classifier)\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]  # fmt: skip
+# The attention layout transformers is moving to (``attention.{q,k,v,o}_proj``, Swin's table under
+# ``attention.relative_position_bias``), spelled back as today's layout so the rules below apply to both.
+_TRANSFORMERS_NEXT_LAYOUT: list[Rule] = [
+    (r"\.attention\.(?:attention\.|self\.)?([qkv])_proj\.",
+     lambda m: f".attention.self.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (r"\.attention\.(?:attention\.|self\.)?o_proj\.", ".attention.output.dense."),
+    (r"(\.\d+)\.attention\.relative_position_bias\.relative_position_bias_table$",
+     r"\1.attention.self.relative_position_bias_table"),
+]  # fmt: skip
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
 _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv by _fuse_qkv
     EvaConfig: [(r"\.attn\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}.")],
-}
+    # swinv2_cr spells the stages and the bias MLP differently from swinv2
+    SwinV2Config: [*_TIMM_RULES, (r"^stages\.", "layers."), (r"\.attn\.meta_mlp\.fc1\.", ".attn.cpb_mlp.0."),
+                   (r"\.attn\.meta_mlp\.fc2\.", ".attn.cpb_mlp.2.")],
+}  # fmt: skip
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
     "vitdet": [
         (r"^embeddings\.projection\.", "patch_embed.proj."),
@@ -130,9 +144,20 @@ _TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
         (r"^vision_model\.post_layernorm\.", "norm."),
         *_TRANSFORMERS_RULES,
     ],
+    "swinv2": [
+        (r"^swinv2\.", ""),
+        *_TRANSFORMERS_NEXT_LAYOUT,
+        (r"\.attention\.(?:self\.)?continuous_position_bias_mlp\.", ".attn.cpb_mlp."),
+        (r"\.attention\.(?:self\.)?logit_scale$", ".attn.logit_scale"),
+        *_TRANSFORMERS_RULES,
+    ],
+    "data2vec-vision": [(r"^data2vec_vision\.", ""), *_TRANSFORMERS_NEXT_LAYOUT, *_TRANSFORMERS_RULES],
 }
-# Buffers rebuilt from the config (DINOv3's RoPE periods too; and BEiT's unused mask token): never loaded.
-_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token", "periods")
+# Buffers rebuilt from the config (DINOv3's RoPE periods, Swin V2's coordinate tables; BEiT's unused mask token): never loaded.
+_DERIVED = (
+    "relative_position_index", "attn_mask", "k_bias", "mask_token", "periods", "relative_coords_table",
+    "relative_coordinates_log",
+)  # fmt: skip
 
 
 class UnsupportedModelError(ValueError):
@@ -298,6 +323,21 @@ def _swin_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> S
     )
 
 
+def _swinv2_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SwinV2Config:
+    if config.get("use_absolute_embeddings"):
+        raise UnsupportedModelError("Swin V2 with absolute position embeddings is not supported")
+    depths = tuple(config["depths"])
+    return SwinV2Config(
+        embed_dim=config["embed_dim"],
+        depths=depths,
+        num_heads=tuple(config["num_heads"]),
+        window_size=config.get("window_size", 7),
+        pretrained_window_sizes=tuple(config.get("pretrained_window_sizes") or (0,) * len(depths)),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        **{**common, "norm_eps": config.get("layer_norm_eps", 1e-5), "qkv_bias": "qv" if common["qkv_bias"] else False},
+    )
+
+
 def _vit_fields(config: dict[str, Any]) -> dict[str, Any]:
     """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config."""
     hidden = config["hidden_size"]
@@ -414,11 +454,15 @@ _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Con
     "vit_msn": _vit_msn_from_transformers,
     "siglip": _siglip_from_transformers,
     "vitdet": _vitdet_from_transformers,
+    "swinv2": _swinv2_from_transformers,
+    "data2vec-vision": _beit_from_transformers,  # BEiT's architecture under another name
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "dinov2": ViTConfig,
-                        "dinov2_with_registers": ViTConfig, "ijepa": ViTConfig, "vit_msn": ViTConfig, "siglip": ViTConfig,
-                        "vitdet": SamConfig}
+_TRANSFORMERS_CONFIG = {
+    "vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "dinov2": ViTConfig,
+    "dinov2_with_registers": ViTConfig, "ijepa": ViTConfig, "vit_msn": ViTConfig, "siglip": ViTConfig,
+    "vitdet": SamConfig, "swinv2": SwinV2Config, "data2vec-vision": ViTConfig,
+}  # fmt: skip
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

@@ -270,6 +270,39 @@ def padded_grid(grid: Size2, window: Size2) -> Size2:
     return (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
 
 
+# --------------------------------------------------------------------------- continuous position bias (Swin V2)
+
+
+def cpb_coords(span: Size2, *, normaliser: Size2 | None = None) -> Tensor:
+    """Log-spaced relative coordinates that Swin V2's continuous-position-bias MLP reads, one per offset.
+
+    Offsets ``(dy, dx)`` run over ``-(Sh-1) .. Sh-1`` by ``-(Sw-1) .. Sw-1`` (``span`` is usually the window;
+    a wider span evaluates the MLP beyond it), rows first as in :func:`relative_position_index`, so row
+    ``(dy + Sh - 1) * (2Sw - 1) + dx + Sw - 1`` of the flattened table is that offset.
+
+    * With ``normaliser`` (Swin V2, timm ``swinv2_*`` and transformers ``swinv2``): each offset is divided by
+      ``max(normaliser - 1, 1)`` (the pretrained window, or the window itself), scaled to [-8, 8] and mapped
+      to ``sign(t) * log2(1 + |t|) / log2(8)``.
+    * Without (timm ``swinv2_cr_*``): the raw offset is mapped to ``sign(t) * ln(1 + |t|)``.
+
+    Args:
+        span: (Sh, Sw) half-extent of the offsets, plus one.
+        normaliser: (Nh, Nw) window the offsets are normalised by, or None for the natural-log variant.
+
+    Returns:
+        (2Sh-1, 2Sw-1, 2) float32 coordinates, (dy, dx) last.
+    """
+    sh, sw = span
+    dy = torch.arange(-(sh - 1), sh, dtype=torch.float32)
+    dx = torch.arange(-(sw - 1), sw, dtype=torch.float32)
+    coords = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)  # 2Sh-1, 2Sw-1, 2
+    if normaliser is None:
+        return torch.sign(coords) * torch.log1p(coords.abs())
+    scale = torch.tensor([max(n - 1, 1) for n in normaliser], dtype=torch.float32)  # 2
+    coords = coords / scale * 8  # in [-8, 8] inside the normalising window
+    return torch.sign(coords) * torch.log2(coords.abs() + 1.0) / math.log2(8)
+
+
 # --------------------------------------------------------------------------- windows (Swin)
 
 

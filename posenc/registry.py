@@ -26,8 +26,8 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit" or "swin".
-        family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
+        architecture: "vit", "deit", "beit", "swin", "swinv2" or "data2vec-vision".
+        family: position-encoding family (one of :data:`posenc.models.FAMILIES`, or "cpb" for Swin V2).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
         dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").
@@ -71,9 +71,18 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
     ),
+    # Swin V2 (continuous position bias). Top-1 from timm's results-imagenet.csv; data2vec-vision has no timm row
+    # (not a timm model), so no figure; its count is the transformers build of the repo's config (BEiT-B shape,
+    # a relative table per block), as posenc loads it.
+    ModelEntry("Swin V2-T", "timm/swinv2_tiny_window8_256.ms_in1k", "swinv2", "cpb", 28_347_154, 81.820, "ImageNet-1k"),
+    ModelEntry("Swin V2-T CR", "timm/swinv2_cr_tiny_ns_224.sw_in1k", "swinv2", "cpb", 28_333_468, 81.802, "ImageNet-1k"),
+    ModelEntry(
+        "data2vec-vision B/16", "facebook/data2vec-vision-base-ft1k", "data2vec-vision", "relative", 86_530_984, None,
+        "ImageNet-1k",
+    ),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from posenc import viz
 from posenc.attention import Attention
 from posenc.encodings import Size2, resize_rel_pos_bias_table
 from posenc.hub import LoadedModel
-from posenc.models import BlockTrace, Inspection, SwinConfig
+from posenc.models import BlockTrace, Inspection
 from posenc.preprocess import ImageSource, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -114,25 +114,19 @@ def native_size(loaded: LoadedModel) -> Size2:
 
 
 def size_step(loaded: LoadedModel) -> Size2:
-    """(h, w) that every input size must be a multiple of.
+    """(h, w) that every input size must be a multiple of: the model config's ``size_step()``.
 
-    ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that
-    stage's window, so the step is the lcm over stages of ``patch * 2**s * window_s``.
+    ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that stage's
+    window, so the step is the lcm over stages of ``patch * 2**s * window_s``. Swin V2: the patch times the grid's
+    halvings; its windows shrink on smaller grids, so its config's ``fits`` says which multiples it takes.
     """
-    cfg = loaded.model.config
-    if not isinstance(cfg, SwinConfig):
-        return (cfg.patch_size, cfg.patch_size)
-    step_h = step_w = cfg.patch_size
-    for stage, (_, window, _) in enumerate(cfg.stage_geometry()):
-        step_h = math.lcm(step_h, cfg.patch_size * 2**stage * window[0])
-        step_w = math.lcm(step_w, cfg.patch_size * 2**stage * window[1])
-    return (step_h, step_w)
+    return tuple(loaded.model.config.size_step())
 
 
 def _trace_bytes(loaded: LoadedModel, size: Size2) -> int:
     """Bytes of the attention maps one inspection at ``size`` keeps (twice with a position-free copy)."""
     cfg = loaded.model.config
-    if isinstance(cfg, SwinConfig):
+    if hasattr(cfg, "stage_geometry"):  # hierarchical windowed models (Swin, Swin V2)
         total, (h, w) = 0, (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
         for stage, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
             window = cfg.stage_geometry()[stage][1]
@@ -145,7 +139,8 @@ def _trace_bytes(loaded: LoadedModel, size: Size2) -> int:
 
 
 def input_sizes(loaded: LoadedModel) -> list[Size2]:
-    """The input sizes the resolution control offers: multiples of :func:`size_step` around the native size.
+    """The input sizes the resolution control offers: multiples of :func:`size_step` around the native size that the
+    model takes (its config's ``fits``: Swin V2 windows shrink on small grids, so not every multiple does).
 
     Returns:
         Sorted (h, w) sizes; always contains the native size.
@@ -153,9 +148,10 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
     native = native_size(loaded)
     step = size_step(loaded)
     sizes = {native}
+    config = loaded.model.config
     for factor in SIZE_FACTORS:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
-        if _trace_bytes(loaded, size) <= MAX_TRACE_BYTES:
+        if config.fits(size) and _trace_bytes(loaded, size) <= MAX_TRACE_BYTES:
             sizes.add(size)
     return sorted(sizes)
 
@@ -295,7 +291,7 @@ def patch_picker(seen: Seen, patch: Patch) -> Image.Image:
 def num_blocks(loaded: LoadedModel) -> int:
     """Transformer blocks of a model (all stages for Swin), without running it."""
     cfg = loaded.model.config
-    return sum(cfg.depths) if isinstance(cfg, SwinConfig) else cfg.depth
+    return sum(cfg.depths) if hasattr(cfg, "depths") else cfg.depth
 
 
 def pick_block(seen: Seen, which: str | float | None) -> int:

@@ -1,15 +1,16 @@
-"""posenc's models: a ViT with pluggable position encoding and a Swin with windowed relative bias."""
+"""posenc's models: a ViT with pluggable position encoding, a Swin with windowed relative bias, and Swin V2."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, sam, swin, vit
+from posenc.models import convit, eva, sam, swin, swin_v2, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
+from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.vit import ViTConfig, VisionTransformer
 
 #: config ``model_type`` -> (config class, model class)
@@ -19,6 +20,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_sam": (SamConfig, SamViT),
     "posenc_convit": (ConViTConfig, ConViT),
     "posenc_eva": (EvaConfig, Eva),
+    "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -29,6 +31,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SamConfig, args) for name, args in sam.TIMM_PRESETS.items()},
     **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
     **{name: (EvaConfig, args) for name, args in eva.TIMM_PRESETS.items()},
+    **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
 }
 
 
@@ -57,6 +60,8 @@ __all__ = [
     "SamViT",
     "SwinConfig",
     "SwinTransformer",
+    "SwinTransformerV2",
+    "SwinV2Config",
     "TIMM_PRESETS",
     "ViTConfig",
     "VisionTransformer",

@@ -125,6 +125,14 @@ class ViTConfig:
         absolute = () if self.pos_embed == "none" else (self.pos_embed,)
         return absolute + (("rel_table",) if self.rel_pos_bias else ()) + (("rope_axial",) if self.rope else ())
 
+    def size_step(self) -> Size2:
+        """(h, w) that every input size is a multiple of: the patch."""
+        return (self.patch_size, self.patch_size)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input: a multiple of the patch."""
+        return size[0] % self.patch_size == 0 and size[1] % self.patch_size == 0
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
         return config_from_dict(cls, data)

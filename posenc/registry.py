@@ -26,7 +26,7 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit" or "swin".
+        architecture: "vit", "deit", "beit", "swin" or "sam".
         family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
@@ -71,9 +71,14 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
     ),
+    # SAM's ViT-B image encoder: headless (no classifier, so no top-1; model(x) gives the neck's pooled 256 features),
+    # 1024 px native. No standalone transformers ViTDet checkpoint was found on the Hub, so none is listed.
+    ModelEntry(
+        "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", "decomposed", 89_670_912, None, "SA-1B"
+    ),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_sam": "sam"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

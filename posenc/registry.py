@@ -26,8 +26,8 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit", "swin", "swinv2" or "data2vec-vision".
-        family: position-encoding family (one of :data:`posenc.models.FAMILIES`, or "cpb" for Swin V2).
+        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", ...).
+        family: its main position mechanism (one of :data:`posenc.models.FAMILIES` or a mechanism name).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
         dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").
@@ -80,9 +80,14 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
         "data2vec-vision B/16", "facebook/data2vec-vision-base-ft1k", "data2vec-vision", "relative", 86_530_984, None,
         "ImageNet-1k",
     ),
+    # SAM's ViT-B image encoder: headless (no classifier, so no top-1; model(x) gives the neck's pooled 256 features),
+    # 1024 px native. No standalone transformers ViTDet checkpoint was found on the Hub, so none is listed.
+    ModelEntry(
+        "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", "decomposed", 89_670_912, None, "SA-1B"
+    ),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

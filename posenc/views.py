@@ -28,7 +28,7 @@ from PIL import Image
 
 from posenc import viz
 from posenc.attention import Attention
-from posenc.encodings import Size2, resize_rel_pos_bias_table
+from posenc.encodings import Size2, padded_grid, resize_rel_pos_bias_table
 from posenc.hub import LoadedModel
 from posenc.models import BlockTrace, Inspection
 from posenc.preprocess import ImageSource, build_transform, load_image
@@ -331,6 +331,9 @@ def describe_block(seen: Seen, block: int) -> str:
     if trace.window is None:
         return f"block {block} of {seen.num_blocks} (global attention over the {trace.grid[0]}x{trace.grid[1]} grid)"
     shifted = f"shifted by {trace.shift[0]}x{trace.shift[1]}" if trace.shift and any(trace.shift) else "not shifted"
+    padded = padded_grid(trace.grid, trace.window)
+    if padded != tuple(trace.grid):
+        shifted += f", grid padded to {padded[0]}x{padded[1]}"
     return (f"block {block} of {seen.num_blocks}: stage {trace.stage}, {trace.grid[0]}x{trace.grid[1]} grid, "
             f"{trace.window[0]}x{trace.window[1]} windows, {shifted}")
 
@@ -341,7 +344,16 @@ def _block_patch(seen: Seen, trace: BlockTrace, patch: Patch) -> Patch:
 
 
 def _window_keys(seen: Seen, trace: BlockTrace, patch: Patch) -> viz.SwinWindowKeys:
-    return viz.swin_window_keys(_block_patch(seen, trace, patch), trace.grid, trace.window, trace.shift or (0, 0))
+    """The clicked patch's window; keys are on the block's grid padded to whole windows (SAM pads, Swin never needs to)."""
+    grid = padded_grid(trace.grid, trace.window)
+    return viz.swin_window_keys(_block_patch(seen, trace, patch), grid, trace.window, trace.shift or (0, 0))
+
+
+def window_row_to_grid(trace: BlockTrace, keys: viz.SwinWindowKeys, values: torch.Tensor) -> np.ndarray:
+    """Per-key values of one window, (..., Wh*Ww), on the block's grid (..., gh, gw): NaN outside the window, at
+    masked keys, and padded keys dropped."""
+    gh, gw = trace.grid
+    return viz.window_values_to_grid(values, keys.keys, padded_grid(trace.grid, trace.window), keys.masked)[..., :gh, :gw]
 
 
 def _query_rows(
@@ -361,7 +373,7 @@ def _query_rows(
         if per_pair.ndim == 4:
             per_pair = per_pair[keys.window_index]  # heads, Wh*Ww, Wh*Ww
         values = per_pair[:, keys.query_index, :]  # heads, Wh*Ww
-        return viz.window_values_to_grid(values, keys.keys, trace.grid, keys.masked), None
+        return window_row_to_grid(trace, keys, values), None
     gh, gw = trace.grid
     prefix = per_pair.shape[-1] - gh * gw
     q = prefix + patch[0] * gw + patch[1]
@@ -387,8 +399,9 @@ def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
         The ViT-paper similarity grid (one tile per patch), the clicked patch's similarity on the photo, and
         the top three principal components as RGB on the photo.
     """
-    _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
     insp = seen.inspection
+    if insp.pos_embed is None:
+        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
     pos = insp.pos_embed[0, insp.pos_embed_prefix :].detach().float()  # h*w, C
     grid = seen.grid
     size = f"{grid[0]}x{grid[1]} grid"

@@ -924,6 +924,54 @@ def query_bias_overlays(
     )  # fmt: skip
 
 
+def signed_head_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    row_labels: Sequence[str],
+    title: str,
+    colorbar_label: str,
+    cmap: str = "RdBu_r",
+    alpha: float = 0.65,
+) -> Sheet:
+    """Several signed maps per head on the photo, one row of panels per map kind, on one scale symmetric about 0.
+
+    Args:
+        image: the photo the model saw.
+        maps: (R, heads, gh, gw) values (NaN where undefined), e.g. the two factors of a decomposed bias.
+        patch: the query ``(row, col)``, outlined.
+        row_labels: R labels, one per map kind.
+        title: sheet title.
+        colorbar_label: what the values are.
+
+    Returns:
+        A :class:`Sheet`: for each group of at most 6 heads, R rows of panels (labelled), and one colour bar.
+    """
+    stacked = _to_numpy(maps, "maps")
+    if stacked.ndim != 4 or stacked.shape[0] != len(row_labels):
+        raise ValueError(f"maps must be (R, heads, gh, gw) with R = {len(row_labels)} row labels, got {stacked.shape}")
+    kinds, heads, gh, gw = stacked.shape
+    p = _check_patch(patch, (gh, gw))
+    norm = _norm(stacked, None, None, symmetric=True)
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    cm = matplotlib.colormaps[cmap]
+    head_rows, ncols = _head_layout(heads)
+    panels, titles, labels = [], [], []
+    for hr in range(head_rows):
+        for k in range(kinds):
+            for h in range(hr * ncols, (hr + 1) * ncols):
+                if h < heads:
+                    panels.append(_outline_patch(_blend(photo, stacked[k, h], cm, norm, alpha), p, (gh, gw)))
+                    titles.append(f"head {h}")
+                else:
+                    panels.append(None)
+                    titles.append("")
+            labels.append(row_labels[k])
+    return _compose(panels, titles, ncols=ncols, title=title, cmap=cmap, norm=norm, colorbar_label=colorbar_label,
+                    row_labels=labels)
+
+
 def attention_overlays(
     image: Image.Image | np.ndarray,
     attn_row_per_head: Array,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, TIMM_PRESETS, ConViTConfig, LeViTConfig, SwinConfig, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ TRANSFORMERS_ARCHITECTURES = {
     "deit": ("DeiTForImageClassificationWithTeacher",),
     "beit": ("BeitForImageClassification",),
     "swin": ("SwinForImageClassification",),
+    "levit": ("LevitForImageClassification", "LevitForImageClassificationWithTeacher"),
 }
 # timm constructor arguments (``model_args``) named differently from the posenc config field they set.
 _TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -85,10 +86,12 @@ _TRANSFORMERS_RULES: list[Rule] = [
 ]  # fmt: skip
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
-_TIMM_RULES_FOR: dict[type, list[Rule]] = {}
-_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {}
+#: The transformers rules may also be a function of the posenc config, for layouts whose renaming depends on
+#: its sizes (LeViT numbers a stage's attention and MLP layers, and the subsampling after them, in one list).
+_TIMM_RULES_FOR: dict[type, list[Rule]] = {ConViTConfig: [], LeViTConfig: []}
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {}
 # Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
-_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token")
+_DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token", "attention_bias_idxs")
 
 
 class UnsupportedModelError(ValueError):
@@ -277,15 +280,63 @@ def _beit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> V
     )
 
 
+def _levit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> LeViTConfig:
+    stem = (config.get("kernel_size", 3), config.get("stride", 2), config.get("padding", 1), config.get("patch_size", 16))
+    if stem != (3, 2, 1, 16):
+        raise UnsupportedModelError(f"LeViT stem (kernel, stride, padding, patch) {stem} is not supported; posenc "
+                                    "rebuilds the 16-pixel stem of four 3x3 stride-2 convolutions")  # fmt: skip
+    keep = ("img_size", "in_chans", "num_classes", "labels", "preprocess")
+    return LeViTConfig(
+        embed_dim=tuple(config["hidden_sizes"]),
+        key_dim=tuple(config["key_dim"]),
+        depth=tuple(config["depths"]),
+        num_heads=tuple(config["num_attention_heads"]),
+        attn_ratio=tuple(float(r) for r in config["attention_ratio"]),
+        mlp_ratio=tuple(float(r) for r in config["mlp_ratio"]),
+        distilled="LevitForImageClassificationWithTeacher" in (config.get("architectures") or []),
+        **{k: common[k] for k in keep},
+    )
+
+
+def _levit_transformers_rules(config: LeViTConfig) -> list[Rule]:
+    """transformers LeViT keys to timm's: stage s's layers 2j and 2j+1 are block j's attention and MLP, layer
+    2*depth (the subsampling attention) and 2*depth+1 (its MLP) start stage s + 1 in timm."""
+
+    def layer(m: re.Match) -> str:
+        s, i = int(m[1]), int(m[2])
+        d = config.depth[s]
+        if i < 2 * d:
+            return f"stages.{s}.blocks.{i // 2}.{'mlp' if i % 2 else 'attn'}."
+        return f"stages.{s + 1}.downsample.{'mlp' if i > 2 * d else 'attn_downsample'}."
+
+    return [
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.convolution\.", r"stem.conv\1.linear."),
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.batch_norm\.", r"stem.conv\1.bn."),
+        (r"^levit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(module\.)?", layer),
+        (r"\.queries_keys_values\.", ".qkv."),
+        (r"\.keys_values\.", ".kv."),
+        (r"\.queries\.", ".q.ln."),
+        (r"\.projection\.", ".proj.ln."),
+        (r"\.linear_up\.", ".ln1."),
+        (r"\.linear_down\.", ".ln2."),
+        (r"^classifier_distill\.", "head_dist."),
+        (r"^classifier\.", "head."),
+        (r"\.batch_norm\.", ".bn."),
+    ]
+
+
+_TRANSFORMERS_RULES_FOR["levit"] = _levit_transformers_rules
+
 #: transformers ``model_type`` -> the function that reads the rest of its config.
 _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
     "vit": _vit_from_transformers,
     "deit": _deit_from_transformers,
     "beit": _beit_from_transformers,
     "swin": _swin_from_transformers,
+    "levit": _levit_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig}
+_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "levit": LeViTConfig}
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:
@@ -334,7 +385,8 @@ def convert_state_dict(
     if layout == "timm":
         out = _rename(state_dict, _TIMM_RULES_FOR.get(type(config), _TIMM_RULES))
     elif layout == "transformers":
-        out = _fuse_qkv(_rename(state_dict, _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)))
+        rules = _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)
+        out = _fuse_qkv(_rename(state_dict, rules(config) if callable(rules) else rules))
     elif layout == "posenc":
         out = dict(state_dict)
     else:

@@ -368,7 +368,8 @@ def _query_rows(
         return viz.window_values_to_grid(values, keys.keys, trace.grid, keys.masked), None
     gh, gw = trace.grid
     prefix = per_pair.shape[-1] - gh * gw
-    q = prefix + patch[0] * gw + patch[1]
+    row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
+    q = prefix + row * gw + col
     rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
     return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
 

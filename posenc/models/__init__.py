@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, swin, vit
+from posenc.models import convit, levit, swin, vit
 from posenc.models.convit import ConViT, ConViTConfig
+from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.vit import ViTConfig, VisionTransformer
@@ -15,6 +16,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_vit": (ViTConfig, VisionTransformer),
     "posenc_swin": (SwinConfig, SwinTransformer),
     "posenc_convit": (ConViTConfig, ConViT),
+    "posenc_levit": (LeViTConfig, LeViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -23,6 +25,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
     **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
+    **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
 }
 
 
@@ -43,6 +46,8 @@ __all__ = [
     "BlockTrace",
     "ConViT",
     "ConViTConfig",
+    "LeViT",
+    "LeViTConfig",
     "Inspection",
     "PosencModel",
     "SwinConfig",

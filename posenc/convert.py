@@ -29,7 +29,15 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, ConViTConfig, LeViTConfig, SwinConfig, ViTConfig
+from posenc.models import (
+    ARCHITECTURES,
+    TIMM_PRESETS,
+    ConViTConfig,
+    LeViTConfig,
+    SwinConfig,
+    TinyViTConfig,
+    ViTConfig,
+)
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
@@ -88,7 +96,7 @@ _TRANSFORMERS_RULES: list[Rule] = [
 #: transformers layout per ``model_type``. A new family adds its row.
 #: The transformers rules may also be a function of the posenc config, for layouts whose renaming depends on
 #: its sizes (LeViT numbers a stage's attention and MLP layers, and the subsampling after them, in one list).
-_TIMM_RULES_FOR: dict[type, list[Rule]] = {ConViTConfig: [], LeViTConfig: []}
+_TIMM_RULES_FOR: dict[type, list[Rule]] = {ConViTConfig: [], LeViTConfig: [], TinyViTConfig: []}
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {}
 # Buffers rebuilt from the config (and BEiT's unused mask token): never loaded.
 _DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token", "attention_bias_idxs")

@@ -119,6 +119,9 @@ def size_step(loaded: LoadedModel) -> Size2:
     ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that
     stage's window, so the step is the lcm over stages of ``patch * 2**s * window_s``.
     """
+    own = getattr(loaded.model, "size_step", None)  # a model whose rule differs says so itself (LeViT, TinyViT)
+    if own is not None:
+        return own()
     cfg = loaded.model.config
     if not isinstance(cfg, SwinConfig):
         return (cfg.patch_size, cfg.patch_size)
@@ -131,6 +134,9 @@ def size_step(loaded: LoadedModel) -> Size2:
 
 def _trace_bytes(loaded: LoadedModel, size: Size2) -> int:
     """Bytes of the attention maps one inspection at ``size`` keeps (twice with a position-free copy)."""
+    own = getattr(loaded.model, "trace_bytes", None)
+    if own is not None:
+        return own(size)
     cfg = loaded.model.config
     if isinstance(cfg, SwinConfig):
         total, (h, w) = 0, (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
@@ -294,6 +300,9 @@ def patch_picker(seen: Seen, patch: Patch) -> Image.Image:
 
 def num_blocks(loaded: LoadedModel) -> int:
     """Transformer blocks of a model (all stages for Swin), without running it."""
+    own = getattr(loaded.model, "num_blocks", None)
+    if own is not None:
+        return own
     cfg = loaded.model.config
     return sum(cfg.depths) if isinstance(cfg, SwinConfig) else cfg.depth
 

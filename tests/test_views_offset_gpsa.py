@@ -109,3 +109,23 @@ def test_offset_bias_table_view_is_mirrored_about_zero_offset(levit):
     np.testing.assert_allclose(full, full[:, ::-1, :])
     np.testing.assert_allclose(full, full[:, :, ::-1])
     assert full[1, 3 - 2, 3 + 1] == table[1, 2, 1]  # (dy, dx) = (-2, +1) reads entry (|dy|, |dx|) = (2, 1)
+
+
+def test_tiny_vit_query_bias_view_covers_the_clicked_patch_window_only(tmp_path):
+    torch.manual_seed(0)
+    ref = perturb(timm.create_model("tiny_vit_5m_224", pretrained=False, embed_dims=(16, 32, 48), depths=(1, 1, 1),
+                                    num_heads=(1, 2, 3), window_sizes=(4, 4, 4), num_classes=5))  # fmt: skip
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    loaded = load(str(tmp_path))
+    seen = views.inspect_image(loaded, PHOTO, size=(64, 64))
+    view = mechanisms.get("offset_bias").views[1].draw(seen, 0, (11, 5))  # stem grid 16x16 -> stage grid 8x8
+    assert view.arrays["block_patch"].tolist() == [5, 2]
+    table = ref.stages[1].blocks[0].attn.attention_biases.detach().numpy().reshape(2, 4, 4)
+    got = view.arrays["query_bias"]  # heads, 8, 8
+    for r in range(8):
+        for c in range(8):
+            if (r // 4, c // 4) == (1, 0):  # the window holding (5, 2)
+                np.testing.assert_allclose(got[:, r, c], table[:, abs(r - 5), abs(c - 2)], atol=1e-6)
+            else:
+                assert np.isnan(got[:, r, c]).all()
+    assert views.size_step(loaded) == (64, 64) and views.num_blocks(loaded) == 2

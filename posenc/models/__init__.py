@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, levit, swin, vit
+from posenc.models import convit, levit, swin, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.swin import SwinConfig, SwinTransformer
+from posenc.models.tiny_vit import TinyViT, TinyViTConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
 
 #: config ``model_type`` -> (config class, model class)
@@ -17,6 +18,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swin": (SwinConfig, SwinTransformer),
     "posenc_convit": (ConViTConfig, ConViT),
     "posenc_levit": (LeViTConfig, LeViT),
+    "posenc_tiny_vit": (TinyViTConfig, TinyViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -26,6 +28,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
     **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
+    **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
 }
 
 
@@ -53,6 +56,8 @@ __all__ = [
     "SwinConfig",
     "SwinTransformer",
     "TIMM_PRESETS",
+    "TinyViT",
+    "TinyViTConfig",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

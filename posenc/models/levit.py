@@ -348,6 +348,20 @@ class LeViT(PosencModel):
     def position_encoding(self) -> str:
         return self.config.position_encoding
 
+    @property
+    def num_blocks(self) -> int:
+        """Attention blocks listed by :meth:`inspect` (the subsampling attentions between stages are not)."""
+        return sum(self.config.depth)
+
+    def size_step(self) -> Size2:
+        """(h, w) every input size must be a multiple of: the stem's stride."""
+        return (self.config.patch_size, self.config.patch_size)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps (with and without the bias, float32)."""
+        grids = self.config.stage_grids((size[0] // self.config.patch_size, size[1] // self.config.patch_size))
+        return sum(d * h * (g[0] * g[1]) ** 2 * 4 * 2 for d, h, g in zip(self.config.depth, self.config.num_heads, grids))
+
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, list[BlockTrace]]:
         h, w = x.shape[-2:]
         s = self.config.patch_size

@@ -26,7 +26,7 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit" or "swin".
+        architecture: "vit", "deit", "beit", "swin", "convit", "levit" or "tiny_vit".
         family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
@@ -71,9 +71,14 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
     ),
+    # Position by offset. The stored copy of timm's results table has no tiny_vit rows, so TinyViT's top-1 is None.
+    ModelEntry("ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", "gpsa", 5_710_512, 73.112, "ImageNet-1k"),
+    ModelEntry("LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", "offset", 7_777_058, 76.526, "ImageNet-1k"),
+    ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", "offset", 5_392_764, None, "ImageNet-1k"),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_convit": "convit",
+                               "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -49,6 +49,8 @@ FAMILY_NAMES = {
     "relative": "relative position bias (BEiT, global)",
     "windowed": "relative position bias in (shifted) windows (Swin)",
     "rope": "2D rotary embedding (RoPE)",
+    "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
+    "gpsa": "gated positional self-attention (ConViT)",
 }
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384

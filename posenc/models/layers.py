@@ -13,7 +13,7 @@ from posenc.encodings import Size2
 from posenc.preprocess import Preprocess
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
 
 
 class PatchEmbed(nn.Module):
@@ -205,6 +205,8 @@ DESCRIPTIONS = {
     "relative": "a BEiT-style learned relative position bias over the whole patch grid, with cls entries.",
     "windowed": "a Swin-style learned relative position bias inside (shifted) local windows.",
     "rope": "2D axial rotary position embedding applied to queries and keys.",
+    "offset": "a learned attention bias per head and absolute offset (|dy|, |dx|) between query and key (LeViT, TinyViT).",
+    "gpsa": "gated positional self-attention: each head mixes attention by offset with content attention (ConViT).",
 }
 
 

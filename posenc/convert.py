@@ -29,7 +29,18 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import ARCHITECTURES, TIMM_PRESETS, EvaConfig, SamConfig, SwinConfig, SwinV2Config, ViTConfig
+from posenc.models import (
+    ARCHITECTURES,
+    TIMM_PRESETS,
+    ConViTConfig,
+    EvaConfig,
+    LeViTConfig,
+    SamConfig,
+    SwinConfig,
+    SwinV2Config,
+    TinyViTConfig,
+    ViTConfig,
+)
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
@@ -50,6 +61,7 @@ TRANSFORMERS_ARCHITECTURES = {
     "siglip": ("SiglipForImageClassification",),
     "swinv2": ("Swinv2ForImageClassification",),
     "data2vec-vision": ("Data2VecVisionForImageClassification",),
+    "levit": ("LevitForImageClassification", "LevitForImageClassificationWithTeacher"),
 }
 #: Base-model architectures of that table: no classifier, ``model(x)`` returns the pooled features they return.
 _HEADLESS_ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
@@ -110,14 +122,19 @@ _TRANSFORMERS_NEXT_LAYOUT: list[Rule] = [
 ]  # fmt: skip
 #: Key rules of the timm layout per posenc config class, for classes whose names differ from ViT's; and of the
 #: transformers layout per ``model_type``. A new family adds its row.
+#: The transformers rules may also be a function of the posenc config, for layouts whose renaming depends on
+#: its sizes (LeViT numbers a stage's attention and MLP layers, and the subsampling after them, in one list).
 _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv by _fuse_qkv
     EvaConfig: [(r"\.attn\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}.")],
     # swinv2_cr spells the stages and the bias MLP differently from swinv2
     SwinV2Config: [*_TIMM_RULES, (r"^stages\.", "layers."), (r"\.attn\.meta_mlp\.fc1\.", ".attn.cpb_mlp.0."),
                    (r"\.attn\.meta_mlp\.fc2\.", ".attn.cpb_mlp.2.")],
+    ConViTConfig: [],
+    LeViTConfig: [],
+    TinyViTConfig: [],
 }  # fmt: skip
-_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {
     "vitdet": [
         (r"^embeddings\.projection\.", "patch_embed.proj."),
         (r"^embeddings\.position_embeddings$", "pos_embed"),  # (1, 1 + h*w, C): reshaped in _fit_positions
@@ -153,10 +170,11 @@ _TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
     ],
     "data2vec-vision": [(r"^data2vec_vision\.", ""), *_TRANSFORMERS_NEXT_LAYOUT, *_TRANSFORMERS_RULES],
 }
-# Buffers rebuilt from the config (DINOv3's RoPE periods, Swin V2's coordinate tables; BEiT's unused mask token): never loaded.
+# Buffers rebuilt from the config (DINOv3's RoPE periods, Swin V2's coordinate tables, LeViT's bias index;
+# BEiT's unused mask token): never loaded.
 _DERIVED = (
     "relative_position_index", "attn_mask", "k_bias", "mask_token", "periods", "relative_coords_table",
-    "relative_coordinates_log",
+    "relative_coordinates_log", "attention_bias_idxs",
 )  # fmt: skip
 
 
@@ -442,6 +460,54 @@ def _siglip_from_transformers(config: dict[str, Any], common: dict[str, Any]) ->
     )  # fmt: skip
 
 
+
+def _levit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> LeViTConfig:
+    stem = (config.get("kernel_size", 3), config.get("stride", 2), config.get("padding", 1), config.get("patch_size", 16))
+    if stem != (3, 2, 1, 16):
+        raise UnsupportedModelError(f"LeViT stem (kernel, stride, padding, patch) {stem} is not supported; posenc "
+                                    "rebuilds the 16-pixel stem of four 3x3 stride-2 convolutions")  # fmt: skip
+    keep = ("img_size", "in_chans", "num_classes", "labels", "preprocess")
+    return LeViTConfig(
+        embed_dim=tuple(config["hidden_sizes"]),
+        key_dim=tuple(config["key_dim"]),
+        depth=tuple(config["depths"]),
+        num_heads=tuple(config["num_attention_heads"]),
+        attn_ratio=tuple(float(r) for r in config["attention_ratio"]),
+        mlp_ratio=tuple(float(r) for r in config["mlp_ratio"]),
+        distilled="LevitForImageClassificationWithTeacher" in (config.get("architectures") or []),
+        **{k: common[k] for k in keep},
+    )
+
+
+def _levit_transformers_rules(config: LeViTConfig) -> list[Rule]:
+    """transformers LeViT keys to timm's: stage s's layers 2j and 2j+1 are block j's attention and MLP, layer
+    2*depth (the subsampling attention) and 2*depth+1 (its MLP) start stage s + 1 in timm."""
+
+    def layer(m: re.Match) -> str:
+        s, i = int(m[1]), int(m[2])
+        d = config.depth[s]
+        if i < 2 * d:
+            return f"stages.{s}.blocks.{i // 2}.{'mlp' if i % 2 else 'attn'}."
+        return f"stages.{s + 1}.downsample.{'mlp' if i > 2 * d else 'attn_downsample'}."
+
+    return [
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.convolution\.", r"stem.conv\1.linear."),
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.batch_norm\.", r"stem.conv\1.bn."),
+        (r"^levit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(module\.)?", layer),
+        (r"\.queries_keys_values\.", ".qkv."),
+        (r"\.keys_values\.", ".kv."),
+        (r"\.queries\.", ".q.ln."),
+        (r"\.projection\.", ".proj.ln."),
+        (r"\.linear_up\.", ".ln1."),
+        (r"\.linear_down\.", ".ln2."),
+        (r"^classifier_distill\.", "head_dist."),
+        (r"^classifier\.", "head."),
+        (r"\.batch_norm\.", ".bn."),
+    ]
+
+
+_TRANSFORMERS_RULES_FOR["levit"] = _levit_transformers_rules
+
 #: transformers ``model_type`` -> the function that reads the rest of its config.
 _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
     "vit": _vit_from_transformers,
@@ -456,12 +522,13 @@ _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Con
     "vitdet": _vitdet_from_transformers,
     "swinv2": _swinv2_from_transformers,
     "data2vec-vision": _beit_from_transformers,  # BEiT's architecture under another name
+    "levit": _levit_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
 _TRANSFORMERS_CONFIG = {
     "vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "dinov2": ViTConfig,
     "dinov2_with_registers": ViTConfig, "ijepa": ViTConfig, "vit_msn": ViTConfig, "siglip": ViTConfig,
-    "vitdet": SamConfig, "swinv2": SwinV2Config, "data2vec-vision": ViTConfig,
+    "vitdet": SamConfig, "swinv2": SwinV2Config, "data2vec-vision": ViTConfig, "levit": LeViTConfig,
 }  # fmt: skip
 
 
@@ -511,7 +578,8 @@ def convert_state_dict(
     if layout == "timm":
         out = _fuse_qkv(_rename(state_dict, _TIMM_RULES_FOR.get(type(config), _TIMM_RULES)))
     elif layout == "transformers":
-        out = _fuse_qkv(_rename(state_dict, _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)))
+        rules = _TRANSFORMERS_RULES_FOR.get(model_type, _TRANSFORMERS_RULES)
+        out = _fuse_qkv(_rename(state_dict, rules(config) if callable(rules) else rules))
     elif layout == "posenc":
         out = dict(state_dict)
     else:

@@ -26,7 +26,7 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", ...).
+        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", "convit", "levit", ...).
         family: its main position mechanism (one of :data:`posenc.models.FAMILIES` or a mechanism name).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
@@ -85,9 +85,16 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", "decomposed", 89_670_912, None, "SA-1B"
     ),
+    # Position by offset. The stored copy of timm's results table has no tiny_vit rows, so TinyViT's top-1 is None.
+    ModelEntry("ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", "gpsa", 5_710_512, 73.112, "ImageNet-1k"),
+    ModelEntry("LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", "offset", 7_777_058, 76.526, "ImageNet-1k"),
+    ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", "offset", 5_392_764, None, "ImageNet-1k"),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam"}
+_ARCHITECTURE_OF_MODEL_TYPE = {
+    "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
+    "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit",
+}  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

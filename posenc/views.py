@@ -49,6 +49,8 @@ FAMILY_NAMES = {
     "relative": "relative position bias (BEiT, global)",
     "windowed": "relative position bias in (shifted) windows (Swin)",
     "rope": "2D rotary embedding (RoPE)",
+    "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
+    "gpsa": "gated positional self-attention (ConViT)",
 }
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384
@@ -114,28 +116,13 @@ def native_size(loaded: LoadedModel) -> Size2:
 
 
 def size_step(loaded: LoadedModel) -> Size2:
-    """(h, w) that every input size must be a multiple of: the model config's ``size_step()``.
+    """(h, w) that every input size must be a multiple of (the model's ``size_step()``).
 
     ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that stage's
     window, so the step is the lcm over stages of ``patch * 2**s * window_s``. Swin V2: the patch times the grid's
-    halvings; its windows shrink on smaller grids, so its config's ``fits`` says which multiples it takes.
+    halvings; its windows shrink on smaller grids, so its ``fits`` says which multiples it takes.
     """
-    return tuple(loaded.model.config.size_step())
-
-
-def _trace_bytes(loaded: LoadedModel, size: Size2) -> int:
-    """Bytes of the attention maps one inspection at ``size`` keeps (twice with a position-free copy)."""
-    cfg = loaded.model.config
-    if hasattr(cfg, "stage_geometry"):  # hierarchical windowed models (Swin, Swin V2)
-        total, (h, w) = 0, (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
-        for stage, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
-            window = cfg.stage_geometry()[stage][1]
-            tokens = (h >> stage) * (w >> stage)
-            total += depth * heads * tokens * window[0] * window[1]
-        return total * 4 * 2
-    n = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size) + cfg.num_prefix_tokens
-    copies = 2 if loaded.family in ("relative", "rope") else 1
-    return cfg.depth * cfg.num_heads * n * n * 4 * copies
+    return tuple(loaded.model.size_step())
 
 
 def input_sizes(loaded: LoadedModel) -> list[Size2]:
@@ -148,10 +135,9 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
     native = native_size(loaded)
     step = size_step(loaded)
     sizes = {native}
-    config = loaded.model.config
     for factor in SIZE_FACTORS:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
-        if config.fits(size) and _trace_bytes(loaded, size) <= MAX_TRACE_BYTES:
+        if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
     return sorted(sizes)
 
@@ -290,8 +276,7 @@ def patch_picker(seen: Seen, patch: Patch) -> Image.Image:
 
 def num_blocks(loaded: LoadedModel) -> int:
     """Transformer blocks of a model (all stages for Swin), without running it."""
-    cfg = loaded.model.config
-    return sum(cfg.depths) if hasattr(cfg, "depths") else cfg.depth
+    return loaded.model.num_blocks
 
 
 def pick_block(seen: Seen, which: str | float | None) -> int:
@@ -376,7 +361,8 @@ def _query_rows(
         return window_row_to_grid(trace, keys, values), None
     gh, gw = trace.grid
     prefix = per_pair.shape[-1] - gh * gw
-    q = prefix + patch[0] * gw + patch[1]
+    row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
+    q = prefix + row * gw + col
     rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
     return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
 

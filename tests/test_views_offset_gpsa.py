@@ -72,3 +72,60 @@ def test_convit_absolute_and_attention_views_use_its_patch_embedding_and_gpsa_at
     np.testing.assert_allclose(attention.arrays["attention"], trace.attn[0, :, 9].reshape(4, 4, 4).numpy(), atol=1e-6)
     np.testing.assert_allclose(attention.arrays["attention_no_pos"], trace.attn_no_pos[0, :, 9].reshape(4, 4, 4).numpy(),
                                atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def levit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("levit")
+    torch.manual_seed(0)
+    ref = perturb(timm.create_model("levit_128s", pretrained=False, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3),
+                                    depth=(1, 1), img_size=64, num_classes=5))  # fmt: skip
+    save_for_hf(ref, folder, safe_serialization=True)
+    return ref, views.inspect_image(load(str(folder)), PHOTO)
+
+
+@pytest.mark.parametrize(("block", "patch", "stage_patch"), [(0, (1, 3), (1, 3)), (1, (3, 2), (1, 1))])
+def test_offset_query_bias_view_looks_up_the_table_by_absolute_offset(levit, block, patch, stage_patch):
+    ref, seen = levit
+    view = mechanisms.get("offset_bias").views[1].draw(seen, block, patch)
+    stage = ref.stages[block]
+    table = stage.blocks[0].attn.attention_biases.detach().numpy()  # heads, h*w
+    side = 4 >> block
+    r, c = stage_patch
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    expected = table[:, (np.abs(rows - r) * side + np.abs(cols - c)).ravel()].reshape(-1, side, side)
+    np.testing.assert_allclose(view.arrays["query_bias"], expected, atol=1e-6)
+    assert view.arrays["block_patch"].tolist() == list(stage_patch)
+
+
+def test_offset_bias_table_view_is_mirrored_about_zero_offset(levit):
+    ref, seen = levit
+    view = mechanisms.get("offset_bias").views[0].draw(seen, 0, (0, 0))
+    table = ref.stages[0].blocks[0].attn.attention_biases.detach().numpy().reshape(2, 4, 4)
+    np.testing.assert_allclose(view.arrays["offset_bias_table"], table, atol=1e-6)
+    from posenc.mechanisms.offset_bias import signed_offset_table
+
+    full = signed_offset_table(torch.from_numpy(table)).T.reshape(2, 7, 7).numpy()
+    np.testing.assert_allclose(full, full[:, ::-1, :])
+    np.testing.assert_allclose(full, full[:, :, ::-1])
+    assert full[1, 3 - 2, 3 + 1] == table[1, 2, 1]  # (dy, dx) = (-2, +1) reads entry (|dy|, |dx|) = (2, 1)
+
+
+def test_tiny_vit_query_bias_view_covers_the_clicked_patch_window_only(tmp_path):
+    torch.manual_seed(0)
+    ref = perturb(timm.create_model("tiny_vit_5m_224", pretrained=False, embed_dims=(16, 32, 48), depths=(1, 1, 1),
+                                    num_heads=(1, 2, 3), window_sizes=(4, 4, 4), num_classes=5))  # fmt: skip
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    loaded = load(str(tmp_path))
+    seen = views.inspect_image(loaded, PHOTO, size=(64, 64))
+    view = mechanisms.get("offset_bias").views[1].draw(seen, 0, (11, 5))  # stem grid 16x16 -> stage grid 8x8
+    assert view.arrays["block_patch"].tolist() == [5, 2]
+    table = ref.stages[1].blocks[0].attn.attention_biases.detach().numpy().reshape(2, 4, 4)
+    got = view.arrays["query_bias"]  # heads, 8, 8
+    for r in range(8):
+        for c in range(8):
+            if (r // 4, c // 4) == (1, 0):  # the window holding (5, 2)
+                np.testing.assert_allclose(got[:, r, c], table[:, abs(r - 5), abs(c - 2)], atol=1e-6)
+            else:
+                assert np.isnan(got[:, r, c]).all()
+    assert views.size_step(loaded) == (64, 64) and views.num_blocks(loaded) == 2

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, sam, swin, swin_v2, vit
+from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
+from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
+from posenc.models.tiny_vit import TinyViT, TinyViTConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
 
 #: config ``model_type`` -> (config class, model class)
@@ -21,6 +23,8 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_convit": (ConViTConfig, ConViT),
     "posenc_eva": (EvaConfig, Eva),
     "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
+    "posenc_levit": (LeViTConfig, LeViT),
+    "posenc_tiny_vit": (TinyViTConfig, TinyViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -32,6 +36,8 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
     **{name: (EvaConfig, args) for name, args in eva.TIMM_PRESETS.items()},
     **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
+    **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
+    **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
 }
 
 
@@ -54,6 +60,8 @@ __all__ = [
     "ConViTConfig",
     "Eva",
     "EvaConfig",
+    "LeViT",
+    "LeViTConfig",
     "Inspection",
     "PosencModel",
     "SamConfig",
@@ -63,6 +71,8 @@ __all__ = [
     "SwinTransformerV2",
     "SwinV2Config",
     "TIMM_PRESETS",
+    "TinyViT",
+    "TinyViTConfig",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

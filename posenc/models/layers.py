@@ -14,7 +14,7 @@ from posenc.encodings import Size2
 from posenc.preprocess import Preprocess
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
 
 
 class PatchEmbed(nn.Module):
@@ -225,6 +225,8 @@ DESCRIPTIONS = {
     "rope": "2D axial rotary position embedding applied to queries and keys.",
     "decomposed": "a learned absolute embedding plus a decomposed relative bias that depends on the query's content "
     "(SAM, ViTDet): q.R_h[row offset] + q.R_w[column offset].",
+    "offset": "a learned attention bias per head and absolute offset (|dy|, |dx|) between query and key (LeViT, TinyViT).",
+    "gpsa": "gated positional self-attention: each head mixes attention by offset with content attention (ConViT).",
 }
 
 
@@ -253,6 +255,30 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
     def headless(self) -> bool:
         """True when the model has no classifier (``num_classes == 0``): ``model(x)`` returns pooled features."""
         return self.config.num_classes == 0
+
+    # Sizes and costs the app plans with. The defaults fit a plain ViT (global attention over the patch grid plus
+    # prefix tokens); a model whose rule differs overrides them (Swin, LeViT, TinyViT...).
+
+    def size_step(self) -> Size2:
+        """(h, w) that every input size must be a multiple of: the patch by default."""
+        return (self.config.patch_size, self.config.patch_size)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input without padding: a multiple of :meth:`size_step` by default."""
+        step = self.size_step()
+        return size[0] % step[0] == 0 and size[1] % step[1] == 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Attention blocks listed by :meth:`inspect`, without running the model."""
+        return self.config.depth
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps (float32, with a position-free copy)."""
+        cfg = self.config
+        n = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size) + cfg.num_prefix_tokens
+        copies = 1 if set(self.mechanisms) <= {"learned", "sincos"} else 2  # absolute ones leave attention as is
+        return self.num_blocks * cfg.num_heads * n * n * 4 * copies
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]

@@ -113,6 +113,19 @@ class SwinConfig:
         return config_from_dict(cls, data)
 
 
+def windowed_trace_bytes(config: Any, size: Size2) -> int:
+    """Bytes of the window attention maps of a hierarchical windowed model at ``size`` (float32, two copies).
+
+    Args:
+        config: a Swin or Swin V2 config (``patch_size``, ``depths``, ``num_heads``, ``stage_geometry()``).
+    """
+    total, (h, w) = 0, (size[0] // config.patch_size, size[1] // config.patch_size)
+    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+        window = config.stage_geometry()[stage][1]
+        total += depth * heads * (h >> stage) * (w >> stage) * window[0] * window[1]
+    return total * 4 * 2
+
+
 def windowed_size_step(patch_size: int, geometry: list[tuple[Size2, Size2, Size2]]) -> Size2:
     """(h, w) step of the input sizes a hierarchical windowed model takes: lcm over stages s of ``patch * 2**s * window_s``.
 
@@ -252,6 +265,20 @@ class SwinTransformer(PosencModel):
                     traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def size_step(self) -> Size2:
+        return tuple(self.config.size_step())
+
+    def fits(self, size: Size2) -> bool:
+        return self.config.fits(size)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
+        return windowed_trace_bytes(self.config, size)
 
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every relative bias out."""

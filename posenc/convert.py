@@ -377,8 +377,10 @@ _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Con
     "siglip": _siglip_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "dinov2": ViTConfig,
-                        "dinov2_with_registers": ViTConfig, "ijepa": ViTConfig, "vit_msn": ViTConfig, "siglip": ViTConfig}
+_TRANSFORMERS_CONFIG = {
+    **{t: ViTConfig for t in ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "ijepa", "vit_msn", "siglip")},
+    "swin": SwinConfig,
+}
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

@@ -101,3 +101,23 @@ def test_cli_predict_says_a_headless_model_has_no_classifier(tmp_path, capsys):
     Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
     assert main(["predict", "--model", str(folder), str(image)]) == 0
     assert "no classifier head" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "size"), [("vit_small_patch14_reg4_dinov2", 56), ("vit_base_patch16_siglip_224", 64)])
+def test_app_analyses_a_headless_timm_checkpoint_without_failing(tmp_path, name, size):
+    import timm
+    from timm.models import save_for_hf
+
+    from posenc.ui import Catalog, Handlers, HubStatus, ModelCache
+
+    folder = tmp_path / name
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, embed_dim=32, depth=2, num_heads=2)
+    save_for_hf(ref, folder, safe_serialization=True)
+    handlers = Handlers(cache=ModelCache(posenc.load), catalog=Catalog.build(tmp_path / "none", [], [folder]),
+                        hub=HubStatus(lambda: False))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(image)
+    out = handlers.analyse(str(image), str(folder.resolve()), None, 1, 1, 2, progress=lambda *a, **k: None)
+    assert out[1] == {views.NO_CLASSIFIER: 0.0}
+    assert out[-3] is not None and out[-2] is not None  # the attention picture and the .npz

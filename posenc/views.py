@@ -247,8 +247,17 @@ def inspect_image(
     return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection)
 
 
+#: What :func:`predictions` says for a headless model.
+NO_CLASSIFIER = "no classifier: this checkpoint is headless (it returns features, not classes)"
+
+
 def predictions(seen: Seen, top_k: int = 5) -> dict[str, float]:
-    """The top-k classes as {label: probability} (repeated names get their class index appended)."""
+    """The top-k classes as {label: probability} (repeated names get their class index appended).
+
+    A headless model has no classes: the answer is ``{NO_CLASSIFIER: 0.0}``.
+    """
+    if seen.loaded.headless:
+        return {NO_CLASSIFIER: 0.0}
     probs = seen.inspection.logits[0].float().softmax(dim=-1)  # num_classes
     values, indices = probs.topk(min(top_k, probs.numel()))
     labels = seen.loaded.labels
@@ -470,6 +479,55 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 
 
+def prefix_attention_shares(seen: Seen) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The share of attention every head of every block gives to each prefix group and to the patches.
+
+    Groups, in order: "cls" and "dist" where present, "registers" (all register tokens together) and "patches".
+    Shares are attention probabilities summed over a group's keys and averaged over the patch queries (prefix
+    queries left out), so the groups of one head and block add up to 1.
+
+    Returns:
+        (blocks, heads, G) shares and the G group names.
+
+    Raises:
+        ViewUnavailable: windowed attention (Swin) or a model without prefix tokens.
+    """
+    insp = seen.inspection
+    names = insp.prefix_labels
+    if not names:
+        raise ViewUnavailable(f"{seen.name} has no cls token or registers: every key is a patch")
+    if any(trace.window is not None for trace in insp.blocks):
+        raise ViewUnavailable(f"{seen.name} attends within windows, without prefix tokens")
+    groups = [(n, [i]) for i, n in enumerate(names) if not n.startswith("reg")]
+    registers = [i for i, n in enumerate(names) if n.startswith("reg")]
+    if registers:
+        groups.append(("registers", registers))
+    p = len(names)
+    shares = []
+    for trace in insp.blocks:
+        per_key = trace.attn[0, :, p:, :].float().mean(dim=1)  # heads, N  (mean over patch queries)
+        columns = [per_key[:, idx].sum(dim=-1) for _, idx in groups] + [per_key[:, p:].sum(dim=-1)]  # G x (heads,)
+        shares.append(torch.stack(columns, dim=-1))  # heads, G
+    return torch.stack(shares).numpy(), tuple(n for n, _ in groups) + ("patches",)  # blocks, heads, G
+
+
+def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
+    """Per block and head, the share of attention given to the cls token, the registers and the patches.
+
+    Averaged over patch queries (it does not depend on the clicked patch); the chosen block is outlined.
+    Registers that soak up attention in the later blocks are the high-norm "artefact" tokens they were added for.
+    """
+    shares, groups = prefix_attention_shares(seen)  # blocks, heads, G
+    sheet = viz.matrix_heatmaps(
+        np.moveaxis(shares, -1, 0), [f"to {g}" for g in groups],  # G, blocks, heads
+        title=f"{seen.name}: share of attention to prefix tokens and patches\n"
+              "averaged over patch queries; the chosen block is outlined",
+        colorbar_label="attention share (sums to 1 over the panels)",
+        footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
+        mark_row=block)  # fmt: skip
+    return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
+
+
 def position_view(seen: Seen, block: int, patch: Patch) -> View | None:
     """The model family's main per-patch position view (for side-by-side comparison), or None without one."""
     if seen.family in _ABSOLUTE:
@@ -498,10 +556,11 @@ def save_npz(path: str | Path, seen: Seen, patch: Patch, block: int, views: Iter
     Returns:
         The path written.
     """
-    logits = seen.inspection.logits[0].float()  # num_classes
+    logits = seen.inspection.logits[0].float()  # num_classes, or C pooled features when headless
+    outputs = {"features": logits.numpy()} if seen.loaded.headless else {
+        "logits": logits.numpy(), "probabilities": logits.softmax(-1).numpy()}
     arrays: dict[str, np.ndarray] = {
-        "logits": logits.numpy(),
-        "probabilities": logits.softmax(-1).numpy(),
+        **outputs,
         "labels": np.array(seen.loaded.labels),
         "photo": np.asarray(seen.photo),
         "input_size": np.array(seen.size),

@@ -880,6 +880,50 @@ def head_values(
                     colorbar_label=colorbar_label)  # fmt: skip
 
 
+def matrix_heatmaps(
+    matrices: Array,
+    names: Sequence[str],
+    *,
+    title: str,
+    colorbar_label: str,
+    footer: str | None = None,
+    mark_row: int | None = None,
+    cmap: str = "magma",
+) -> Sheet:
+    """Several (rows, cols) matrices as heatmaps side by side, on one colour scale fitted to their values.
+
+    Each cell is a square of pixels; ``mark_row`` outlines one row in every panel (e.g. the chosen block).
+
+    Args:
+        matrices: (G, rows, cols) values; NaN cells are drawn white.
+        names: G panel titles.
+        title: sheet title.
+        colorbar_label: what the values are.
+        footer: text under the colour bar (say what the rows and columns are).
+        mark_row: a row to outline, or None.
+        cmap: colormap name.
+
+    Returns:
+        A :class:`Sheet` with one panel per matrix, boxes covering the heatmaps.
+    """
+    m = _to_numpy(matrices, "matrices")
+    if m.ndim != 3 or m.shape[0] != len(names):
+        raise ValueError(f"matrices must be (G, rows, cols) with G = {len(names)} names, got {m.shape}")
+    _, rows, cols = m.shape
+    norm = _norm(m, 0.0 if np.nanmin(m) >= 0 else None, None)
+    cell = max(4, _TABLE_SIDE // max(rows, cols))
+    pictures = np.repeat(np.repeat(colorize(m, cmap, norm), cell, axis=1), cell, axis=2)  # G, rows*cell, cols*cell, 3
+    panels = []
+    for picture in pictures:
+        img = Image.fromarray(picture)
+        if mark_row is not None:
+            ImageDraw.Draw(img).rectangle((0, mark_row * cell, cols * cell - 1, (mark_row + 1) * cell - 1),
+                                          outline=(0, 200, 255), width=max(1, cell // 12))
+        panels.append(img)
+    return _compose(panels, list(names), ncols=min(len(names), MAX_COLS), title=title, cmap=cmap, norm=norm,
+                    colorbar_label=colorbar_label, footer=footer)
+
+
 def query_bias_overlays(
     image: Image.Image | np.ndarray,
     bias_row_per_head: Array,

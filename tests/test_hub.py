@@ -7,6 +7,7 @@ configured only through HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE, as a user's proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -401,11 +402,15 @@ def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
         validate_repo_id(entry.source)
         assert entry.family in (*FAMILIES, *MECHANISMS)
         assert entry.num_params > 1_000_000
-        if entry.dataset == "ImageNet-1k" and entry.accuracy is not None:
-            assert 70.0 < entry.accuracy < 90.0
+        if entry.accuracy is not None:
+            assert 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
         if entry.source.startswith("timm/"):
-            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
+            num_classes = 0 if entry.headless else 1000
+            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": num_classes})
             assert config.position_encoding == entry.family, entry.source
+            if isinstance(config, ViTConfig):  # blocks are identical: count one and two, extrapolate to the depth
+                one, two = (build_model(dataclasses.replace(config, depth=d)).num_params() for d in (1, 2))
+                assert one + (config.depth - 1) * (two - one) == entry.num_params, entry.source
 
 
 def test_bundled_models_reads_each_checkpoint_folder_config_and_metrics(tmp_path, posenc_repo):

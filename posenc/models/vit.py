@@ -365,6 +365,12 @@ _SIGLIP = dict(class_token=False, global_pool="map")  # attention-pool head
 _SIGLIP_GAP = dict(class_token=False, global_pool="avg", fc_norm=False)
 _GAP = dict(class_token=False, global_pool="avg")  # timm's sbb register models
 
+
+def _arch(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, **fields: Any) -> dict[str, Any]:
+    """One preset: patch, width, depth, heads and input side, plus the fields of its kind."""
+    size = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, img_size=img_size)
+    return {**size, **fields}
+
 #: timm architecture name (no pretrained tag) -> the ViTConfig fields its registration fixes, as in timm's own
 #: registry; the ``model_args`` recorded in a checkpoint's config.json apply on top (see posenc.convert).
 TIMM_PRESETS: dict[str, dict[str, Any]] = {
@@ -400,95 +406,133 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "beit_large_patch16_512": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 512, "init_values": 1e-5},
     "beitv2_base_patch16_224": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
     "beitv2_large_patch16_224": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
-    "deit3_small_patch16_224": {**_DEIT3, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "img_size": 224},
-    "deit3_small_patch16_384": {**_DEIT3, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "img_size": 384},
-    "deit3_medium_patch16_224": {**_DEIT3, "patch_size": 16, "embed_dim": 512, "depth": 12, "num_heads": 8, "img_size": 224},
-    "deit3_base_patch16_224": {**_DEIT3, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 224},
-    "deit3_base_patch16_384": {**_DEIT3, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 384},
-    "deit3_large_patch16_224": {**_DEIT3, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 224},
-    "deit3_large_patch16_384": {**_DEIT3, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 384},
-    "deit3_huge_patch14_224": {**_DEIT3, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "img_size": 224},
-    "vit_xsmall_patch16_clip_224": {**_CLIP, "embed_dim": 256, "depth": 10, "num_heads": 4, "img_size": 224},
-    "vit_medium_patch32_clip_224": {**_CLIP, "patch_size": 32, "embed_dim": 512, "depth": 12, "num_heads": 8, "img_size": 224},
-    "vit_medium_patch16_clip_224": {**_CLIP, "embed_dim": 512, "depth": 12, "num_heads": 8, "img_size": 224},
-    "vit_betwixt_patch32_clip_224": {**_CLIP, "patch_size": 32, "embed_dim": 640, "depth": 12, "num_heads": 10, "img_size": 224},
-    "vit_base_patch32_clip_224": {**_CLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 224},
-    "vit_base_patch32_clip_256": {**_CLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 256},
-    "vit_base_patch32_clip_384": {**_CLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 384},
-    "vit_base_patch32_clip_448": {**_CLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 448},
-    "vit_base_patch16_clip_224": {**_CLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 224},
-    "vit_base_patch16_clip_384": {**_CLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 384},
-    "vit_base_patch16_plus_clip_240": {**_CLIP, "patch_size": 16, "embed_dim": 896, "depth": 12, "num_heads": 14, "img_size": 240},
-    "vit_large_patch14_clip_224": {**_CLIP, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 224},
-    "vit_large_patch14_clip_336": {**_CLIP, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 336},
-    "vit_huge_patch14_clip_224": {**_CLIP, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "img_size": 224},
-    "vit_huge_patch14_clip_336": {**_CLIP, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "img_size": 336},
-    "vit_huge_patch14_clip_378": {**_CLIP, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "img_size": 378},
-    "vit_giant_patch14_clip_224": {**_CLIP, "patch_size": 14, "embed_dim": 1408, "mlp_ratio": 48 / 11, "depth": 40, "num_heads": 16, "img_size": 224},
-    "vit_gigantic_patch14_clip_224": {**_CLIP, "patch_size": 14, "embed_dim": 1664, "mlp_ratio": 64 / 13, "depth": 48, "num_heads": 16, "img_size": 224},
-    "vit_gigantic_patch14_clip_378": {**_CLIP, "patch_size": 14, "embed_dim": 1664, "mlp_ratio": 64 / 13, "depth": 48, "num_heads": 16, "img_size": 378},
-    "vit_base_patch32_clip_quickgelu_224": {**_CLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "act_layer": "quick_gelu", "img_size": 224},
-    "vit_base_patch16_clip_quickgelu_224": {**_CLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "act_layer": "quick_gelu", "img_size": 224},
-    "vit_large_patch14_clip_quickgelu_224": {**_CLIP, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "act_layer": "quick_gelu", "img_size": 224},
-    "vit_large_patch14_clip_quickgelu_336": {**_CLIP, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "act_layer": "quick_gelu", "img_size": 336},
-    "vit_huge_patch14_clip_quickgelu_224": {**_CLIP, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "act_layer": "quick_gelu", "img_size": 224},
-    "vit_huge_patch14_clip_quickgelu_378": {**_CLIP, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "act_layer": "quick_gelu", "img_size": 378},
-    "vit_gigantic_patch14_clip_quickgelu_224": {**_CLIP, "patch_size": 14, "embed_dim": 1664, "mlp_ratio": 64 / 13, "depth": 48, "num_heads": 16, "act_layer": "quick_gelu", "img_size": 224},
-    "flexivit_small": {**_FLEXI, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "img_size": 240},
-    "flexivit_base": {**_FLEXI, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 240},
-    "flexivit_large": {**_FLEXI, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 240},
-    "vit_small_patch14_dinov2": {**_DINOV2, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6, "img_size": 518},
-    "vit_base_patch14_dinov2": {**_DINOV2, "patch_size": 14, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 518},
-    "vit_large_patch14_dinov2": {**_DINOV2, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 518},
-    "vit_small_patch14_reg4_dinov2": {**_DINOV2_REG, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6, "img_size": 518},
-    "vit_base_patch14_reg4_dinov2": {**_DINOV2_REG, "patch_size": 14, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 518},
-    "vit_large_patch14_reg4_dinov2": {**_DINOV2_REG, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 518},
-    "vit_base_patch32_siglip_256": {**_SIGLIP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_base_patch16_siglip_224": {**_SIGLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 224},
-    "vit_base_patch16_siglip_256": {**_SIGLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 256},
-    "vit_base_patch16_siglip_384": {**_SIGLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 384},
-    "vit_base_patch16_siglip_512": {**_SIGLIP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 512},
-    "vit_large_patch16_siglip_256": {**_SIGLIP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 256},
-    "vit_large_patch16_siglip_384": {**_SIGLIP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 384},
-    "vit_large_patch16_siglip_512": {**_SIGLIP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 512},
-    "vit_so400m_patch14_siglip_224": {**_SIGLIP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 224},
-    "vit_so400m_patch14_siglip_378": {**_SIGLIP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 378},
-    "vit_so400m_patch16_siglip_256": {**_SIGLIP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_so400m_patch16_siglip_384": {**_SIGLIP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 384},
-    "vit_so400m_patch16_siglip_512": {**_SIGLIP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 512},
-    "vit_giantopt_patch16_siglip_256": {**_SIGLIP, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_giantopt_patch16_siglip_384": {**_SIGLIP, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 384},
-    "vit_base_patch32_siglip_gap_256": {**_SIGLIP_GAP, "patch_size": 32, "embed_dim": 768, "depth": 12, "num_heads": 12, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_base_patch16_siglip_gap_224": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 224},
-    "vit_base_patch16_siglip_gap_256": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 256},
-    "vit_base_patch16_siglip_gap_384": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 384},
-    "vit_base_patch16_siglip_gap_512": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "img_size": 512},
-    "vit_large_patch16_siglip_gap_256": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 256},
-    "vit_large_patch16_siglip_gap_384": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "img_size": 384},
-    "vit_large_patch16_siglip_gap_512": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 512},
-    "vit_so400m_patch14_siglip_gap_224": {**_SIGLIP_GAP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 224},
-    "vit_so400m_patch14_siglip_gap_378": {**_SIGLIP_GAP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 378},
-    "vit_so400m_patch14_siglip_gap_448": {**_SIGLIP_GAP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 448},
-    "vit_so400m_patch14_siglip_gap_896": {**_SIGLIP_GAP, "patch_size": 14, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "img_size": 896},
-    "vit_so400m_patch16_siglip_gap_256": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_so400m_patch16_siglip_gap_384": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 384},
-    "vit_so400m_patch16_siglip_gap_512": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1152, "depth": 27, "num_heads": 16, "mlp_ratio": 3.7362, "act_layer": "gelu_tanh", "img_size": 512},
-    "vit_giantopt_patch16_siglip_gap_256": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 256},
-    "vit_giantopt_patch16_siglip_gap_384": {**_SIGLIP_GAP, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 16, "act_layer": "gelu_tanh", "img_size": 384},
-    "vit_wee_patch16_reg1_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 256, "depth": 14, "num_heads": 4, "init_values": 1e-05, "mlp_ratio": 5, "no_embed_class": True, "reg_tokens": 1, "img_size": 256},
-    "vit_little_patch16_reg1_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 320, "depth": 14, "num_heads": 5, "init_values": 1e-05, "mlp_ratio": 5.6, "no_embed_class": True, "reg_tokens": 1, "img_size": 256},
-    "vit_little_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 320, "depth": 14, "num_heads": 5, "init_values": 1e-05, "mlp_ratio": 5.6, "no_embed_class": True, "reg_tokens": 4, "img_size": 256},
-    "vit_medium_patch16_reg1_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 512, "depth": 12, "num_heads": 8, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 1, "img_size": 256},
-    "vit_medium_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 512, "depth": 12, "num_heads": 8, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 4, "img_size": 256},
-    "vit_mediumd_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 4, "img_size": 256},
-    "vit_mediumd_patch16_reg4_gap_384": {**_GAP, "patch_size": 16, "embed_dim": 512, "depth": 20, "num_heads": 8, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 4, "img_size": 384},
-    "vit_betwixt_patch16_reg1_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 640, "depth": 12, "num_heads": 10, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 1, "img_size": 256},
-    "vit_betwixt_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 640, "depth": 12, "num_heads": 10, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 4, "img_size": 256},
-    "vit_betwixt_patch16_reg4_gap_384": {**_GAP, "patch_size": 16, "embed_dim": 640, "depth": 12, "num_heads": 10, "init_values": 1e-05, "no_embed_class": True, "reg_tokens": 4, "img_size": 384},
-    "vit_base_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "no_embed_class": True, "reg_tokens": 4, "img_size": 256},
-    "vit_so150m_patch16_reg4_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 896, "depth": 18, "num_heads": 14, "mlp_ratio": 2.572, "reg_tokens": 4, "fc_norm": False, "img_size": 256},
-    "vit_so150m_patch16_reg4_gap_384": {**_GAP, "patch_size": 16, "embed_dim": 896, "depth": 18, "num_heads": 14, "mlp_ratio": 2.572, "reg_tokens": 4, "fc_norm": False, "img_size": 384},
-    "vit_so150m2_patch16_reg1_gap_256": {**_GAP, "patch_size": 16, "embed_dim": 832, "depth": 21, "num_heads": 13, "mlp_ratio": 34 / 13, "init_values": 1e-05, "qkv_bias": False, "reg_tokens": 1, "img_size": 256},
-    "vit_so150m2_patch16_reg1_gap_384": {**_GAP, "patch_size": 16, "embed_dim": 832, "depth": 21, "num_heads": 13, "mlp_ratio": 34 / 13, "init_values": 1e-05, "qkv_bias": False, "reg_tokens": 1, "img_size": 384},
-    "vit_so150m2_patch16_reg1_gap_448": {**_GAP, "patch_size": 16, "embed_dim": 832, "depth": 21, "num_heads": 13, "mlp_ratio": 34 / 13, "init_values": 1e-05, "qkv_bias": False, "reg_tokens": 1, "img_size": 448},
+    "deit3_small_patch16_224": _arch(16, 384, 12, 6, 224, **_DEIT3),
+    "deit3_small_patch16_384": _arch(16, 384, 12, 6, 384, **_DEIT3),
+    "deit3_medium_patch16_224": _arch(16, 512, 12, 8, 224, **_DEIT3),
+    "deit3_base_patch16_224": _arch(16, 768, 12, 12, 224, **_DEIT3),
+    "deit3_base_patch16_384": _arch(16, 768, 12, 12, 384, **_DEIT3),
+    "deit3_large_patch16_224": _arch(16, 1024, 24, 16, 224, **_DEIT3),
+    "deit3_large_patch16_384": _arch(16, 1024, 24, 16, 384, **_DEIT3),
+    "deit3_huge_patch14_224": _arch(14, 1280, 32, 16, 224, **_DEIT3),
+    "vit_xsmall_patch16_clip_224": _arch(16, 256, 10, 4, 224, **_CLIP),
+    "vit_medium_patch32_clip_224": _arch(32, 512, 12, 8, 224, **_CLIP),
+    "vit_medium_patch16_clip_224": _arch(16, 512, 12, 8, 224, **_CLIP),
+    "vit_betwixt_patch32_clip_224": _arch(32, 640, 12, 10, 224, **_CLIP),
+    "vit_base_patch32_clip_224": _arch(32, 768, 12, 12, 224, **_CLIP),
+    "vit_base_patch32_clip_256": _arch(32, 768, 12, 12, 256, **_CLIP),
+    "vit_base_patch32_clip_384": _arch(32, 768, 12, 12, 384, **_CLIP),
+    "vit_base_patch32_clip_448": _arch(32, 768, 12, 12, 448, **_CLIP),
+    "vit_base_patch16_clip_224": _arch(16, 768, 12, 12, 224, **_CLIP),
+    "vit_base_patch16_clip_384": _arch(16, 768, 12, 12, 384, **_CLIP),
+    "vit_base_patch16_plus_clip_240": _arch(16, 896, 12, 14, 240, **_CLIP),
+    "vit_large_patch14_clip_224": _arch(14, 1024, 24, 16, 224, **_CLIP),
+    "vit_large_patch14_clip_336": _arch(14, 1024, 24, 16, 336, **_CLIP),
+    "vit_huge_patch14_clip_224": _arch(14, 1280, 32, 16, 224, **_CLIP),
+    "vit_huge_patch14_clip_336": _arch(14, 1280, 32, 16, 336, **_CLIP),
+    "vit_huge_patch14_clip_378": _arch(14, 1280, 32, 16, 378, **_CLIP),
+    "vit_giant_patch14_clip_224": _arch(14, 1408, 40, 16, 224, **_CLIP, mlp_ratio=48 / 11),
+    "vit_gigantic_patch14_clip_224": _arch(14, 1664, 48, 16, 224, **_CLIP, mlp_ratio=64 / 13),
+    "vit_gigantic_patch14_clip_378": _arch(14, 1664, 48, 16, 378, **_CLIP, mlp_ratio=64 / 13),
+    "vit_base_patch32_clip_quickgelu_224": _arch(32, 768, 12, 12, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_base_patch16_clip_quickgelu_224": _arch(16, 768, 12, 12, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_large_patch14_clip_quickgelu_224": _arch(14, 1024, 24, 16, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_large_patch14_clip_quickgelu_336": _arch(14, 1024, 24, 16, 336, **_CLIP, act_layer="quick_gelu"),
+    "vit_huge_patch14_clip_quickgelu_224": _arch(14, 1280, 32, 16, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_huge_patch14_clip_quickgelu_378": _arch(14, 1280, 32, 16, 378, **_CLIP, act_layer="quick_gelu"),
+    "vit_gigantic_patch14_clip_quickgelu_224": _arch(
+        14, 1664, 48, 16, 224, **_CLIP, mlp_ratio=64 / 13, act_layer="quick_gelu"
+    ),
+    "flexivit_small": _arch(16, 384, 12, 6, 240, **_FLEXI),
+    "flexivit_base": _arch(16, 768, 12, 12, 240, **_FLEXI),
+    "flexivit_large": _arch(16, 1024, 24, 16, 240, **_FLEXI),
+    "vit_small_patch14_dinov2": _arch(14, 384, 12, 6, 518, **_DINOV2),
+    "vit_base_patch14_dinov2": _arch(14, 768, 12, 12, 518, **_DINOV2),
+    "vit_large_patch14_dinov2": _arch(14, 1024, 24, 16, 518, **_DINOV2),
+    "vit_small_patch14_reg4_dinov2": _arch(14, 384, 12, 6, 518, **_DINOV2_REG),
+    "vit_base_patch14_reg4_dinov2": _arch(14, 768, 12, 12, 518, **_DINOV2_REG),
+    "vit_large_patch14_reg4_dinov2": _arch(14, 1024, 24, 16, 518, **_DINOV2_REG),
+    "vit_base_patch32_siglip_256": _arch(32, 768, 12, 12, 256, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_base_patch16_siglip_224": _arch(16, 768, 12, 12, 224, **_SIGLIP),
+    "vit_base_patch16_siglip_256": _arch(16, 768, 12, 12, 256, **_SIGLIP),
+    "vit_base_patch16_siglip_384": _arch(16, 768, 12, 12, 384, **_SIGLIP),
+    "vit_base_patch16_siglip_512": _arch(16, 768, 12, 12, 512, **_SIGLIP),
+    "vit_large_patch16_siglip_256": _arch(16, 1024, 24, 16, 256, **_SIGLIP),
+    "vit_large_patch16_siglip_384": _arch(16, 1024, 24, 16, 384, **_SIGLIP),
+    "vit_large_patch16_siglip_512": _arch(16, 1024, 24, 16, 512, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_so400m_patch14_siglip_224": _arch(14, 1152, 27, 16, 224, **_SIGLIP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_378": _arch(14, 1152, 27, 16, 378, **_SIGLIP, mlp_ratio=3.7362),
+    "vit_so400m_patch16_siglip_256": _arch(16, 1152, 27, 16, 256, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_so400m_patch16_siglip_384": _arch(16, 1152, 27, 16, 384, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_so400m_patch16_siglip_512": _arch(16, 1152, 27, 16, 512, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_256": _arch(16, 1536, 40, 16, 256, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_384": _arch(16, 1536, 40, 16, 384, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_base_patch32_siglip_gap_256": _arch(32, 768, 12, 12, 256, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_base_patch16_siglip_gap_224": _arch(16, 768, 12, 12, 224, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_256": _arch(16, 768, 12, 12, 256, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_384": _arch(16, 768, 12, 12, 384, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_512": _arch(16, 768, 12, 12, 512, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_256": _arch(16, 1024, 24, 16, 256, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_384": _arch(16, 1024, 24, 16, 384, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_512": _arch(16, 1024, 24, 16, 512, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_so400m_patch14_siglip_gap_224": _arch(14, 1152, 27, 16, 224, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_378": _arch(14, 1152, 27, 16, 378, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_448": _arch(14, 1152, 27, 16, 448, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_896": _arch(14, 1152, 27, 16, 896, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch16_siglip_gap_256": _arch(
+        16, 1152, 27, 16, 256, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_so400m_patch16_siglip_gap_384": _arch(
+        16, 1152, 27, 16, 384, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_so400m_patch16_siglip_gap_512": _arch(
+        16, 1152, 27, 16, 512, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_giantopt_patch16_siglip_gap_256": _arch(16, 1536, 40, 16, 256, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_gap_384": _arch(16, 1536, 40, 16, 384, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_wee_patch16_reg1_gap_256": _arch(
+        16, 256, 14, 4, 256, **_GAP, init_values=1e-05, mlp_ratio=5, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_little_patch16_reg1_gap_256": _arch(
+        16, 320, 14, 5, 256, **_GAP, init_values=1e-05, mlp_ratio=5.6, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_little_patch16_reg4_gap_256": _arch(
+        16, 320, 14, 5, 256, **_GAP, init_values=1e-05, mlp_ratio=5.6, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_medium_patch16_reg1_gap_256": _arch(
+        16, 512, 12, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_medium_patch16_reg4_gap_256": _arch(
+        16, 512, 12, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_mediumd_patch16_reg4_gap_256": _arch(
+        16, 512, 20, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_mediumd_patch16_reg4_gap_384": _arch(
+        16, 512, 20, 8, 384, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_betwixt_patch16_reg1_gap_256": _arch(
+        16, 640, 12, 10, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_betwixt_patch16_reg4_gap_256": _arch(
+        16, 640, 12, 10, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_betwixt_patch16_reg4_gap_384": _arch(
+        16, 640, 12, 10, 384, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_base_patch16_reg4_gap_256": _arch(16, 768, 12, 12, 256, **_GAP, no_embed_class=True, reg_tokens=4),
+    "vit_so150m_patch16_reg4_gap_256": _arch(
+        16, 896, 18, 14, 256, **_GAP, mlp_ratio=2.572, reg_tokens=4, fc_norm=False
+    ),
+    "vit_so150m_patch16_reg4_gap_384": _arch(
+        16, 896, 18, 14, 384, **_GAP, mlp_ratio=2.572, reg_tokens=4, fc_norm=False
+    ),
+    "vit_so150m2_patch16_reg1_gap_256": _arch(
+        16, 832, 21, 13, 256, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
+    "vit_so150m2_patch16_reg1_gap_384": _arch(
+        16, 832, 21, 13, 384, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
+    "vit_so150m2_patch16_reg1_gap_448": _arch(
+        16, 832, 21, 13, 448, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
 }

@@ -42,6 +42,7 @@ TRANSFORMERS_ARCHITECTURES = {
     "deit": ("DeiTForImageClassificationWithTeacher",),
     "beit": ("BeitForImageClassification",),
     "swin": ("SwinForImageClassification",),
+    "dinov3_vit": ("DINOv3ViTModel", "DINOv3ViTBackbone"),  # headless: model(x) is the normed cls token
 }
 # timm constructor arguments (``model_args``) named differently from the posenc config field they set.
 _TIMM_ARG_RULES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -92,7 +93,20 @@ _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv by _fuse_qkv
     EvaConfig: [(r"\.attn\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}.")],
 }
-_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {}
+_TRANSFORMERS_RULES_FOR: dict[str, list[Rule]] = {
+    "dinov3_vit": [
+        (r"^embeddings\.cls_token$", "cls_token"),
+        (r"^embeddings\.register_tokens$", "reg_token"),
+        (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+        (r"^embeddings\.mask_token$", "mask_token"),  # pre-training only: dropped
+        (r"^(model\.)?layer\.(\d+)\.", r"blocks.\2."),
+        (r"\.attention\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}."),
+        (r"\.attention\.o_proj\.", ".attn.proj."),
+        (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"),
+        (r"\.mlp\.up_proj\.", ".mlp.fc1."),
+        (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+    ],
+}
 # Buffers rebuilt from the config (DINOv3's RoPE periods too; and BEiT's unused mask token): never loaded.
 _DERIVED = ("relative_position_index", "attn_mask", "k_bias", "mask_token", "periods")
 
@@ -281,15 +295,45 @@ def _beit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> V
     )
 
 
+def _dinov3_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> EvaConfig:
+    """DINOv3 as a backbone: cls + register tokens, centred RoPE, post-norm, cls pooling, no classifier."""
+    for flag in ("use_gated_mlp",):
+        if config.get(flag):
+            raise UnsupportedModelError(f"DINOv3 with {flag}=True is not supported; pick a DINOv3 ViT-S/B/L")
+    if not (config.get("mlp_bias", True) and config.get("proj_bias", True)):
+        raise UnsupportedModelError("DINOv3 without MLP or output projection biases is not supported")
+    biases = (config.get("query_bias", True), config.get("key_bias", False), config.get("value_bias", True))
+    if biases[1] and not all(biases) or biases[0] != biases[2]:
+        raise UnsupportedModelError(f"DINOv3 with query/key/value biases {biases} is not supported")
+    scale = config.get("layerscale_value", 1.0)
+    return EvaConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-5),
+           "qkv_bias": bool(biases[0])},
+        **_vit_fields(config),
+        attn_type="rope" if biases[1] else "eva",  # "rope": one bias for q, k and v; "eva": no key bias
+        init_values=scale,
+        num_reg_tokens=config.get("num_register_tokens", 0),
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=config.get("rope_theta", 100.0),
+        rope_rotate_half=True,
+        global_pool="token",
+        use_fc_norm=False,
+    )
+
+
 #: transformers ``model_type`` -> the function that reads the rest of its config.
 _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
     "vit": _vit_from_transformers,
     "deit": _deit_from_transformers,
     "beit": _beit_from_transformers,
     "swin": _swin_from_transformers,
+    "dinov3_vit": _dinov3_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
-_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig}
+_TRANSFORMERS_CONFIG = {"vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig,
+                        "dinov3_vit": EvaConfig}
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

@@ -236,3 +236,28 @@ def test_model_args_contradicting_the_weights_name_key_and_shapes(tmp_path):
 def test_eva_config_refuses_inconsistent_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         EvaConfig(**{"use_rot_pos_emb": True, "embed_dim": 64, "num_heads": 4, **fields})
+
+
+# ------------------------------------------------------------------------------------------- transformers DINOv3
+
+HF_DINOV3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_register_tokens=2, image_size=64, patch_size=16)
+
+
+@pytest.mark.parametrize("key_bias", [False, True])
+@pytest.mark.parametrize("backbone", [False, True])
+def test_transformers_dinov3_gives_the_reference_cls_features_at_native_and_other_size(tmp_path, backbone, key_bias):
+    import transformers as hf
+
+    torch.manual_seed(0)
+    config = hf.DINOv3ViTConfig(**HF_DINOV3, key_bias=key_bias)
+    saved = perturb((hf.DINOv3ViTBackbone if backbone else hf.DINOv3ViTModel)(config))
+    saved.save_pretrained(tmp_path)
+    ref = hf.DINOv3ViTModel(config).eval()
+    ref.load_state_dict(saved.state_dict())  # the same weights: the backbone's last stage is this model's output
+    model = posenc.load(str(tmp_path)).model
+    assert model.headless and model.mechanisms == ("rope_axial",)
+    for size in [(64, 64), (96, 48)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert_close(model(x), ref(pixel_values=x).pooler_output, **TOL)

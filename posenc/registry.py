@@ -26,11 +26,12 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit" or "swin".
+        architecture: "vit", "deit", "beit", "swin" or "eva" (timm's eva.py family: RoPE-ViT, EVA-02, DINOv3).
         family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
-        dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").
+        dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10"); for a headless model, what it
+            was pre-trained on.
     """
 
     name: str
@@ -71,9 +72,22 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
     ),
+    # RoPE models of timm's eva.py. The copy of results-imagenet.csv searched for this list predates them, so their
+    # top-1 is None (Naver's model cards give 81.23 for axial and 81.216 for mixed ViT-S); EVA-02 mim_in22k and
+    # DINOv3 lvd1689m are headless (no classifier, no top-1).
+    ModelEntry("RoPE-ViT-S axial (Naver)", "timm/vit_small_patch16_rope_224.naver_in1k", "eva", "rope", 21_984_232,
+               None, "ImageNet-1k"),
+    ModelEntry("RoPE-ViT-S mixed (Naver)", "timm/vit_small_patch16_rope_mixed_224.naver_in1k", "eva", "rope",
+               21_988_840, None, "ImageNet-1k"),
+    ModelEntry("ViT-M/16 RoPE reg1 GAP (timm SBB)", "timm/vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", "eva", "rope",
+               38_743_016, None, "ImageNet-1k"),
+    ModelEntry("EVA-02-Ti/14 MIM (headless)", "timm/eva02_tiny_patch14_224.mim_in22k", "eva", "rope", 5_502_144, None,
+               "ImageNet-22k"),
+    ModelEntry("DINOv3 ViT-S/16 (headless)", "timm/vit_small_patch16_dinov3.lvd1689m", "eva", "rope", 21_586_944, None,
+               "LVD-1689M"),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin", "posenc_eva": "eva"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -394,12 +394,13 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 
 
 def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
-    assert {entry.architecture for entry in HUB_MODELS} == {"vit", "deit", "beit", "swin"}
+    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)
         assert entry.family in FAMILIES
-        assert entry.num_params > 1_000_000 and 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
+        assert entry.num_params > 1_000_000
+        assert entry.accuracy is None or (70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k")
         if entry.source.startswith("timm/"):
             config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
             assert config.position_encoding == entry.family, entry.source

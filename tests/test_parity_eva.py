@@ -261,3 +261,21 @@ def test_transformers_dinov3_gives_the_reference_cls_features_at_native_and_othe
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             assert_close(model(x), ref(pixel_values=x).pooler_output, **TOL)
+
+
+# ------------------------------------------------------------------------------------------- curated list
+
+HEADLESS = {"eva02_tiny_patch14_224", "vit_small_patch16_dinov3"}
+
+
+@pytest.mark.parametrize("entry", [e for e in posenc.HUB_MODELS if e.architecture == "eva"], ids=lambda e: e.name)
+def test_curated_eva_models_have_the_parameter_count_of_the_model_posenc_builds(entry):
+    from posenc.models import build_model
+
+    name = entry.source.split("/", 1)[1].split(".")[0]
+    config = config_from_timm({"architecture": name, "num_classes": 0 if name in HEADLESS else 1000})
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.num_params() == entry.num_params
+    assert model.position_encoding == entry.family
+    assert (entry.accuracy is None) or name not in HEADLESS

@@ -396,7 +396,7 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 
 
 def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
-    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit"}
+    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)

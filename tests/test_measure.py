@@ -324,9 +324,10 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     if not (folder / "model.safetensors").is_file():
         pytest.skip(f"bundled checkpoint {folder} is absent")
     loaded = posenc.load(str(folder))
-    h = MeasureHandlers(lambda source, progress: (family, loaded))
+    other = posenc.load(str(folder.parent / "cifar10-none"))
+    h = MeasureHandlers(lambda source, progress: (source, loaded if source == family else other))
     photo = _photo(tmp_path / "photo.png", 3)
-    *pngs, npz, summary = h.measure(str(photo), family, progress=_noop_progress)
+    *pngs, npz, summary = h.measure(str(photo), family, "none", progress=_noop_progress)
     for path in pngs:
         with Image.open(path) as img:
             assert img.format == "PNG"
@@ -336,6 +337,9 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     expected = measure.mean_attention_distance(seen, (32, 32))
     for b, d in enumerate(expected):
         np.testing.assert_allclose(numbers[f"attention_distance_block{b}"], d[0].numpy(), rtol=1e-5)
+    with torch.inference_mode():
+        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)), (32, 32))
+    np.testing.assert_allclose(numbers["compared_attention_distance_block0"], compared[0][0].numpy(), rtol=1e-5)
     assert numbers["filter_components"].shape[0] == 28
     assert numbers["reliance_shuffle_kl"].shape == (3,)
     assert [tuple(s) for s in numbers["sweep_sizes"]] == views.input_sizes(loaded)

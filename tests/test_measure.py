@@ -363,3 +363,13 @@ def test_app_has_a_named_endpoint_per_measurement():
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
     assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep"} <= names
+
+
+def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour():
+    from posenc import plots
+
+    img = np.asarray(plots.attention_distance({"a": [[10.0, 20.0], [30.0, 40.0]], "b": [[15.0], [35.0]]}))
+    for colour, heads in zip(plots.COLOURS[:2], (4, 2)):
+        hits = np.all(img == np.asarray(colour, dtype=np.uint8), axis=-1)
+        # every dot is a disc of about 40 pixels; the legend adds one 11x11 square
+        assert 30 * heads < hits.sum() - 121 < 60 * heads

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
-from posenc.models import SwinConfig, ViTConfig
+from posenc.models import ARCHITECTURES, SwinConfig, ViTConfig
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class CheckpointMismatchError(ValueError):
 def _supported() -> str:
     timm = ", ".join(TIMM_FAMILIES.values())
     hf = ", ".join(f"{t} ({'/'.join(a)})" for t, a in TRANSFORMERS_ARCHITECTURES.items())
-    return f"supported: timm {timm}; transformers model types {hf}; posenc_vit, posenc_swin"
+    return f"supported: timm {timm}; transformers model types {hf}; {', '.join(sorted(ARCHITECTURES))}"
 
 
 def detect_layout(config: dict[str, Any]) -> str:
@@ -133,7 +133,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ("posenc_vit", "posenc_swin"):
+    if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"
@@ -179,7 +179,7 @@ def config_from_timm(config: dict[str, Any]) -> Config:
     if "use_rel_pos_bias" in args or "use_shared_rel_pos_bias" in args:
         args["rel_pos_bias"] = args.pop("use_rel_pos_bias", True) or args.pop("use_shared_rel_pos_bias", False)
         args.pop("use_shared_rel_pos_bias", None)
-    args["num_classes"] = int(config.get("num_classes", args.get("num_classes", 1000)))
+    args["num_classes"] = config.get("num_classes", args.get("num_classes", 1000))  # checked by the config
     if args["num_classes"] == 0:
         raise UnsupportedModelError(f"timm model {name!r} has no classifier head (num_classes=0); pick a fine-tuned tag")
     args["labels"] = _timm_labels(config, args["num_classes"])
@@ -256,12 +256,14 @@ def config_from_transformers(config: dict[str, Any], preprocessor: dict[str, Any
             mlp_ratio=config.get("mlp_ratio", 4.0),
             **common,
         )
-    hidden = config["hidden_size"]
+    hidden, intermediate = config["hidden_size"], config.get("intermediate_size", 4 * _size(config, "hidden_size"))
+    if not isinstance(intermediate, (int, float)) or isinstance(intermediate, bool):
+        raise ValueError(f"intermediate_size must be a positive integer, got {intermediate!r}")
     common.update(
         embed_dim=hidden,
         depth=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"],
-        mlp_ratio=config.get("intermediate_size", 4 * hidden) / hidden,
+        mlp_ratio=intermediate / _size(config, "hidden_size"),
         distilled=model_type == "deit",
     )
     if model_type == "beit":
@@ -274,6 +276,14 @@ def config_from_transformers(config: dict[str, Any], preprocessor: dict[str, Any
             init_values=scale if scale and scale > 0 else None,
         )
     return ViTConfig(**common)
+
+
+def _size(config: dict[str, Any], key: str) -> int:
+    """A size that the converter computes with: a positive integer, or a ValueError naming it."""
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {str(value)[:60]!r}")
+    return value
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

@@ -17,10 +17,8 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
 
 def build_model(config: ViTConfig | SwinConfig | dict[str, Any]) -> PosencModel:
     """A freshly initialised model from a config object or a ``config.json`` dict (dispatch on ``model_type``)."""
-    if isinstance(config, ViTConfig):
-        return VisionTransformer(config)
-    if isinstance(config, SwinConfig):
-        return SwinTransformer(config)
+    if not isinstance(config, dict):
+        return ARCHITECTURES[config.model_type][1](config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")

@@ -231,7 +231,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ARCHITECTURES:
+    if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"
@@ -263,7 +263,7 @@ def config_from_timm(config: dict[str, Any]) -> Config:
     if "use_rel_pos_bias" in args or "use_shared_rel_pos_bias" in args:
         args["rel_pos_bias"] = args.pop("use_rel_pos_bias", True) or args.pop("use_shared_rel_pos_bias", False)
         args.pop("use_shared_rel_pos_bias", None)
-    args["num_classes"] = int(config.get("num_classes", args.get("num_classes", 1000)))  # 0: headless
+    args["num_classes"] = config.get("num_classes", args.get("num_classes", 1000))  # 0: headless; the config checks it
     input_size = pretrained.get("input_size")
     if "img_size" in args and "img_size" not in (config.get("model_args") or {}) and input_size and pretrained.get(
         "fixed_input_size"
@@ -370,13 +370,16 @@ def _swinv2_from_transformers(config: dict[str, Any], common: dict[str, Any]) ->
 
 
 def _vit_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config."""
-    hidden = config["hidden_size"]
+    """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config (sizes checked before use)."""
+    hidden = _size(config, "hidden_size")
+    intermediate = config.get("intermediate_size", 4 * hidden)
+    if not isinstance(intermediate, (int, float)) or isinstance(intermediate, bool):
+        raise ValueError(f"intermediate_size must be a positive integer, got {intermediate!r}")
     return {
         "embed_dim": hidden,
         "depth": config["num_hidden_layers"],
         "num_heads": config["num_attention_heads"],
-        "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+        "mlp_ratio": intermediate / hidden,
     }
 
 
@@ -575,6 +578,14 @@ _TRANSFORMERS_CONFIG = {
     "vitdet": SamConfig, "swinv2": SwinV2Config, "data2vec-vision": ViTConfig, "levit": LeViTConfig,
     "dinov3_vit": EvaConfig,
 }  # fmt: skip
+
+
+def _size(config: dict[str, Any], key: str) -> int:
+    """A size that the converter computes with: a positive integer, or a ValueError naming it."""
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {str(value)[:60]!r}")
+    return value
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

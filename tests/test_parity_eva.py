@@ -37,17 +37,18 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-# name -> (timm overrides, another input size (h, w)); the other size is non-square and not the native grid
+# name -> (timm overrides, another input size (h, w)). The native sizes are shrunk (recorded in model_args, so they
+# are the checkpoints' native sizes) to keep the file fast; the other size is non-square.
 CASES = {
-    "vit_small_patch16_rope_224": ({}, (160, 96)),
-    "vit_small_patch16_rope_mixed_224": ({}, (160, 96)),
-    "vit_small_patch16_rope_ape_224": ({}, (160, 96)),
-    "vit_small_patch16_rope_mixed_ape_224": ({}, (160, 96)),
-    "eva02_tiny_patch14_224": ({}, (168, 112)),  # headless (mim_in22k): pooled features
-    "eva02_base_patch14_224": ({"num_classes": 10}, (168, 112)),  # split q/k/v, SwiGLU with sub-LN
-    "vit_medium_patch16_rope_reg1_gap_256": ({}, (160, 96)),
-    "vit_small_patch16_dinov3": ({}, (160, 96)),  # headless
-    "vit_small_patch16_dinov3_qkvb": ({"num_classes": 10, "global_pool": "token"}, (160, 96)),
+    "vit_small_patch16_rope_224": ({"img_size": 64}, (80, 48)),
+    "vit_small_patch16_rope_mixed_224": ({"img_size": 64}, (80, 48)),
+    "vit_small_patch16_rope_ape_224": ({"img_size": 64}, (80, 48)),
+    "vit_small_patch16_rope_mixed_ape_224": ({"img_size": 64}, (80, 48)),
+    "eva02_tiny_patch14_224": ({"img_size": 56}, (70, 42)),  # headless (mim_in22k): pooled features
+    "eva02_base_patch14_224": ({"num_classes": 10, "img_size": 56}, (70, 42)),  # split q/k/v, SwiGLU, sub-LN
+    "vit_medium_patch16_rope_reg1_gap_256": ({"img_size": 64}, (80, 48)),
+    "vit_small_patch16_dinov3": ({"img_size": 64}, (80, 48)),  # headless
+    "vit_small_patch16_dinov3_qkvb": ({"num_classes": 10, "global_pool": "token", "img_size": 64}, (80, 48)),
 }
 
 
@@ -60,7 +61,7 @@ def _reference(name: str, folder: Path) -> torch.nn.Module:
 
 def _at_size(name: str, ref: torch.nn.Module, size: tuple[int, int]) -> torch.nn.Module:
     """The reference rebuilt at another input size and loaded the way timm loads a checkpoint for it."""
-    other = timm.create_model(name, pretrained=False, **TINY, **CASES[name][0], img_size=size).eval()
+    other = timm.create_model(name, pretrained=False, **TINY, **{**CASES[name][0], "img_size": size}).eval()
     other.load_state_dict(checkpoint_filter_fn(ref.state_dict(), other))
     return other
 
@@ -108,7 +109,7 @@ def test_prefix_tokens_are_named_and_left_unrotated(tmp_path):
     sbb = posenc.load(str(tmp_path / "sbb")).model
     dinov3 = posenc.load(str(tmp_path / "dinov3")).model
     with torch.no_grad():
-        assert sbb.inspect(torch.randn(1, 3, 256, 256)).prefix_names == ("reg0",)
+        assert sbb.inspect(torch.randn(1, 3, 64, 64)).prefix_names == ("reg0",)
         seen = dinov3.inspect(torch.randn(1, 3, 64, 96))
     assert seen.prefix_names == ("cls", "reg0", "reg1", "reg2", "reg3")
     assert seen.rope_angles.shape == (4 * 6, 16 // 2)
@@ -138,15 +139,15 @@ def test_inspection_attention_matches_timm_unfused_attention(tmp_path):
     attn = ref.blocks[1].attn
     attn.fused_attn = False
     attn.attn_drop.register_forward_hook(lambda module, args, out: maps.append(out))  # dropout sees the softmax
-    x = torch.randn(1, 3, 160, 96)
-    other = _at_size("vit_small_patch16_rope_mixed_224", ref, (160, 96))
+    x = torch.randn(1, 3, 80, 48)
+    other = _at_size("vit_small_patch16_rope_mixed_224", ref, (80, 48))
     other.blocks[1].attn.fused_attn = False
     other.blocks[1].attn.attn_drop.register_forward_hook(lambda module, args, out: maps.append(out))
     with torch.no_grad():
         seen = model.inspect(x)
         other(x)
     assert_close(seen.blocks[1].attn, maps[-1], **TOL)
-    assert seen.blocks[1].position["rope_angles"].shape == (4, 10 * 6, 8)
+    assert seen.blocks[1].position["rope_angles"].shape == (4, 5 * 3, 8)
     assert seen.position["rope_freqs"].shape == (2, 2, 4, 8)
 
 

@@ -238,3 +238,9 @@ def test_posenc_swinv2_checkpoint_round_trips_through_load(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close(loaded.model(x), ref(x), **TOL)
+
+
+def test_input_size_a_window_cannot_tile_names_sizes_that_work():
+    model = build_model(SwinV2Config(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)))  # 256, window 8
+    with pytest.raises(ValueError, match=r"384x256 does not fit.*heights that work near 384: 64, 128, 256, 512"):
+        model(torch.randn(1, 3, 384, 256))

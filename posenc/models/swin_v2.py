@@ -162,6 +162,22 @@ class SwinV2Config:
         geometry = self.stage_geometry((size[0] // self.patch_size, size[1] // self.patch_size))
         return all(g % win == 0 for grid, window, _ in geometry for g, win in zip(grid, window))
 
+    def check_size(self, size: Size2) -> None:
+        """Raise a ValueError naming nearby heights and widths that fit when the model cannot take an (h, w) input."""
+        if self.fits(size):
+            return
+        step = self.size_step()
+        near = []
+        for axis, side in enumerate(size):
+            probe = lambda s: self.fits(tuple(s if a == axis else self.img_size[a] for a in range(2)))  # noqa: E731
+            sides = [k * step[axis] for k in range(1, 4 * max(side, self.img_size[axis]) // step[axis] + 2)]
+            near.append(sorted(sorted((s for s in sides if probe(s)), key=lambda s: abs(s - side))[:4]))
+        raise ValueError(
+            f"input size {size[0]}x{size[1]} does not fit this Swin V2: every stage grid must be a multiple of its "
+            f"window (windows {self.window_size} shrink to smaller grids); heights that work near {size[0]}: "
+            f"{', '.join(map(str, near[0]))}; widths near {size[1]}: {', '.join(map(str, near[1]))}"
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwinV2Config:
         return config_from_dict(cls, data)
@@ -366,6 +382,8 @@ class SwinTransformerV2(PosencModel):
         return "cpb"
 
     def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
+        self.patch_embed.grid(tuple(x.shape[-2:]))  # a size the patch does not divide: its own message
+        self.config.check_size(tuple(x.shape[-2:]))
         x = self.patch_embed(x)  # B, h, w, C
         grid = tuple(x.shape[1:3])
         traces = []

@@ -880,6 +880,50 @@ def head_values(
                     colorbar_label=colorbar_label)  # fmt: skip
 
 
+def matrix_heatmaps(
+    matrices: Array,
+    names: Sequence[str],
+    *,
+    title: str,
+    colorbar_label: str,
+    footer: str | None = None,
+    mark_row: int | None = None,
+    cmap: str = "magma",
+) -> Sheet:
+    """Several (rows, cols) matrices as heatmaps side by side, on one colour scale fitted to their values.
+
+    Each cell is a square of pixels; ``mark_row`` outlines one row in every panel (e.g. the chosen block).
+
+    Args:
+        matrices: (G, rows, cols) values; NaN cells are drawn white.
+        names: G panel titles.
+        title: sheet title.
+        colorbar_label: what the values are.
+        footer: text under the colour bar (say what the rows and columns are).
+        mark_row: a row to outline, or None.
+        cmap: colormap name.
+
+    Returns:
+        A :class:`Sheet` with one panel per matrix, boxes covering the heatmaps.
+    """
+    m = _to_numpy(matrices, "matrices")
+    if m.ndim != 3 or m.shape[0] != len(names):
+        raise ValueError(f"matrices must be (G, rows, cols) with G = {len(names)} names, got {m.shape}")
+    _, rows, cols = m.shape
+    norm = _norm(m, 0.0 if np.nanmin(m) >= 0 else None, None)
+    cell = max(4, _TABLE_SIDE // max(rows, cols))
+    pictures = np.repeat(np.repeat(colorize(m, cmap, norm), cell, axis=1), cell, axis=2)  # G, rows*cell, cols*cell, 3
+    panels = []
+    for picture in pictures:
+        img = Image.fromarray(picture)
+        if mark_row is not None:
+            ImageDraw.Draw(img).rectangle((0, mark_row * cell, cols * cell - 1, (mark_row + 1) * cell - 1),
+                                          outline=(0, 200, 255), width=max(1, cell // 12))
+        panels.append(img)
+    return _compose(panels, list(names), ncols=min(len(names), MAX_COLS), title=title, cmap=cmap, norm=norm,
+                    colorbar_label=colorbar_label, footer=footer)
+
+
 def query_bias_overlays(
     image: Image.Image | np.ndarray,
     bias_row_per_head: Array,
@@ -924,6 +968,89 @@ def query_bias_overlays(
         title=title or f"Relative position bias from patch {p}", cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
     )  # fmt: skip
+
+
+def head_map_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    title: str,
+    colorbar_label: str,
+    cmap: str = "viridis",
+    alpha: float = 0.65,
+) -> Sheet:
+    """One scalar map per head on the photo, the clicked patch outlined, on one scale fitted to all heads' values.
+
+    Args:
+        image: the photo the model saw.
+        maps: (heads, gh, gw) values per key position.
+        patch: the clicked ``(row, col)``, outlined.
+        title: sheet title.
+        colorbar_label: text above the colour bar.
+        cmap: colormap name; the scale runs from the smallest to the largest finite value.
+        alpha: weight of the colour over the photo.
+
+    Returns:
+        A :class:`Sheet` with one panel per head (at most 6 per row) and one colour bar.
+    """
+    m = _heads_maps(maps, "maps")
+    heads, gh, gw = m.shape
+    p = _check_patch(patch, (gh, gw))
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    norm = _norm(m, None, None)
+    cm = matplotlib.colormaps[cmap]
+    panels = [_outline_patch(_blend(photo, m[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
+    return _compose(panels, [f"head {h}" for h in range(heads)], ncols=_head_layout(heads)[1], title=title,
+                    cmap=cmap, norm=norm, colorbar_label=colorbar_label)
+
+
+def signed_head_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    row_labels: Sequence[str],
+    title: str,
+    colorbar_label: str,
+    cmap: str = "RdBu_r",
+    alpha: float = 0.65,
+) -> Sheet:
+    """Several signed maps per head on the photo, one row of panels per map kind, on one scale symmetric about 0.
+
+    Args:
+        image: the photo the model saw.
+        maps: (R, heads, gh, gw) values (NaN where undefined), e.g. the two factors of a decomposed bias.
+        patch: the query ``(row, col)``, outlined.
+        row_labels: R labels, one per map kind.
+        title: sheet title.
+        colorbar_label: what the values are.
+
+    Returns:
+        A :class:`Sheet`: for each group of at most 6 heads, R rows of panels (labelled), and one colour bar.
+    """
+    stacked = _to_numpy(maps, "maps")
+    if stacked.ndim != 4 or stacked.shape[0] != len(row_labels):
+        raise ValueError(f"maps must be (R, heads, gh, gw) with R = {len(row_labels)} row labels, got {stacked.shape}")
+    kinds, heads, gh, gw = stacked.shape
+    p = _check_patch(patch, (gh, gw))
+    norm = _norm(stacked, None, None, symmetric=True)
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    cm = matplotlib.colormaps[cmap]
+    head_rows, ncols = _head_layout(heads)
+    panels, titles, labels = [], [], []
+    for hr in range(head_rows):
+        for k in range(kinds):
+            for h in range(hr * ncols, (hr + 1) * ncols):
+                if h < heads:
+                    panels.append(_outline_patch(_blend(photo, stacked[k, h], cm, norm, alpha), p, (gh, gw)))
+                    titles.append(f"head {h}")
+                else:
+                    panels.append(None)
+                    titles.append("")
+            labels.append(row_labels[k])
+    return _compose(panels, titles, ncols=ncols, title=title, cmap=cmap, norm=norm, colorbar_label=colorbar_label,
+                    row_labels=labels)
 
 
 def attention_overlays(

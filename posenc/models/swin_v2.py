@@ -54,7 +54,7 @@ from posenc.models.layers import (
     init_weights,
     normalise_config,
 )
-from posenc.models.swin import PatchMerging
+from posenc.models.swin import PatchMerging, windowed_trace_bytes
 from posenc.preprocess import Preprocess
 
 #: Upper clamp of ``logit_scale``: the cosine-attention temperature never exceeds 100.
@@ -395,6 +395,20 @@ class SwinTransformerV2(PosencModel):
                     traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def size_step(self) -> Size2:
+        return tuple(self.config.size_step())
+
+    def fits(self, size: Size2) -> bool:
+        return self.config.fits(size)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
+        return windowed_trace_bytes(self.config, size)
 
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits (pooled features when headless); ``position=False`` drops every bias."""

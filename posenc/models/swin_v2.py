@@ -70,25 +70,27 @@ class SwinV2Config:
     img_size: tuple[int, int] = (256, 256)
     patch_size: int = 4
     in_chans: int = 3
-    num_classes: int = 1000  # 0: headless, the model returns pooled features
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 96  # width of stage 0; doubles at every patch merging
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: tuple[int, int] = (8, 8)
-    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)  # per stage; 0: normalise offsets by the window itself
+    # per stage; 0: normalise the offsets by the window itself
+    pretrained_window_sizes: tuple[int, ...] = field(default=(0, 0, 0, 0), metadata={"min": 0})
     mlp_ratio: float = 4.0
     qkv_bias: bool | str = "qv"  # "qv": query and value biases, no key bias (Swin V2); True: one fused bias (CR)
-    cpb_style: str = "log2"  # "log2": Swin V2 coordinates and 16*sigmoid; "ln": swinv2_cr, bias used as is
+    # "log2": Swin V2 coordinates and 16*sigmoid; "ln": swinv2_cr, bias used as is
+    cpb_style: str = field(default="log2", metadata={"choices": CPB_STYLES})
     cpb_hidden: int = 512  # width of the continuous-position-bias MLP (384 for swinv2_cr)
     merge_norm_after: bool = True  # patch merging projects, then normalises (Swin V2); False: norm first (CR)
     final_norm: bool = True  # a LayerNorm before pooling (Swin V2); False: the last block's norm3 (CR)
     extra_norm_stage: bool = False  # CR: every stage ends with a main-branch norm3
     extra_norm_period: int = 0  # CR: a main-branch norm3 every this many blocks (0: none)
-    norm_eps: float = 1e-5
-    drop_path_rate: float = 0.0
+    norm_eps: float = field(default=1e-5, metadata={"max": 1.0})
+    drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    model_type: str = "posenc_swinv2"
+    model_type: str = field(default="posenc_swinv2", metadata={"choices": ("posenc_swinv2",)})
 
     def __post_init__(self) -> None:
         normalise_config(self)
@@ -366,7 +368,7 @@ class SwinTransformerV2(PosencModel):
         self.config = config = config if isinstance(config, SwinV2Config) else SwinV2Config.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True, eps=config.norm_eps)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         stages, start = [], 0
         for stage, depth in enumerate(config.depths):
             stages.append(SwinV2Stage(stage, config.embed_dim * 2**stage, config, rates[start : start + depth]))

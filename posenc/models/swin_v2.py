@@ -75,7 +75,7 @@ class SwinV2Config:
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: tuple[int, int] = (8, 8)
-    # per stage; 0: normalise the offsets by the window itself
+    # per stage; 0: normalise offsets by the window itself
     pretrained_window_sizes: tuple[int, ...] = field(default=(0, 0, 0, 0), metadata={"min": 0})
     mlp_ratio: float = 4.0
     qkv_bias: bool | str = "qv"  # "qv": query and value biases, no key bias (Swin V2); True: one fused bias (CR)

@@ -688,7 +688,7 @@ class Handlers:
         except ValueError:
             if not new_model:
                 raise
-            input_size = views.native_size(loaded)  # the old model's size may not fit the new one
+            input_size = views.default_size(loaded)  # the old model's size may not fit the new one
         grid = views.input_grid(loaded, input_size)
         if (new_model or list(grid) != shown.get("grid")) and shown.get("grid"):
             patch = views.map_patch(tuple(shown["patch"]), tuple(shown["grid"]), grid)

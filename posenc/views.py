@@ -132,15 +132,18 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
     model takes (its config's ``fits``: Swin V2 windows shrink on small grids, so not every multiple does).
 
     Returns:
-        Sorted (h, w) sizes; always contains the native size.
+        Sorted (h, w) sizes; the native size among them unless its inspection needs more than
+        :data:`MAX_TRACE_BYTES` and a smaller size does not.
     """
     native = native_size(loaded)
     step = size_step(loaded)
-    sizes = {native}
+    sizes = set()
     for factor in SIZE_FACTORS:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
         if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
+    if native not in sizes and (not sizes or loaded.model.trace_bytes(native) <= MAX_TRACE_BYTES):
+        sizes.add(native)
     return sorted(sizes)
 
 
@@ -159,10 +162,20 @@ def max_square_size(loaded: LoadedModel) -> int:
 
 
 def _fits(loaded: LoadedModel, size: Size2) -> bool:
-    """Whether the model runs at ``size``: multiples of the step, sides within the factor, memory within the bound."""
-    step, native = size_step(loaded), native_size(loaded)
-    return (all(0 < n <= MAX_SIZE_FACTOR * max(native) and n % s == 0 for n, s in zip(size, step))
-            and _trace_bytes(loaded, size) <= MAX_TRACE_BYTES)
+    """Whether the model runs at ``size``: sizes it takes (``model.fits``), sides within the factor, memory within the bound."""
+    native = native_size(loaded)
+    return (all(0 < n <= MAX_SIZE_FACTOR * max(native) for n in size) and loaded.model.fits(size)
+            and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES)
+
+
+def default_size(loaded: LoadedModel) -> Size2:
+    """The size a model runs at when none is asked for: its native size, or the largest offered size when the
+    native one needs more than :data:`MAX_TRACE_BYTES` of attention maps (SAM's encoder at 1024x1024)."""
+    native = native_size(loaded)
+    if _fits(loaded, native):
+        return native
+    offered = [s for s in input_sizes(loaded) if _fits(loaded, s)]
+    return max(offered, key=lambda s: s[0] * s[1]) if offered else native
 
 
 def size_rule(loaded: LoadedModel) -> str:
@@ -174,7 +187,7 @@ def size_rule(loaded: LoadedModel) -> str:
 
 
 def parse_size(value: str | int | None, loaded: LoadedModel) -> Size2:
-    """The (h, w) input size asked for: None or "" for native, ``224`` or ``"224x224"``.
+    """The (h, w) input size asked for: None or "" for :func:`default_size`, ``224`` or ``"224x224"``.
 
     Every size works whose height and width are positive multiples of :func:`size_step`, at most
     :data:`MAX_SIZE_FACTOR` times the native side, and whose inspection keeps at most
@@ -184,7 +197,7 @@ def parse_size(value: str | int | None, loaded: LoadedModel) -> Size2:
         ValueError: the text is not a size, or the model cannot run at that size (the message states the rule).
     """
     if value is None or (isinstance(value, str) and not value.strip()):
-        return native_size(loaded)
+        return default_size(loaded)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         size = (int(value), int(value))
     else:

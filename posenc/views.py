@@ -183,7 +183,8 @@ def size_rule(loaded: LoadedModel) -> str:
     step, native, side = size_step(loaded), native_size(loaded), max_square_size(loaded)
     return (f"a height that is a multiple of {step[0]} and a width that is a multiple of {step[1]} pixels, up to "
             f"{side}x{side} (each side at most {MAX_SIZE_FACTOR} times the native {format_size(native)}, and at most "
-            f"{MAX_TRACE_BYTES >> 20} MB of attention maps)")
+            f"{MAX_TRACE_BYTES >> 20} MB of attention maps), that the model takes (sizes that work: "
+            f"{', '.join(format_size(s) for s in input_sizes(loaded))})")
 
 
 def parse_size(value: str | int | None, loaded: LoadedModel) -> Size2:

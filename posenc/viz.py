@@ -933,6 +933,7 @@ def query_bias_overlays(
     cls_bias: Array | None = None,
     cmap: str = "RdBu_r",
     alpha: float = 0.65,
+    symmetric: bool = True,
 ) -> Sheet:
     """Each head's relative position bias from the clicked patch to every key it can attend to, on the photo.
 
@@ -942,8 +943,9 @@ def query_bias_overlays(
         patch: the query ``(row, col)``, outlined.
         title: sheet title; default names the patch.
         cls_bias: optional (heads,) token->cls bias (BEiT), printed in each head's title.
-        cmap: colormap name; the scale is symmetric about 0 and shared by all heads.
+        cmap: colormap name; the scale is shared by all heads.
         alpha: weight of the colour over the photo.
+        symmetric: scale symmetric about 0; False fits it to the values (e.g. Swin V2's positive bias).
 
     Returns:
         A :class:`Sheet` with one panel per head (at most 6 per row) and one colour bar.
@@ -958,7 +960,7 @@ def query_bias_overlays(
             raise ValueError(f"cls_bias must be (heads,) = ({heads},), got {cb.shape}")
         notes = [f"\ntok\u2192cls {_fmt(float(v))}" for v in cb]
     photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
-    norm = _norm(maps, None, None, symmetric=True)
+    norm = _norm(maps, None, None, symmetric=symmetric)
     cm = matplotlib.colormaps[cmap]
     panels = [_outline_patch(_blend(photo, maps[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
     return _compose(

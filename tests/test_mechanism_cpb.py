@@ -110,5 +110,6 @@ def test_offered_sizes_are_those_whose_stage_grids_the_windows_tile(loaded):
     # 32: grids 8, 4 (window shrinks to 4); 48: grid 12 is no multiple of the 8x8 window; 128: grids 32, 16
     assert views.size_step(loaded) == (8, 8)
     assert views.input_sizes(loaded) == [(32, 32), (64, 64), (128, 128)]
-    with pytest.raises(ValueError, match=r"96x96 is not offered.*choose one of 32x32, 64x64, 128x128"):
+    assert views.parse_size("128x32", loaded) == (128, 32)
+    with pytest.raises(ValueError, match=r"96x96 does not fit this model.*sizes that work: 32x32, 64x64, 128x128"):
         views.parse_size("96x96", loaded)

@@ -225,3 +225,22 @@ def test_cr_weights_are_renamed_to_the_swinv2_layout():
     state = convert_state_dict("timm", ref.state_dict(), cfg)
     assert_close(state["layers.1.blocks.0.attn.cpb_mlp.2.bias"], ref.state_dict()["stages.1.blocks.0.attn.meta_mlp.fc2.bias"])
     assert set(state) == set(build_model(cfg).state_dict())
+
+
+def test_posenc_swinv2_checkpoint_round_trips_through_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = SwinV2Config(img_size=32, embed_dim=16, depths=(2, 1), num_heads=(1, 2), window_size=4, num_classes=3,
+                       pretrained_window_sizes=(3, 0), cpb_hidden=32)  # fmt: skip
+    ref = perturb(build_model(cfg))
+    ref.save_pretrained(tmp_path)
+    loaded = load(str(tmp_path))
+    assert loaded.model.config == cfg and loaded.family == "cpb"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(loaded.model(x), ref(x), **TOL)
+
+
+def test_input_size_a_window_cannot_tile_names_sizes_that_work():
+    model = build_model(SwinV2Config(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)))  # 256, window 8
+    with pytest.raises(ValueError, match=r"384x256 does not fit.*heights that work near 384: 64, 128, 256, 512"):
+        model(torch.randn(1, 3, 384, 256))

@@ -73,7 +73,7 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     rows, _ = _query_rows(seen, trace, trace.pos_bias.detach().float(), patch)  # heads, gh, gw
     block_patch = _block_patch(seen, trace, patch)
     sheet = viz.query_bias_overlays(
-        seen.photo, rows, block_patch,
+        seen.photo, rows, block_patch, symmetric=bool(np.nanmin(rows) < 0),
         title=f"{seen.name}: continuous bias from patch {block_patch} to the keys it attends to\n"
               f"{describe_block(seen, block)}")  # fmt: skip
     return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)})

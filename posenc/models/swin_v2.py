@@ -70,7 +70,7 @@ class SwinV2Config:
     img_size: tuple[int, int] = (256, 256)
     patch_size: int = 4
     in_chans: int = 3
-    num_classes: int = 1000  # 0: headless, the model returns pooled features
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 96  # width of stage 0; doubles at every patch merging
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
@@ -79,17 +79,18 @@ class SwinV2Config:
     pretrained_window_sizes: tuple[int, ...] = field(default=(0, 0, 0, 0), metadata={"min": 0})
     mlp_ratio: float = 4.0
     qkv_bias: bool | str = "qv"  # "qv": query and value biases, no key bias (Swin V2); True: one fused bias (CR)
-    cpb_style: str = "log2"  # "log2": Swin V2 coordinates and 16*sigmoid; "ln": swinv2_cr, bias used as is
+    # "log2": Swin V2 coordinates and 16*sigmoid; "ln": swinv2_cr, bias used as is
+    cpb_style: str = field(default="log2", metadata={"choices": CPB_STYLES})
     cpb_hidden: int = 512  # width of the continuous-position-bias MLP (384 for swinv2_cr)
     merge_norm_after: bool = True  # patch merging projects, then normalises (Swin V2); False: norm first (CR)
     final_norm: bool = True  # a LayerNorm before pooling (Swin V2); False: the last block's norm3 (CR)
     extra_norm_stage: bool = False  # CR: every stage ends with a main-branch norm3
     extra_norm_period: int = 0  # CR: a main-branch norm3 every this many blocks (0: none)
-    norm_eps: float = 1e-5
-    drop_path_rate: float = 0.0
+    norm_eps: float = field(default=1e-5, metadata={"max": 1.0})
+    drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    model_type: str = "posenc_swinv2"
+    model_type: str = field(default="posenc_swinv2", metadata={"choices": ("posenc_swinv2",)})
 
     def __post_init__(self) -> None:
         normalise_config(self)
@@ -162,6 +163,22 @@ class SwinV2Config:
             return False
         geometry = self.stage_geometry((size[0] // self.patch_size, size[1] // self.patch_size))
         return all(g % win == 0 for grid, window, _ in geometry for g, win in zip(grid, window))
+
+    def check_size(self, size: Size2) -> None:
+        """Raise a ValueError naming nearby heights and widths that fit when the model cannot take an (h, w) input."""
+        if self.fits(size):
+            return
+        step = self.size_step()
+        near = []
+        for axis, side in enumerate(size):
+            probe = lambda s: self.fits(tuple(s if a == axis else self.img_size[a] for a in range(2)))  # noqa: E731
+            sides = [k * step[axis] for k in range(1, 4 * max(side, self.img_size[axis]) // step[axis] + 2)]
+            near.append(sorted(sorted((s for s in sides if probe(s)), key=lambda s: abs(s - side))[:4]))
+        raise ValueError(
+            f"input size {size[0]}x{size[1]} does not fit this Swin V2: every stage grid must be a multiple of its "
+            f"window (windows {self.window_size} shrink to smaller grids); heights that work near {size[0]}: "
+            f"{', '.join(map(str, near[0]))}; widths near {size[1]}: {', '.join(map(str, near[1]))}"
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwinV2Config:
@@ -367,6 +384,8 @@ class SwinTransformerV2(PosencModel):
         return "cpb"
 
     def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
+        self.patch_embed.grid(tuple(x.shape[-2:]))  # a size the patch does not divide: its own message
+        self.config.check_size(tuple(x.shape[-2:]))
         x = self.patch_embed(x)  # B, h, w, C
         grid = tuple(x.shape[1:3])
         traces = []

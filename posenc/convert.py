@@ -175,7 +175,8 @@ def config_from_timm(config: dict[str, Any]) -> Config:
         args.pop("use_shared_rel_pos_bias", None)
     args["num_classes"] = int(config.get("num_classes", args.get("num_classes", 1000)))
     if args["num_classes"] == 0 and not getattr(config_cls, "headless_ok", False):
-        raise UnsupportedModelError(f"timm model {name!r} has no classifier head (num_classes=0); pick a fine-tuned tag")
+        raise UnsupportedModelError(
+            f"timm model {name!r} has no classifier head (num_classes=0); pick a fine-tuned tag")
     args["labels"] = _timm_labels(config, args["num_classes"])
     args["preprocess"] = Preprocess.from_timm(pretrained)
     return config_cls(**args)

@@ -182,7 +182,7 @@ def resize_rel_pos_bias_table(
     return torch.cat([grid, extra], dim=0) if extra is not None else grid
 
 
-# --------------------------------------------------------------------------- decomposed relative positions (SAM, ViTDet)
+# --------------------------------------------------------------------------- decomposed relative bias (SAM, ViTDet)
 
 
 def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:

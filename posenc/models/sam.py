@@ -227,7 +227,8 @@ class SamBlock(nn.Module):
         if trace is None:
             return x, None
         if self.window:  # windows on their own axis: (B, nW, heads, ...), as for Swin
-            trace = {k: v.reshape(b, -1, *v.shape[1:]) if v is not None and v.ndim == 4 else v for k, v in trace.items()}
+            trace = {k: v.reshape(b, -1, *v.shape[1:]) if v is not None and v.ndim == 4 else v  # B, nW, heads, ...
+                     for k, v in trace.items()}
         position_tensors = {k: trace[k] for k in ("rel_h", "rel_w", "rel_pos_h", "rel_pos_w") if k in trace}
         return x, BlockTrace(
             attn=trace["attn"],
@@ -298,7 +299,8 @@ class SamViT(PosencModel):
         if tuple(grid) == self.config.pos_embed_grid:
             return self.pos_embed
         flat = self.pos_embed.flatten(1, 2)  # 1, h0*w0, C
-        flat = resample_abs_pos_embed(flat, grid, self.config.pos_embed_grid, 0, antialias=self.config.pos_embed_antialias)
+        flat = resample_abs_pos_embed(flat, grid, self.config.pos_embed_grid, 0,
+                                      antialias=self.config.pos_embed_antialias)  # 1, h*w, C
         return flat.reshape(1, *grid, -1)  # 1, h, w, C
 
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, Tensor | None, list]:
@@ -340,7 +342,8 @@ _SAM = dict(patch_size=16, img_size=1024, window_size=14, use_rel_pos=True, num_
 #: timm architecture name (no pretrained tag) -> the SamConfig fields its registration fixes; the checkpoint's
 #: ``model_args`` apply on top (see posenc.convert).
 TIMM_PRESETS: dict[str, dict[str, Any]] = {
-    "samvit_base_patch16": {**_SAM, "embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
+    "samvit_base_patch16": {
+        **_SAM, "embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
     "samvit_large_patch16": {
         **_SAM, "embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
     "samvit_huge_patch16": {

@@ -124,8 +124,13 @@ class LoadedModel:
         x = build_transform(pp)(load_image(image))  # 3, h, w
         return x[None].to(self._device())  # 1, 3, h, w
 
+    @property
+    def headless(self) -> bool:
+        """True for a checkpoint without a classifier (DINOv2, SigLIP towers): ``model(x)`` gives pooled features."""
+        return self.model.headless
+
     def predict(self, image: ImageSource, top_k: int = 5) -> list[Prediction]:
-        """The ``top_k`` most probable classes of one image, most probable first."""
+        """The ``top_k`` most probable classes of one image, most probable first; [] for a headless model."""
         return self.predict_batch([image], top_k=top_k)[0]
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int = 5) -> list[list[Prediction]]:
@@ -136,12 +141,16 @@ class LoadedModel:
             top_k: classes per image (capped at the number of classes).
 
         Returns:
-            B lists of ``top_k`` predictions, most probable first.
+            B lists of ``top_k`` predictions, most probable first; empty lists for a headless model, which has no
+            classes to predict (run ``model(pixels)`` for its pooled features).
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         if not images:
             return []
+        if self.headless:
+            logger.info("%s has no classifier head (headless): no predictions", self.source)
+            return [[] for _ in images]
         transform = build_transform(self.preprocess)
         x = torch.stack([transform(load_image(image)) for image in images]).to(self._device())  # B, 3, h, w
         with torch.inference_mode():

@@ -30,7 +30,7 @@ from posenc import viz
 from posenc.attention import Attention
 from posenc.encodings import Size2, padded_grid, resize_rel_pos_bias_table
 from posenc.hub import LoadedModel
-from posenc.models import BlockTrace, Inspection, SwinConfig
+from posenc.models import BlockTrace, Inspection
 from posenc.preprocess import ImageSource, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ FAMILY_NAMES = {
     "relative": "relative position bias (BEiT, global)",
     "windowed": "relative position bias in (shifted) windows (Swin)",
     "rope": "2D rotary embedding (RoPE)",
+    "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
+    "gpsa": "gated positional self-attention (ConViT)",
 }
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384
@@ -114,38 +116,18 @@ def native_size(loaded: LoadedModel) -> Size2:
 
 
 def size_step(loaded: LoadedModel) -> Size2:
-    """(h, w) that every input size must be a multiple of.
+    """(h, w) that every input size must be a multiple of (the model's ``size_step()``).
 
-    ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that
-    stage's window, so the step is the lcm over stages of ``patch * 2**s * window_s``.
+    ViT: the patch. Swin: at every stage s, the grid (size / patch / 2**s) must be a multiple of that stage's
+    window, so the step is the lcm over stages of ``patch * 2**s * window_s``. Swin V2: the patch times the grid's
+    halvings; its windows shrink on smaller grids, so its ``fits`` says which multiples it takes.
     """
-    cfg = loaded.model.config
-    if not isinstance(cfg, SwinConfig):
-        return (cfg.patch_size, cfg.patch_size)
-    step_h = step_w = cfg.patch_size
-    for stage, (_, window, _) in enumerate(cfg.stage_geometry()):
-        step_h = math.lcm(step_h, cfg.patch_size * 2**stage * window[0])
-        step_w = math.lcm(step_w, cfg.patch_size * 2**stage * window[1])
-    return (step_h, step_w)
-
-
-def _trace_bytes(loaded: LoadedModel, size: Size2) -> int:
-    """Bytes of the attention maps one inspection at ``size`` keeps (twice with a position-free copy)."""
-    cfg = loaded.model.config
-    if isinstance(cfg, SwinConfig):
-        total, (h, w) = 0, (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
-        for stage, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
-            window = cfg.stage_geometry()[stage][1]
-            tokens = (h >> stage) * (w >> stage)
-            total += depth * heads * tokens * window[0] * window[1]
-        return total * 4 * 2
-    n = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size) + cfg.num_prefix_tokens
-    copies = 2 if loaded.family in ("relative", "rope") else 1
-    return cfg.depth * cfg.num_heads * n * n * 4 * copies
+    return tuple(loaded.model.size_step())
 
 
 def input_sizes(loaded: LoadedModel) -> list[Size2]:
-    """The input sizes the resolution control offers: multiples of :func:`size_step` around the native size.
+    """The input sizes the resolution control offers: multiples of :func:`size_step` around the native size that the
+    model takes (its config's ``fits``: Swin V2 windows shrink on small grids, so not every multiple does).
 
     Returns:
         Sorted (h, w) sizes; always contains the native size.
@@ -155,7 +137,7 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
     sizes = {native}
     for factor in SIZE_FACTORS:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
-        if _trace_bytes(loaded, size) <= MAX_TRACE_BYTES:
+        if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
     return sorted(sizes)
 
@@ -265,8 +247,17 @@ def inspect_image(
     return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection)
 
 
+#: What :func:`predictions` says for a headless model.
+NO_CLASSIFIER = "no classifier: this checkpoint is headless (it returns features, not classes)"
+
+
 def predictions(seen: Seen, top_k: int = 5) -> dict[str, float]:
-    """The top-k classes as {label: probability} (repeated names get their class index appended)."""
+    """The top-k classes as {label: probability} (repeated names get their class index appended).
+
+    A headless model has no classes: the answer is ``{NO_CLASSIFIER: 0.0}``.
+    """
+    if seen.loaded.headless:
+        return {NO_CLASSIFIER: 0.0}
     probs = seen.inspection.logits[0].float().softmax(dim=-1)  # num_classes
     values, indices = probs.topk(min(top_k, probs.numel()))
     labels = seen.loaded.labels
@@ -294,8 +285,7 @@ def patch_picker(seen: Seen, patch: Patch) -> Image.Image:
 
 def num_blocks(loaded: LoadedModel) -> int:
     """Transformer blocks of a model (all stages for Swin), without running it."""
-    cfg = loaded.model.config
-    return sum(cfg.depths) if isinstance(cfg, SwinConfig) else cfg.depth
+    return loaded.model.num_blocks
 
 
 def pick_block(seen: Seen, which: str | float | None) -> int:
@@ -380,7 +370,8 @@ def _query_rows(
         return window_row_to_grid(trace, keys, values), None
     gh, gw = trace.grid
     prefix = per_pair.shape[-1] - gh * gw
-    q = prefix + patch[0] * gw + patch[1]
+    row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
+    q = prefix + row * gw + col
     rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
     return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
 
@@ -389,7 +380,8 @@ def _query_rows(
 
 
 def _require(seen: Seen, families: tuple[str, ...], what: str, hint: str) -> None:
-    if seen.family not in families:
+    """Raise :class:`ViewUnavailable` unless the model's family, or one of its mechanisms, is among ``families``."""
+    if seen.family not in families and not set(families) & set(seen.loaded.model.mechanisms):
         raise ViewUnavailable(
             f"{seen.name} uses {FAMILY_NAMES.get(seen.family, seen.family)}, so it has no {what}; {hint}"
         )
@@ -487,6 +479,55 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 
 
+def prefix_attention_shares(seen: Seen) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The share of attention every head of every block gives to each prefix group and to the patches.
+
+    Groups, in order: "cls" and "dist" where present, "registers" (all register tokens together) and "patches".
+    Shares are attention probabilities summed over a group's keys and averaged over the patch queries (prefix
+    queries left out), so the groups of one head and block add up to 1.
+
+    Returns:
+        (blocks, heads, G) shares and the G group names.
+
+    Raises:
+        ViewUnavailable: windowed attention (Swin) or a model without prefix tokens.
+    """
+    insp = seen.inspection
+    names = insp.prefix_labels
+    if not names:
+        raise ViewUnavailable(f"{seen.name} has no cls token or registers: every key is a patch")
+    if any(trace.window is not None for trace in insp.blocks):
+        raise ViewUnavailable(f"{seen.name} attends within windows, without prefix tokens")
+    groups = [(n, [i]) for i, n in enumerate(names) if not n.startswith("reg")]
+    registers = [i for i, n in enumerate(names) if n.startswith("reg")]
+    if registers:
+        groups.append(("registers", registers))
+    p = len(names)
+    shares = []
+    for trace in insp.blocks:
+        per_key = trace.attn[0, :, p:, :].float().mean(dim=1)  # heads, N  (mean over patch queries)
+        columns = [per_key[:, idx].sum(dim=-1) for _, idx in groups] + [per_key[:, p:].sum(dim=-1)]  # G x (heads,)
+        shares.append(torch.stack(columns, dim=-1))  # heads, G
+    return torch.stack(shares).numpy(), tuple(n for n, _ in groups) + ("patches",)  # blocks, heads, G
+
+
+def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
+    """Per block and head, the share of attention given to the cls token, the registers and the patches.
+
+    Averaged over patch queries (it does not depend on the clicked patch); the chosen block is outlined.
+    Registers that soak up attention in the later blocks are the high-norm "artefact" tokens they were added for.
+    """
+    shares, groups = prefix_attention_shares(seen)  # blocks, heads, G
+    sheet = viz.matrix_heatmaps(
+        np.moveaxis(shares, -1, 0), [f"to {g}" for g in groups],  # G, blocks, heads
+        title=f"{seen.name}: share of attention to prefix tokens and patches\n"
+              "averaged over patch queries; the chosen block is outlined",
+        colorbar_label="attention share (sums to 1 over the panels)",
+        footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
+        mark_row=block)  # fmt: skip
+    return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
+
+
 def position_view(seen: Seen, block: int, patch: Patch) -> View | None:
     """The model family's main per-patch position view (for side-by-side comparison), or None without one."""
     if seen.family in _ABSOLUTE:
@@ -515,10 +556,11 @@ def save_npz(path: str | Path, seen: Seen, patch: Patch, block: int, views: Iter
     Returns:
         The path written.
     """
-    logits = seen.inspection.logits[0].float()  # num_classes
+    logits = seen.inspection.logits[0].float()  # num_classes, or C pooled features when headless
+    outputs = {"features": logits.numpy()} if seen.loaded.headless else {
+        "logits": logits.numpy(), "probabilities": logits.softmax(-1).numpy()}
     arrays: dict[str, np.ndarray] = {
-        "logits": logits.numpy(),
-        "probabilities": logits.softmax(-1).numpy(),
+        **outputs,
         "labels": np.array(seen.loaded.labels),
         "photo": np.asarray(seen.photo),
         "input_size": np.array(seen.size),

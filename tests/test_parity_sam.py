@@ -225,3 +225,13 @@ def test_vitdet_with_residual_blocks_is_refused(tmp_path):
     hf.VitDetModel(hf.VitDetConfig(**VITDET, residual_block_indices=[1])).save_pretrained(tmp_path)
     with pytest.raises(HubLoadError, match=r"residual conv blocks \[1\]"):
         posenc.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 72)])
+def test_sam_trace_bytes_count_the_attention_an_inspection_keeps(tmp_path, size):
+    timm_sam(tmp_path, "samvit_base_patch16")
+    model = posenc.load(str(tmp_path)).model
+    with torch.no_grad():
+        insp = model.inspect(torch.randn(1, 3, *size))
+    kept = sum(t.numel() * 4 for b in insp.blocks for t in (b.attn, b.attn_no_pos) if t is not None)
+    assert model.trace_bytes(size) == kept

@@ -19,7 +19,7 @@ not mask the padding: queries attend to the padded tokens too, exactly as SAM an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from posenc.encodings import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_factors,
     pad_to_window,
+    padded_grid,
     resample_abs_pos_embed,
     to_2tuple,
     window_partition,
@@ -77,9 +78,6 @@ class SamConfig:
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     model_type: str = "posenc_sam"
-
-    #: ``num_classes == 0`` is a complete model here (SAM ships without a classifier).
-    headless_ok: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         normalise_config(self)
@@ -302,6 +300,21 @@ class SamViT(PosencModel):
         flat = resample_abs_pos_embed(flat, grid, self.config.pos_embed_grid, 0,
                                       antialias=self.config.pos_embed_antialias)  # 1, h*w, C
         return flat.reshape(1, *grid, -1)  # 1, h, w, C
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps: global blocks over the grid, windowed ones
+        over the padded windows (float32, twice with the bias-free copy)."""
+        cfg = self.config
+        grid = (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
+        entries = 0
+        for i in range(cfg.depth):
+            window = cfg.block_window(i)
+            if window:
+                hp, wp = padded_grid(grid, (window, window))
+                entries += (hp // window) * (wp // window) * window**4  # nW * n * n
+            else:
+                entries += (grid[0] * grid[1]) ** 2  # N * N
+        return entries * cfg.num_heads * 4 * (2 if cfg.use_rel_pos else 1)
 
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, Tensor | None, list]:
         x = self.patch_embed(x)  # B, h, w, C

@@ -235,3 +235,32 @@ def test_sam_trace_bytes_count_the_attention_an_inspection_keeps(tmp_path, size)
         insp = model.inspect(torch.randn(1, 3, *size))
     kept = sum(t.numel() * 4 for b in insp.blocks for t in (b.attn, b.attn_no_pos) if t is not None)
     assert model.trace_bytes(size) == kept
+
+
+def test_posenc_sam_checkpoint_round_trips(tmp_path):
+    from posenc.models import SamConfig, build_model
+
+    cfg = SamConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=3,
+                    global_attn_indexes=(1,), neck_chans=8)
+    ref = perturb(build_model(cfg))
+    ref.save_pretrained(tmp_path)
+    loaded = posenc.load(str(tmp_path))
+    assert loaded.layout == "posenc" and loaded.model.config == cfg
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(loaded.model(x), ref(x), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"embed_dim": 30, "num_heads": 4}, r"embed_dim 30 is not divisible by num_heads 4"),
+        ({"img_size": 60}, r"img_size \(60, 60\) is not a multiple of patch_size 16"),
+        ({"depth": 2, "global_attn_indexes": (1, 5)}, r"global_attn_indexes \[5\] are not blocks of a depth-2 model"),
+    ],
+)
+def test_sam_config_errors_name_the_field_and_the_rule(fields, message):
+    from posenc.models import SamConfig
+
+    with pytest.raises(ValueError, match=message):
+        SamConfig(**fields)

@@ -62,6 +62,7 @@ TRANSFORMERS_ARCHITECTURES = {
     "swinv2": ("Swinv2ForImageClassification",),
     "data2vec-vision": ("Data2VecVisionForImageClassification",),
     "levit": ("LevitForImageClassification", "LevitForImageClassificationWithTeacher"),
+    "dinov3_vit": ("DINOv3ViTModel", "DINOv3ViTBackbone"),  # headless: model(x) is the normed cls token
 }
 #: Base-model architectures of that table: no classifier, ``model(x)`` returns the pooled features they return.
 _HEADLESS_ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
@@ -169,6 +170,18 @@ _TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {
         *_TRANSFORMERS_RULES,
     ],
     "data2vec-vision": [(r"^data2vec_vision\.", ""), *_TRANSFORMERS_NEXT_LAYOUT, *_TRANSFORMERS_RULES],
+    "dinov3_vit": [
+        (r"^embeddings\.cls_token$", "cls_token"),
+        (r"^embeddings\.register_tokens$", "reg_token"),
+        (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+        (r"^embeddings\.mask_token$", "mask_token"),  # pre-training only: dropped
+        (r"^(model\.)?layer\.(\d+)\.", r"blocks.\2."),
+        (r"\.attention\.(q|k|v)_proj\.", lambda m: f".attn.{dict(q='query', k='key', v='value')[m[1]]}."),
+        (r"\.attention\.o_proj\.", ".attn.proj."),
+        (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"),
+        (r"\.mlp\.up_proj\.", ".mlp.fc1."),
+        (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+    ],
 }
 # Buffers rebuilt from the config (DINOv3's RoPE periods, Swin V2's coordinate tables, LeViT's bias index;
 # BEiT's unused mask token): never loaded.
@@ -218,7 +231,7 @@ def detect_layout(config: dict[str, Any]) -> str:
         UnsupportedModelError: for any other config, listing what is supported.
     """
     model_type = config.get("model_type")
-    if model_type in ARCHITECTURES:
+    if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return "posenc"
     if "architecture" in config or "pretrained_cfg" in config:
         return "timm"
@@ -250,7 +263,7 @@ def config_from_timm(config: dict[str, Any]) -> Config:
     if "use_rel_pos_bias" in args or "use_shared_rel_pos_bias" in args:
         args["rel_pos_bias"] = args.pop("use_rel_pos_bias", True) or args.pop("use_shared_rel_pos_bias", False)
         args.pop("use_shared_rel_pos_bias", None)
-    args["num_classes"] = int(config.get("num_classes", args.get("num_classes", 1000)))  # 0: headless
+    args["num_classes"] = config.get("num_classes", args.get("num_classes", 1000))  # 0: headless; the config checks it
     input_size = pretrained.get("input_size")
     if "img_size" in args and "img_size" not in (config.get("model_args") or {}) and input_size and pretrained.get(
         "fixed_input_size"
@@ -357,13 +370,16 @@ def _swinv2_from_transformers(config: dict[str, Any], common: dict[str, Any]) ->
 
 
 def _vit_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config."""
-    hidden = config["hidden_size"]
+    """Width, depth, heads and MLP ratio of a transformers ViT-style encoder config (sizes checked before use)."""
+    hidden = _size(config, "hidden_size")
+    intermediate = config.get("intermediate_size", 4 * hidden)
+    if not isinstance(intermediate, (int, float)) or isinstance(intermediate, bool):
+        raise ValueError(f"intermediate_size must be a positive integer, got {intermediate!r}")
     return {
         "embed_dim": hidden,
         "depth": config["num_hidden_layers"],
         "num_heads": config["num_attention_heads"],
-        "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+        "mlp_ratio": intermediate / hidden,
     }
 
 
@@ -508,6 +524,36 @@ def _levit_transformers_rules(config: LeViTConfig) -> list[Rule]:
 
 _TRANSFORMERS_RULES_FOR["levit"] = _levit_transformers_rules
 
+
+
+def _dinov3_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> EvaConfig:
+    """DINOv3 as a backbone: cls + register tokens, centred RoPE, post-norm, cls pooling, no classifier."""
+    for flag in ("use_gated_mlp",):
+        if config.get(flag):
+            raise UnsupportedModelError(f"DINOv3 with {flag}=True is not supported; pick a DINOv3 ViT-S/B/L")
+    if not (config.get("mlp_bias", True) and config.get("proj_bias", True)):
+        raise UnsupportedModelError("DINOv3 without MLP or output projection biases is not supported")
+    biases = (config.get("query_bias", True), config.get("key_bias", False), config.get("value_bias", True))
+    if biases[1] and not all(biases) or biases[0] != biases[2]:
+        raise UnsupportedModelError(f"DINOv3 with query/key/value biases {biases} is not supported")
+    scale = config.get("layerscale_value", 1.0)
+    return EvaConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-5),
+           "qkv_bias": bool(biases[0])},
+        **_vit_fields(config),
+        attn_type="rope" if biases[1] else "eva",  # "rope": one bias for q, k and v; "eva": no key bias
+        init_values=scale,
+        num_reg_tokens=config.get("num_register_tokens", 0),
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=config.get("rope_theta", 100.0),
+        rope_rotate_half=True,
+        global_pool="token",
+        use_fc_norm=False,
+    )
+
+
 #: transformers ``model_type`` -> the function that reads the rest of its config.
 _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Config]] = {
     "vit": _vit_from_transformers,
@@ -523,13 +569,23 @@ _TRANSFORMERS_BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Con
     "swinv2": _swinv2_from_transformers,
     "data2vec-vision": _beit_from_transformers,  # BEiT's architecture under another name
     "levit": _levit_from_transformers,
+    "dinov3_vit": _dinov3_from_transformers,
 }
 #: transformers ``model_type`` -> the posenc config class it becomes (for the README table).
 _TRANSFORMERS_CONFIG = {
     "vit": ViTConfig, "deit": ViTConfig, "beit": ViTConfig, "swin": SwinConfig, "dinov2": ViTConfig,
     "dinov2_with_registers": ViTConfig, "ijepa": ViTConfig, "vit_msn": ViTConfig, "siglip": ViTConfig,
     "vitdet": SamConfig, "swinv2": SwinV2Config, "data2vec-vision": ViTConfig, "levit": LeViTConfig,
+    "dinov3_vit": EvaConfig,
 }  # fmt: skip
+
+
+def _size(config: dict[str, Any], key: str) -> int:
+    """A size that the converter computes with: a positive integer, or a ValueError naming it."""
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {str(value)[:60]!r}")
+    return value
 
 
 def _transformers_preprocess(model_type: str, preprocessor: dict[str, Any] | None, img_size: Any) -> Preprocess:

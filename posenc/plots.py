@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 #: One colour per series (matplotlib's tab10).
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 _W, _H = 560, 380  # chart size in pixels
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 44, 52  # plot-area margins
+_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 32, 44, 52  # plot-area margins
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -77,13 +77,18 @@ class _Axes:
                 viz._paste_label(self.image, line, (x, self.y1 + 6 + 13 * i), "mt", size=11)
 
     def legend(self, names: Sequence[str]) -> None:
+        """A strip below the chart naming each series in its colour (call last: it replaces the image)."""
         if len(names) < 2:
             return
-        y = self.y0 + 6
-        for k, name in enumerate(names):
-            self.draw.rectangle((self.x0 + 8, y + 2, self.x0 + 18, y + 12), fill=COLOURS[k % len(COLOURS)])
-            viz._paste_label(self.image, name, (self.x0 + 24, y + 7), "lm", size=11)
-            y += 16
+        strip = Image.new("RGB", (_W, 22), (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        widths = [24 + viz._label(name, 11, (0, 0, 0)).width + 16 for name in names]
+        x = max(4, (_W - sum(widths)) // 2)
+        for k, (name, width) in enumerate(zip(names, widths)):
+            draw.rectangle((x, 6, x + 10, 16), fill=COLOURS[k % len(COLOURS)])
+            viz._paste_label(strip, name, (x + 16, 11), "lm", size=11)
+            x += width
+        self.image = viz._vstack([self.image, strip])
 
 
 def _range(values: Sequence[float], floor: float | None = None, ceil: float | None = None) -> tuple[float, float]:
@@ -103,7 +108,7 @@ def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: s
     depth = max(len(blocks) for blocks in series.values())
     values = [v for blocks in series.values() for heads in blocks for v in heads]
     ax = _Axes(title or "Mean attention distance per head", "block (network depth)",
-               "mean attention distance (pixels)", (0, max(1, depth - 1)), (0.0, _range(values)[1]))
+               "mean attention distance (pixels)", (-0.5, depth - 0.5), (0.0, _range(values)[1]))
     ax.xticks(list(range(depth)), [str(b) for b in range(depth)])
     offsets = np.linspace(-0.12, 0.12, len(series)) if len(series) > 1 else [0.0]
     for k, (blocks, dx) in enumerate(zip(series.values(), offsets)):
@@ -191,9 +196,9 @@ def sweep(rows: Sequence[dict[str, object]], *, title: str = "Resolution sweep")
     """Top-1 agreement with the native size and the top-1 probability at each input size."""
     x = list(range(len(rows)))
     labels = [f"{r['size'][0]}x{r['size'][1]}" for r in rows]
-    return lines(x, {"top-1 agrees with native size": [r["agrees"] for r in rows],
-                     "probability of the top-1": [r["p_top1"] for r in rows],
-                     "probability of the native top-1 class": [r["p_native_class"] for r in rows]},
+    return lines(x, {"top-1 = native top-1": [r["agrees"] for r in rows],
+                     "p(top-1)": [r["p_top1"] for r in rows],
+                     "p(native top-1 class)": [r["p_native_class"] for r in rows]},
                  title=title, xlabel="input size (h x w)", ylabel="fraction / probability", xlabels=labels,
                  y_range=(0.0, 1.0))
 

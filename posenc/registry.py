@@ -26,7 +26,7 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", "convit", "levit", ...).
+        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", "convit", "levit", "eva", ...).
         family: its main position mechanism (one of :data:`posenc.models.FAMILIES` or a mechanism name).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
@@ -112,11 +112,24 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
         "SigLIP ViT-B/16 (headless)", "timm/vit_base_patch16_siglip_224.webli", "vit", "learned", 92_884_224, None, "",
         headless=True,
     ),
+    # RoPE models of timm's eva.py. The copy of results-imagenet.csv searched for this list predates them, so their
+    # top-1 is None (Naver's model cards give 81.23 for axial and 81.216 for mixed ViT-S); EVA-02 mim_in22k and
+    # DINOv3 lvd1689m are headless (no classifier, no top-1).
+    ModelEntry("RoPE-ViT-S axial (Naver)", "timm/vit_small_patch16_rope_224.naver_in1k", "eva", "rope", 21_984_232,
+               None, "ImageNet-1k"),
+    ModelEntry("RoPE-ViT-S mixed (Naver)", "timm/vit_small_patch16_rope_mixed_224.naver_in1k", "eva", "rope",
+               21_988_840, None, "ImageNet-1k"),
+    ModelEntry("ViT-M/16 RoPE reg1 GAP (timm SBB)", "timm/vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", "eva", "rope",
+               38_743_016, None, "ImageNet-1k"),
+    ModelEntry("EVA-02-Ti/14 MIM (headless)", "timm/eva02_tiny_patch14_224.mim_in22k", "eva", "rope", 5_502_144, None,
+               "ImageNet-22k", headless=True),
+    ModelEntry("DINOv3 ViT-S/16 (headless)", "timm/vit_small_patch16_dinov3.lvd1689m", "eva", "rope", 21_586_944, None,
+               "LVD-1689M", headless=True),
 )
 
 _ARCHITECTURE_OF_MODEL_TYPE = {
     "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
-    "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit",
+    "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit", "posenc_eva": "eva",
 }  # fmt: skip
 
 

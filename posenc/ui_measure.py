@@ -37,9 +37,9 @@ HELP = """**How much does the model use position?** For the image and model of t
 native input size:
 
 * **Mean attention distance** (ViT paper, Fig. 7 right): per block and head, the attention-weighted distance in
-  input pixels between a query patch and the key patches, averaged over query patches. Prefix tokens (cls,
-  distillation, registers) are dropped as queries and keys and the rest is not renormalised; windowed (Swin)
-  blocks are measured on their own stage grid.
+  input pixels between a query patch and the key patches, averaged over query patches; pick a second model to
+  compare (one colour per model). Prefix tokens (cls, distillation, registers) are dropped as queries and keys
+  and the rest is not renormalised; windowed (Swin) blocks are measured on their own stage grid.
 * **Patch-embedding filters** (Fig. 7 left): the top 28 principal components of the patch-embedding conv as RGB.
 * **Position reliance**: the prediction against the image with its patches shuffled (seeds 0, 1, 2) and against
   the model with every position term removed: top-1 agreement, KL divergence, probability of the original class.
@@ -77,12 +77,23 @@ class MeasureHandlers:
         return name, loaded, path, views.inspect_image(loaded, path, name=name)
 
     @staticmethod
-    def _distance(seen: views.Seen) -> tuple[Image.Image, dict[str, np.ndarray]]:
-        found = measure.mean_attention_distance(seen.inspection, seen.size)  # blocks x (1, heads)
-        heads = [d[0].tolist() for d in found]
-        title = f"Mean attention distance per head ({seen.name}, this image)"
-        arrays = {f"attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)}
-        return plots.attention_distance({seen.name: heads}, title=title), arrays
+    def _distance(seen: views.Seen, other: views.Seen | None = None) -> tuple[Image.Image, dict[str, np.ndarray]]:
+        """The attention-distance plot of one model, or of two in two colours, and its numbers."""
+        series, arrays = {}, {}
+        for key, one in (("", seen), ("compared_", other)):
+            if one is None:
+                continue
+            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection, one.size)]
+            series[one.name if one.name not in series else f"{one.name} (2)"] = heads
+            arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
+        title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"
+        return plots.attention_distance(series, title=title), arrays
+
+    def _other(self, image: Any, other: str | None, progress: Callable[..., Any]) -> views.Seen | None:
+        """The second model's inspection of the image, or None when no second model is chosen."""
+        if not (other or "").strip():
+            return None
+        return self._run(image, other, progress)[3]
 
     @staticmethod
     def _filters(loaded: LoadedModel) -> tuple[Image.Image, dict[str, np.ndarray]]:
@@ -116,7 +127,8 @@ class MeasureHandlers:
             found = measure.resolution_sweep(loaded.model, inputs, seen.size)
         rows = [{"size": list(s), "label": loaded.labels[int(f["top1"][0])],
                  **{k: float(f[k][0]) for k in ("agrees", "p_top1", "p_native_class")}} for s, f in found.items()]
-        arrays = {"sweep_sizes": np.asarray(sizes), "sweep_top1": np.asarray([int(f["top1"][0]) for f in found.values()]),
+        top1 = [int(f["top1"][0]) for f in found.values()]
+        arrays = {"sweep_sizes": np.asarray(sizes), "sweep_top1": np.asarray(top1),
                   **{f"sweep_{k}": np.asarray([r[k] for r in rows]) for k in ("p_top1", "p_native_class")}}
         return plots.sweep(rows, title=f"Resolution sweep ({seen.name}, this image)"), arrays, rows
 
@@ -126,10 +138,12 @@ class MeasureHandlers:
     # ---------------------------------------------------------------- endpoints
 
     @_user_errors
-    def attention_distance(self, image: Any, model: str, progress: gr.Progress = gr.Progress()) -> str:
-        """PNG: mean attention distance of every head against depth, for this image."""
+    def attention_distance(
+        self, image: Any, model: str, compare_with: str | None = None, progress: gr.Progress = gr.Progress()
+    ) -> str:
+        """PNG: mean attention distance of every head against depth, for this image (and a second model)."""
         _, _, _, seen = self._run(image, model, progress)
-        return self._png(self._distance(seen)[0], "attention_distance")
+        return self._png(self._distance(seen, self._other(image, compare_with, progress))[0], "attention_distance")
 
     @_user_errors
     def patch_filters(self, model: str, progress: gr.Progress = gr.Progress()) -> str:
@@ -150,14 +164,16 @@ class MeasureHandlers:
         return self._png(self._sweep(seen, path)[0], "resolution_sweep")
 
     @_user_errors
-    def measure(self, image: Any, model: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+    def measure(
+        self, image: Any, model: str, compare_with: str | None = None, progress: gr.Progress = gr.Progress()
+    ) -> tuple[Any, ...]:
         """All four measurements: four PNGs (the filters None when not applicable), the ``.npz`` and a summary."""
         if image is None:
             return None, None, None, None, None, "Upload an image or pick an example in the Explore tab."
         name, loaded, path, seen = self._run(image, model, progress)
         folder = self._folder()
         progress(0.5, desc="Measuring")
-        distance, arrays = self._distance(seen)
+        distance, arrays = self._distance(seen, self._other(image, compare_with, progress))
         try:
             filters_image, filter_arrays = self._filters(loaded)
             arrays.update(filter_arrays)
@@ -210,7 +226,10 @@ def measure_tab(*, load: Loader, image: gr.components.Component, model: gr.compo
     h = MeasureHandlers(load)
     with gr.Tab("Measure", id="measure"):
         gr.Markdown(HELP)
-        button = gr.Button("Measure the image of the Explore tab", variant="primary")
+        with gr.Row():
+            other = gr.Dropdown(getattr(model, "choices", None) or [], value=None, allow_custom_value=True,
+                                label="Compare the attention distance with (optional)", elem_id="measure-other")
+            button = gr.Button("Measure the image of the Explore tab", variant="primary")
         summary = gr.Markdown(elem_id="measure-summary")
         with gr.Row():
             distance = _image("Mean attention distance", "measure-distance")
@@ -219,10 +238,10 @@ def measure_tab(*, load: Loader, image: gr.components.Component, model: gr.compo
             reliance = _image("Position reliance", "measure-reliance")
             sweep = _image("Resolution sweep", "measure-sweep")
         npz = gr.File(label="The numbers behind the plots (.npz)", elem_id="measure-npz")
-    button.click(h.measure, inputs=[image, model], outputs=[distance, filters, reliance, sweep, npz, summary],
+    button.click(h.measure, inputs=[image, model, other], outputs=[distance, filters, reliance, sweep, npz, summary],
                  api_name="measure", preprocess=False, trigger_mode="always_last")
     hidden = gr.Button("measure API", visible=False)
-    hidden.click(h.attention_distance, inputs=[image, model], outputs=distance, api_name="attention_distance",
+    hidden.click(h.attention_distance, inputs=[image, model, other], outputs=distance, api_name="attention_distance",
                  preprocess=False)
     hidden.click(h.patch_filters, inputs=[model], outputs=filters, api_name="patch_filters")
     hidden.click(h.position_reliance, inputs=[image, model], outputs=reliance, api_name="position_reliance",

@@ -395,6 +395,8 @@ def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
         The ViT-paper similarity grid (one tile per patch), the clicked patch's similarity on the photo, and
         the top three principal components as RGB on the photo.
     """
+    if seen.inspection.pos_embed is None:  # EVA-02 and the RoPE-ViT _ape models have one beside RoPE
+        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
     insp = seen.inspection
     if insp.pos_embed is None:
         _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
@@ -451,11 +453,16 @@ def relative_views(seen: Seen, block: int, patch: Patch) -> tuple[View, View]:
 
 
 def rope_view(seen: Seen, patch: Patch) -> View:
-    """RoPE's relative-phase similarity between the clicked position and every other (angles at this grid)."""
-    _require(seen, ("rope",), "rotary embedding", "pick a RoPE model")
+    """RoPE's relative-phase similarity between the clicked position and every other (angles at this grid).
+
+    The colour scale is fitted to the map's own values: the mean cosine rarely falls far below zero, and a fixed
+    -1..1 scale would hide how it falls off.
+    """
+    if seen.inspection.rope_angles is None:  # no RoPE, or mixed RoPE (angles per block and head, its own views)
+        _require(seen, (), "axial rotary embedding", "pick a RoPE model (mixed RoPE has its own per-head views)")
     angles = seen.inspection.rope_angles.detach().float()  # h*w, head_dim/2
     sim = viz.rope_phase_similarity(angles, seen.grid, patch)  # gh, gw
-    img = viz.overlay(seen.photo, sim, cmap="RdBu_r", vmin=-1.0, vmax=1.0, mark=patch,
+    img = viz.overlay(seen.photo, sim, cmap="viridis", mark=patch,
                       title=f"RoPE similarity to {patch}", colorbar_label="mean cos(angle difference)",
                       min_side=OVERLAY_SIDE)
     return View(img, {"rope_angles": angles.numpy(), "rope_similarity": sim})

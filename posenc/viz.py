@@ -968,6 +968,41 @@ def query_bias_overlays(
     )  # fmt: skip
 
 
+def head_map_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    title: str,
+    colorbar_label: str,
+    cmap: str = "viridis",
+    alpha: float = 0.65,
+) -> Sheet:
+    """One scalar map per head on the photo, the clicked patch outlined, on one scale fitted to all heads' values.
+
+    Args:
+        image: the photo the model saw.
+        maps: (heads, gh, gw) values per key position.
+        patch: the clicked ``(row, col)``, outlined.
+        title: sheet title.
+        colorbar_label: text above the colour bar.
+        cmap: colormap name; the scale runs from the smallest to the largest finite value.
+        alpha: weight of the colour over the photo.
+
+    Returns:
+        A :class:`Sheet` with one panel per head (at most 6 per row) and one colour bar.
+    """
+    m = _heads_maps(maps, "maps")
+    heads, gh, gw = m.shape
+    p = _check_patch(patch, (gh, gw))
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    norm = _norm(m, None, None)
+    cm = matplotlib.colormaps[cmap]
+    panels = [_outline_patch(_blend(photo, m[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
+    return _compose(panels, [f"head {h}" for h in range(heads)], ncols=_head_layout(heads)[1], title=title,
+                    cmap=cmap, norm=norm, colorbar_label=colorbar_label)
+
+
 def signed_head_overlays(
     image: Image.Image | np.ndarray,
     maps: Array,

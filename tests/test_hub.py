@@ -87,6 +87,20 @@ def transformers_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 
 @pytest.fixture(scope="session")
+def timm_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """A tiny random-weight DeiT in timm's Hub layout (``save_for_hf``): the synthetic twin of the real DeiT repo."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                              num_classes=10).eval()
+    folder = tmp_path_factory.mktemp("timm-repo")
+    timm.models.save_for_hf(model, folder)
+    with torch.inference_mode():
+        logits = model(X)
+    return Repo("timm/deit_tiny_patch16_224.synthetic", folder, ("config.json", "model.safetensors"), logits)
+
+
+@pytest.fixture(scope="session")
 def deit_repo(shared_data: Path) -> Repo:
     folder = shared_data / "deit_tiny_patch16_224.fb_in1k"
     if not (folder / "model.safetensors").is_file():
@@ -177,7 +191,7 @@ def test_real_deit_downloads_and_then_loads_with_the_server_stopped(hub, hf_home
     assert [p.index for p in again.predict(image)] == expected["top5_index"]
 
 
-@pytest.mark.parametrize("repo_fixture", ["posenc_repo", "transformers_repo"])
+@pytest.mark.parametrize("repo_fixture", ["posenc_repo", "transformers_repo", "timm_repo"])
 def test_offline_mode_loads_from_a_warm_cache_without_any_request(hub, hf_home, repo_fixture, request):
     repo = request.getfixturevalue(repo_fixture)
     hub.add_repo(repo.repo_id, repo.folder)
@@ -396,7 +410,7 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 
 
 def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
-    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit"}
+    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)

@@ -324,9 +324,10 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     if not (folder / "model.safetensors").is_file():
         pytest.skip(f"bundled checkpoint {folder} is absent")
     loaded = posenc.load(str(folder))
-    h = MeasureHandlers(lambda source, progress: (family, loaded))
+    other = posenc.load(str(folder.parent / "cifar10-none"))
+    h = MeasureHandlers(lambda source, progress: (source, loaded if source == family else other))
     photo = _photo(tmp_path / "photo.png", 3)
-    *pngs, npz, summary = h.measure(str(photo), family, progress=_noop_progress)
+    *pngs, npz, summary = h.measure(str(photo), family, "none", progress=_noop_progress)
     for path in pngs:
         with Image.open(path) as img:
             assert img.format == "PNG"
@@ -336,6 +337,9 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     expected = measure.mean_attention_distance(seen, (32, 32))
     for b, d in enumerate(expected):
         np.testing.assert_allclose(numbers[f"attention_distance_block{b}"], d[0].numpy(), rtol=1e-5)
+    with torch.inference_mode():
+        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)), (32, 32))
+    np.testing.assert_allclose(numbers["compared_attention_distance_block0"], compared[0][0].numpy(), rtol=1e-5)
     assert numbers["filter_components"].shape[0] == 28
     assert numbers["reliance_shuffle_kl"].shape == (3,)
     assert [tuple(s) for s in numbers["sweep_sizes"]] == views.input_sizes(loaded)
@@ -359,3 +363,13 @@ def test_app_has_a_named_endpoint_per_measurement():
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
     assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep"} <= names
+
+
+def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour():
+    from posenc import plots
+
+    img = np.asarray(plots.attention_distance({"a": [[10.0, 20.0], [30.0, 40.0]], "b": [[15.0], [35.0]]}))
+    for colour, heads in zip(plots.COLOURS[:2], (4, 2)):
+        hits = np.all(img == np.asarray(colour, dtype=np.uint8), axis=-1)
+        # every dot is a disc of about 40 pixels; the legend adds one 11x11 square
+        assert 30 * heads < hits.sum() - 121 < 60 * heads

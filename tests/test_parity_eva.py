@@ -236,3 +236,46 @@ def test_model_args_contradicting_the_weights_name_key_and_shapes(tmp_path):
 def test_eva_config_refuses_inconsistent_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         EvaConfig(**{"use_rot_pos_emb": True, "embed_dim": 64, "num_heads": 4, **fields})
+
+
+# ------------------------------------------------------------------------------------------- transformers DINOv3
+
+HF_DINOV3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_register_tokens=2, image_size=64, patch_size=16)
+
+
+@pytest.mark.parametrize("key_bias", [False, True])
+@pytest.mark.parametrize("backbone", [False, True])
+def test_transformers_dinov3_gives_the_reference_cls_features_at_native_and_other_size(tmp_path, backbone, key_bias):
+    import transformers as hf
+
+    torch.manual_seed(0)
+    config = hf.DINOv3ViTConfig(**HF_DINOV3, key_bias=key_bias)
+    saved = perturb((hf.DINOv3ViTBackbone if backbone else hf.DINOv3ViTModel)(config))
+    saved.save_pretrained(tmp_path)
+    ref = hf.DINOv3ViTModel(config).eval()
+    ref.load_state_dict(saved.state_dict())  # the same weights: the backbone's last stage is this model's output
+    model = posenc.load(str(tmp_path)).model
+    assert model.headless and model.mechanisms == ("rope_axial",)
+    for size in [(64, 64), (96, 48)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert_close(model(x), ref(pixel_values=x).pooler_output, **TOL)
+
+
+# ------------------------------------------------------------------------------------------- curated list
+
+HEADLESS = {"eva02_tiny_patch14_224", "vit_small_patch16_dinov3"}
+
+
+@pytest.mark.parametrize("entry", [e for e in posenc.HUB_MODELS if e.architecture == "eva"], ids=lambda e: e.name)
+def test_curated_eva_models_have_the_parameter_count_of_the_model_posenc_builds(entry):
+    from posenc.models import build_model
+
+    name = entry.source.split("/", 1)[1].split(".")[0]
+    config = config_from_timm({"architecture": name, "num_classes": 0 if name in HEADLESS else 1000})
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.num_params() == entry.num_params
+    assert model.position_encoding == entry.family
+    assert (entry.accuracy is None) or name not in HEADLESS

@@ -49,28 +49,38 @@ class SwinConfig:
     img_size: tuple[int, int] = (224, 224)
     patch_size: int = 4
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 96  # width of stage 0; doubles at every patch merging
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: tuple[int, int] = (7, 7)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    norm_eps: float = 1e-5
-    drop_path_rate: float = 0.0
+    norm_eps: float = field(default=1e-5, metadata={"max": 1.0})
+    drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    model_type: str = "posenc_swin"
+    model_type: str = field(default="posenc_swin", metadata={"choices": ("posenc_swin",)})
 
     def __post_init__(self) -> None:
         normalise_config(self)
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
         object.__setattr__(self, "window_size", to_2tuple(self.window_size))
         if len(self.depths) != len(self.num_heads):
-            raise ValueError(f"{len(self.depths)} stage depths but {len(self.num_heads)} head counts")
+            raise ValueError(f"depths has {len(self.depths)} stages but num_heads has {len(self.num_heads)}; give one head count per stage")
         if self.labels is not None and len(self.labels) != self.num_classes:
-            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+            raise ValueError(f"labels has {len(self.labels)} names but num_classes={self.num_classes}; they must be equal")
+        h, w = self.img_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide img_size={h}x{w}")
+        for stage, (heads, dim) in enumerate(zip(self.num_heads, self.stage_dims)):
+            if dim % heads:
+                raise ValueError(f"stage {stage}: num_heads[{stage}]={heads} must divide its width {dim}")
         for stage, (grid, window, _) in enumerate(self.stage_geometry()):
+            if stage and (grid[0] < 1 or grid[1] < 1 or (grid[0] * 2, grid[1] * 2) != prev):
+                raise ValueError(f"stage {stage}: patch merging needs an even grid, got {prev[0]}x{prev[1]}; "
+                                 "use an img_size / patch_size divisible by 2 ** (len(depths) - 1)")
+            prev = grid
             if grid[0] % window[0] or grid[1] % window[1]:
                 raise ValueError(f"stage {stage}: window {window} does not divide the {grid[0]}x{grid[1]} grid")
 
@@ -86,6 +96,11 @@ class SwinConfig:
     def mechanisms(self) -> tuple[str, ...]:
         """The position mechanisms this config builds: a learned relative table in every window."""
         return ("rel_table",)
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """Width of every stage: ``embed_dim`` doubled at each patch merging."""
+        return tuple(self.embed_dim * 2**stage for stage in range(len(self.depths)))
 
     def stage_geometry(self) -> list[tuple[Size2, Size2, Size2]]:
         """Per stage at ``img_size``: its grid, its window, and the shift of its odd blocks."""
@@ -238,7 +253,7 @@ class SwinTransformer(PosencModel):
         self.config = config = config if isinstance(config, SwinConfig) else SwinConfig.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True, eps=config.norm_eps)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         stages, start = [], 0
         for stage, depth in enumerate(config.depths):
             stages.append(SwinStage(stage, config.embed_dim * 2**stage, config, rates[start : start + depth]))

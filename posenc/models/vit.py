@@ -44,33 +44,33 @@ class ViTConfig:
     img_size: tuple[int, int] = (224, 224)  # (H, W) the model is built for; other sizes resample
     patch_size: int = 16
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 192
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
     act_layer: str = "gelu"  # MLP activation: "gelu" (exact) | "gelu_tanh" (SigLIP) | "quick_gelu" (OpenAI CLIP)
-    qkv_bias: bool | str = True  # "qv": BEiT's query and value biases, no key bias
-    pos_embed: str = "learned"  # absolute embedding: "learned" | "sincos" | "none"
+    qkv_bias: bool | str = field(default=True, metadata={"choices": ("qv",)})  # "qv": BEiT's q and v biases, no k bias
+    pos_embed: str = field(default="learned", metadata={"choices": ("learned", "sincos", "none")})  # absolute embedding
     pos_embed_interp: str = "bicubic"  # how a learned embedding is resampled to another grid (F.interpolate mode)
     pos_embed_antialias: bool = True  # antialias when resampling (timm: True; transformers DINOv2/SigLIP: False)
     rel_pos_bias: bool = False  # BEiT global relative position bias in every block
     rope: bool = False  # 2D axial RoPE on queries and keys
-    rope_base: float = 100.0
+    rope_base: float = field(default=100.0, metadata={"min": 1.0})
     class_token: bool = True
     no_embed_class: bool = False  # learned embedding covers patches only (timm's no_embed_class)
     distilled: bool = False  # DeiT distillation token and head
     reg_tokens: int = 0  # register tokens after cls/dist (DINOv2 reg4, timm *_reg4_gap); no position of their own
     pre_norm: bool = False  # CLIP: LayerNorm ``norm_pre`` before the blocks, patch projection without bias
-    global_pool: str = "token"  # "token" (cls) | "avg" (mean of patches) | "map" (attention pool, SigLIP)
+    global_pool: str = field(default="token", metadata={"choices": ("token", "avg", "map", "token_avg")})  # "token" (cls) | "avg" (mean of patches) | "map" (attention pool, SigLIP)
     # | "token_avg" (cls concatenated with the mean of patches: transformers' DINOv2 classifier)
     fc_norm: bool | None = None  # norm after pooling; None: True for avg pooling (timm's rule)
     init_values: float | None = None  # layer scale init; None: no layer scale
-    norm_eps: float = 1e-6
-    drop_path_rate: float = 0.0
+    norm_eps: float = field(default=1e-6, metadata={"max": 1.0})
+    drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    model_type: str = "posenc_vit"
+    model_type: str = field(default="posenc_vit", metadata={"choices": ("posenc_vit",)})
 
     def __post_init__(self) -> None:
         normalise_config(self)
@@ -89,10 +89,14 @@ class ViTConfig:
             raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
         if self.num_classes < 0 or self.reg_tokens < 0:
             raise ValueError(f"num_classes={self.num_classes} and reg_tokens={self.reg_tokens} must be >= 0")
+        if self.rope and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"2D RoPE needs a head width (embed_dim / num_heads) divisible by 4, got {self.embed_dim // self.num_heads}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"the 2D sin-cos embedding needs embed_dim divisible by 4, got {self.embed_dim}")
         if self.distilled and not self.class_token:
             raise ValueError("a distillation token needs class_token=True")
         if self.labels is not None and len(self.labels) != self.num_classes:
-            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+            raise ValueError(f"labels has {len(self.labels)} names but num_classes={self.num_classes}; they must be equal")
 
     @property
     def grid(self) -> Size2:
@@ -228,7 +232,7 @@ class VisionTransformer(PosencModel):
                 "rope_angles", rope_2d_angles(config.grid, dim // config.num_heads, config.rope_base), persistent=False
             )  # h*w, hd/2
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         use_fc_norm = config.global_pool == "avg" if config.fc_norm is None else config.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=config.norm_eps)

@@ -36,7 +36,9 @@ SAM_CASES = {
 def timm_sam(tmp_path, name: str, **kwargs) -> torch.nn.Module:
     """A perturbed tiny timm SAM encoder, saved to ``tmp_path`` in the timm Hub layout."""
     torch.manual_seed(0)
-    ref = perturb(timm.create_model(name, pretrained=False, **{**SAM_CASES[name], **kwargs}))
+    overlay = dict(input_size=(3, 64, 64))  # as a real checkpoint records the size it was built for
+    ref = perturb(timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay,
+                                    **{**SAM_CASES[name], **kwargs}))
     save_for_hf(ref, tmp_path, safe_serialization=True)
     return ref
 

@@ -259,6 +259,8 @@ def test_posenc_sam_checkpoint_round_trips(tmp_path):
         ({"embed_dim": 30, "num_heads": 4}, r"embed_dim 30 is not divisible by num_heads 4"),
         ({"img_size": 60}, r"img_size \(60, 60\) is not a multiple of patch_size 16"),
         ({"depth": 2, "global_attn_indexes": (1, 5)}, r"global_attn_indexes \[5\] are not blocks of a depth-2 model"),
+        ({"window_size": -1}, r"window_size must be an integer from 0"),
+        ({"global_attn_indexes": (-1,)}, r"global_attn_indexes\[0\] must be an integer from 0"),
     ],
 )
 def test_sam_config_errors_name_the_field_and_the_rule(fields, message):
@@ -266,3 +268,13 @@ def test_sam_config_errors_name_the_field_and_the_rule(fields, message):
 
     with pytest.raises(ValueError, match=message):
         SamConfig(**fields)
+
+
+@pytest.mark.parametrize(("window_size", "global_attn_indexes"), [(0, (0, 1)), (3, ()), (3, (0,))])
+def test_sam_configs_with_all_global_or_all_windowed_blocks_are_valid(window_size, global_attn_indexes):
+    from posenc.models import SamConfig, build_model
+
+    cfg = SamConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=window_size,
+                    global_attn_indexes=global_attn_indexes, neck_chans=8)
+    windows = [block.window for block in build_model(cfg).blocks]
+    assert windows == [0 if window_size == 0 or i in global_attn_indexes else 3 for i in range(2)]

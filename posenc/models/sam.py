@@ -67,8 +67,9 @@ class SamConfig:
     qkv_bias: bool = True
     use_abs_pos: bool = True  # learned absolute embedding (1, h, w, C)
     use_rel_pos: bool = True  # decomposed relative bias in every block
-    window_size: int = 14  # side of the windows of windowed blocks; 0: every block is global
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)  # blocks that attend over the whole grid
+    window_size: int = field(default=14, metadata={"min": 0})  # side of the windows; 0: every block is global
+    # blocks that attend over the whole grid (block indexes from 0; empty when every block is windowed)
+    global_attn_indexes: tuple[int, ...] | tuple[()] = field(default=(2, 5, 8, 11), metadata={"min": 0})
     pretrain_img_size: tuple[int, int] | None = None  # size pos_embed was learned at (ViTDet); None: img_size
     pos_embed_antialias: bool = True  # timm resamples pos_embed with antialiasing, transformers' ViTDet without
     neck: bool = True  # False: no neck at all (ViTDet's backbone ends at its last block)

@@ -67,8 +67,9 @@ _TRANSPORT_ERRORS = (httpx2.TransportError,)
 #: What one model may cost, each changed by the environment variable of the same name: learned parameters
 #: (the largest curated model has 87 million; ViT-L has 304 million), submodules (which bound the depth;
 #: the curated ViT-B has 164) and the bytes one inspection at the checkpoint's input size returns (attention
-#: maps and position tensors; 45 MB for ViT-B/16 at 224x224).
-DEFAULT_LIMITS = {"POSENC_MAX_PARAMS": 400_000_000, "POSENC_MAX_MODULES": 2048, "POSENC_MAX_INSPECT_BYTES": 2 * 2**30}
+#: maps and position tensors; 45 MB for ViT-B/16 at 224x224, 6.9 GiB for the largest curated one, SAM's ViT-B
+#: encoder at its own 1024x1024, whose global blocks attend over 4,096 tokens; the app runs it at smaller sizes).
+DEFAULT_LIMITS = {"POSENC_MAX_PARAMS": 400_000_000, "POSENC_MAX_MODULES": 2048, "POSENC_MAX_INSPECT_BYTES": 8 * 2**30}
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -519,6 +520,7 @@ def _tensor_bytes(value: Any) -> int:
 def _check_inspection_cost(model: PosencModel, source: str) -> None:
     """Run one inspection on the meta device at the checkpoint's input size; refuse it beyond the byte limit."""
     cap = limit("POSENC_MAX_INSPECT_BYTES")
+    model.eval()  # as it will run: batch norms (LeViT) use their running statistics
     size = tuple(model.config.preprocess.input_size)
     pixels = torch.empty(1, model.config.in_chans, *size, device="meta")  # 1, 3, h, w
     try:

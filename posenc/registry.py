@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,27 @@ _ARCHITECTURE_OF_MODEL_TYPE = {
     "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
     "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit", "posenc_eva": "eva",
 }  # fmt: skip
+
+
+def checkpoints_dir() -> Path:
+    """The bundled checkpoints folder: ``POSENC_CHECKPOINTS``, else ``checkpoints/`` of this repository.
+
+    Found from this file, not the working directory, so the app and the CLI work from anywhere.
+    """
+    return Path(os.environ.get("POSENC_CHECKPOINTS") or Path(__file__).resolve().parents[1] / "checkpoints")
+
+
+def bundled_source(name: str, root: str | Path | None = None) -> str:
+    """The folder of the bundled model called ``name`` ("cifar10-rope"), else ``name`` unchanged.
+
+    Public names are the folder names inside the checkpoints folder (``root``, default :func:`checkpoints_dir`);
+    an existing path or a Hub repo id passes through.
+    """
+    if Path(name).is_dir() or "/" in name or "\\" in name or name in ("", ".", ".."):
+        return name
+    folder = Path(root) if root is not None else checkpoints_dir()
+    candidate = folder / name
+    return str(candidate) if (candidate / "config.json").is_file() else name
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -41,6 +41,8 @@ Patch = tuple[int, int]
 SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 #: Offered sizes keep the attention maps of one inspection below this many bytes (float32, all blocks).
 MAX_TRACE_BYTES = 512 * 2**20
+#: No input side may exceed this multiple of the native side (bounds the work of one request).
+MAX_SIZE_FACTOR = 4
 #: Human names of the position-encoding families.
 FAMILY_NAMES = {
     "none": "no position encoding",
@@ -131,15 +133,18 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
     model takes (its config's ``fits``: Swin V2 windows shrink on small grids, so not every multiple does).
 
     Returns:
-        Sorted (h, w) sizes; always contains the native size.
+        Sorted (h, w) sizes; the native size among them unless its inspection needs more than
+        :data:`MAX_TRACE_BYTES` and a smaller size does not.
     """
     native = native_size(loaded)
     step = size_step(loaded)
-    sizes = {native}
+    sizes = set()
     for factor in SIZE_FACTORS:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
         if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
+    if native not in sizes and (not sizes or loaded.model.trace_bytes(native) <= MAX_TRACE_BYTES):
+        sizes.add(native)
     return sorted(sizes)
 
 
@@ -148,14 +153,52 @@ def format_size(size: Size2) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def max_square_size(loaded: LoadedModel) -> int:
+    """The largest square side (a multiple of the size step) that :func:`parse_size` accepts."""
+    step = max(size_step(loaded))
+    side = step
+    while _fits(loaded, (side + step, side + step)):
+        side += step
+    return side
+
+
+def _fits(loaded: LoadedModel, size: Size2) -> bool:
+    """Whether the model runs at ``size``: sizes it takes (``model.fits``), sides within the factor, memory within the bound."""
+    native = native_size(loaded)
+    return (all(0 < n <= MAX_SIZE_FACTOR * max(native) for n in size) and loaded.model.fits(size)
+            and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES)
+
+
+def default_size(loaded: LoadedModel) -> Size2:
+    """The size a model runs at when none is asked for: its native size, or the largest offered size when the
+    native one needs more than :data:`MAX_TRACE_BYTES` of attention maps (SAM's encoder at 1024x1024)."""
+    native = native_size(loaded)
+    if _fits(loaded, native):
+        return native
+    offered = [s for s in input_sizes(loaded) if _fits(loaded, s)]
+    return max(offered, key=lambda s: s[0] * s[1]) if offered else native
+
+
+def size_rule(loaded: LoadedModel) -> str:
+    """The sizes a model runs at, in words, for messages and the API documentation."""
+    step, native, side = size_step(loaded), native_size(loaded), max_square_size(loaded)
+    return (f"a height that is a multiple of {step[0]} and a width that is a multiple of {step[1]} pixels, up to "
+            f"{side}x{side} (each side at most {MAX_SIZE_FACTOR} times the native {format_size(native)}, and at most "
+            f"{MAX_TRACE_BYTES >> 20} MB of attention maps)")
+
+
 def parse_size(value: str | int | None, loaded: LoadedModel) -> Size2:
-    """The (h, w) input size asked for: None or "" for native, ``224`` or ``"224x224"``; checked against the offer.
+    """The (h, w) input size asked for: None or "" for :func:`default_size`, ``224`` or ``"224x224"``.
+
+    Every size works whose height and width are positive multiples of :func:`size_step`, at most
+    :data:`MAX_SIZE_FACTOR` times the native side, and whose inspection keeps at most
+    :data:`MAX_TRACE_BYTES` of attention maps; :func:`input_sizes` is only the short list the app offers.
 
     Raises:
-        ValueError: the text is not a size, or the model is not offered at that size.
+        ValueError: the text is not a size, or the model cannot run at that size (the message states the rule).
     """
     if value is None or (isinstance(value, str) and not value.strip()):
-        return native_size(loaded)
+        return default_size(loaded)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         size = (int(value), int(value))
     else:
@@ -167,14 +210,8 @@ def parse_size(value: str | int | None, loaded: LoadedModel) -> Size2:
         if len(numbers) not in (1, 2):
             raise ValueError(f"input size {value!r} is not a size; write it as 224 or 224x224")
         size = (numbers[0], numbers[-1])
-    offered = input_sizes(loaded)
-    if size not in offered:
-        choices = ", ".join(format_size(s) for s in offered)
-        step = size_step(loaded)
-        raise ValueError(
-            f"input size {format_size(size)} is not offered for this model; sizes must be multiples of "
-            f"{format_size(step)} near its native {format_size(native_size(loaded))}: choose one of {choices}"
-        )
+    if not _fits(loaded, size):
+        raise ValueError(f"input size {format_size(size)} does not fit this model: it needs {size_rule(loaded)}")
     return size
 
 

@@ -75,7 +75,8 @@ class SwinV2Config:
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: tuple[int, int] = (8, 8)
-    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)  # per stage; 0: normalise offsets by the window itself
+    # per stage; 0: normalise offsets by the window itself
+    pretrained_window_sizes: tuple[int, ...] = field(default=(0, 0, 0, 0), metadata={"min": 0})
     mlp_ratio: float = 4.0
     qkv_bias: bool | str = "qv"  # "qv": query and value biases, no key bias (Swin V2); True: one fused bias (CR)
     cpb_style: str = "log2"  # "log2": Swin V2 coordinates and 16*sigmoid; "ln": swinv2_cr, bias used as is
@@ -350,7 +351,7 @@ class SwinTransformerV2(PosencModel):
         self.config = config = config if isinstance(config, SwinV2Config) else SwinV2Config.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True, eps=config.norm_eps)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         stages, start = [], 0
         for stage, depth in enumerate(config.depths):
             stages.append(SwinV2Stage(stage, config.embed_dim * 2**stage, config, rates[start : start + depth]))

@@ -182,7 +182,7 @@ def resize_rel_pos_bias_table(
     return torch.cat([grid, extra], dim=0) if extra is not None else grid
 
 
-# --------------------------------------------------------------------------- decomposed relative positions (SAM, ViTDet)
+# --------------------------------------------------------------------------- decomposed relative bias (SAM, ViTDet)
 
 
 def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
@@ -217,10 +217,11 @@ def decomposed_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
         (q_size, k_size, C) with ``[i, j] = table[i - j + k_size - 1]`` when the sizes are equal.
     """
     table = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)  # 2*max-1, C
-    q = torch.arange(q_size, dtype=torch.float32)[:, None] * max(k_size / q_size, 1.0)  # q, 1
-    k = torch.arange(k_size, dtype=torch.float32)[None, :] * max(q_size / k_size, 1.0)  # 1, k
+    device = rel_pos.device
+    q = torch.arange(q_size, dtype=torch.float32, device=device)[:, None] * max(k_size / q_size, 1.0)  # q, 1
+    k = torch.arange(k_size, dtype=torch.float32, device=device)[None, :] * max(q_size / k_size, 1.0)  # 1, k
     index = (q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()  # q, k
-    return table[index.to(table.device)]  # q, k, C
+    return table[index]  # q, k, C
 
 
 def decomposed_rel_pos_factors(q: Tensor, rel_h: Tensor, rel_w: Tensor, grid: Size2) -> tuple[Tensor, Tensor]:

@@ -51,6 +51,7 @@ FAMILY_NAMES = {
     "relative": "relative position bias (BEiT, global)",
     "windowed": "relative position bias in (shifted) windows (Swin)",
     "rope": "2D rotary embedding (RoPE)",
+    "decomposed": "a decomposed relative bias that depends on the query (SAM, ViTDet)",
     "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
     "gpsa": "gated positional self-attention (ConViT)",
 }

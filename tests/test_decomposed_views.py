@@ -26,7 +26,8 @@ def sam(tmp_path_factory):
     """A tiny perturbed timm SAM encoder, its posenc load, and one inspection of a random photo at 80 px."""
     folder = tmp_path_factory.mktemp("sam")
     torch.manual_seed(0)
-    ref = perturb(timm.create_model("samvit_base_patch16", pretrained=False, **ARGS))
+    ref = perturb(timm.create_model("samvit_base_patch16", pretrained=False, **ARGS,
+                                    pretrained_cfg_overlay=dict(input_size=(3, 64, 64))))
     save_for_hf(ref, folder, safe_serialization=True)
     loaded = posenc.load(str(folder))
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))

@@ -36,7 +36,9 @@ SAM_CASES = {
 def timm_sam(tmp_path, name: str, **kwargs) -> torch.nn.Module:
     """A perturbed tiny timm SAM encoder, saved to ``tmp_path`` in the timm Hub layout."""
     torch.manual_seed(0)
-    ref = perturb(timm.create_model(name, pretrained=False, **{**SAM_CASES[name], **kwargs}))
+    overlay = dict(input_size=(3, 64, 64))  # as a real checkpoint records the size it was built for
+    ref = perturb(timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay,
+                                    **{**SAM_CASES[name], **kwargs}))
     save_for_hf(ref, tmp_path, safe_serialization=True)
     return ref
 
@@ -225,3 +227,54 @@ def test_vitdet_with_residual_blocks_is_refused(tmp_path):
     hf.VitDetModel(hf.VitDetConfig(**VITDET, residual_block_indices=[1])).save_pretrained(tmp_path)
     with pytest.raises(HubLoadError, match=r"residual conv blocks \[1\]"):
         posenc.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 72)])
+def test_sam_trace_bytes_count_the_attention_an_inspection_keeps(tmp_path, size):
+    timm_sam(tmp_path, "samvit_base_patch16")
+    model = posenc.load(str(tmp_path)).model
+    with torch.no_grad():
+        insp = model.inspect(torch.randn(1, 3, *size))
+    kept = sum(t.numel() * 4 for b in insp.blocks for t in (b.attn, b.attn_no_pos) if t is not None)
+    assert model.trace_bytes(size) == kept
+
+
+def test_posenc_sam_checkpoint_round_trips(tmp_path):
+    from posenc.models import SamConfig, build_model
+
+    cfg = SamConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=3,
+                    global_attn_indexes=(1,), neck_chans=8)
+    ref = perturb(build_model(cfg))
+    ref.save_pretrained(tmp_path)
+    loaded = posenc.load(str(tmp_path))
+    assert loaded.layout == "posenc" and loaded.model.config == cfg
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(loaded.model(x), ref(x), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"embed_dim": 30, "num_heads": 4}, r"embed_dim 30 is not divisible by num_heads 4"),
+        ({"img_size": 60}, r"img_size \(60, 60\) is not a multiple of patch_size 16"),
+        ({"depth": 2, "global_attn_indexes": (1, 5)}, r"global_attn_indexes \[5\] are not blocks of a depth-2 model"),
+        ({"window_size": -1}, r"window_size must be an integer from 0"),
+        ({"global_attn_indexes": (-1,)}, r"global_attn_indexes\[0\] must be an integer from 0"),
+    ],
+)
+def test_sam_config_errors_name_the_field_and_the_rule(fields, message):
+    from posenc.models import SamConfig
+
+    with pytest.raises(ValueError, match=message):
+        SamConfig(**fields)
+
+
+@pytest.mark.parametrize(("window_size", "global_attn_indexes"), [(0, (0, 1)), (3, ()), (3, (0,))])
+def test_sam_configs_with_all_global_or_all_windowed_blocks_are_valid(window_size, global_attn_indexes):
+    from posenc.models import SamConfig, build_model
+
+    cfg = SamConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=window_size,
+                    global_attn_indexes=global_attn_indexes, neck_chans=8)
+    windows = [block.window for block in build_model(cfg).blocks]
+    assert windows == [0 if window_size == 0 or i in global_attn_indexes else 3 for i in range(2)]

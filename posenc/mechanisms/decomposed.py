@@ -13,7 +13,16 @@ import torch
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable, _block_patch, _window_keys, describe_block, window_row_to_grid
+from posenc.views import (
+    Patch,
+    Seen,
+    View,
+    ViewUnavailable,
+    _block_patch,
+    _window_keys,
+    describe_block,
+    window_row_to_grid,
+)
 
 _DEPENDS = "computed from this query's content: it changes with the image"
 
@@ -63,7 +72,8 @@ def factors(seen: Seen, block: int, patch: Patch) -> View:
     sheet = viz.signed_head_overlays(
         seen.photo, np.stack([row_term, col_term]), query,
         row_labels=("row term q\u00b7R_h[\u0394row]", "column term q\u00b7R_w[\u0394col]"),
-        title=f"{seen.name}: the two factors of the bias from patch {query} ({_DEPENDS})\n{describe_block(seen, block)}",
+        title=f"{seen.name}: the two factors of the bias from patch {query} ({_DEPENDS})\n"
+              f"{describe_block(seen, block)}",
         colorbar_label="added to the attention logits (their sum is the bias)")  # fmt: skip
     return View(sheet.image, {"bias_row_term": row_term, "bias_column_term": col_term})
 
@@ -75,10 +85,11 @@ MECHANISMS = (
         "a relative bias computed from each query's content and two learned tables of row and column offsets "
         "(SAM, ViTDet).",
         "relative",
-        "The bias is q\u00b7R_h[\u0394row] + q\u00b7R_w[\u0394col]: the query's dot product with learned embeddings of the "
-        "row and column offsets. It depends on the image, so it is drawn for the clicked patch of this image, per "
-        "head, over the keys it attends to (its window in windowed blocks; the grid is padded at the bottom and right "
-        "to whole windows and the padded keys are not drawn). Below: its two terms, along rows and along columns.",
+        "The bias is q\u00b7R_h[\u0394row] + q\u00b7R_w[\u0394col]: the query's dot product with learned embeddings "
+        "of the row and column offsets. It depends on the image, so it is drawn for the clicked patch of this "
+        "image, per head, over the keys it attends to (its window in windowed blocks; the grid is padded at the "
+        "bottom and right to whole windows and the padded keys are not drawn). Below: its two terms, along rows "
+        "and along columns.",
         {
             "rel_h": "BlockTrace.position: (B, [nW,] heads, N, h) each query's dot product with its row offsets",
             "rel_w": "BlockTrace.position: (B, [nW,] heads, N, w) each query's dot product with its column offsets",

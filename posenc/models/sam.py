@@ -19,7 +19,7 @@ not mask the padding: queries attend to the padded tokens too, exactly as SAM an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from posenc.encodings import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_factors,
     pad_to_window,
+    padded_grid,
     resample_abs_pos_embed,
     to_2tuple,
     window_partition,
@@ -66,8 +67,9 @@ class SamConfig:
     qkv_bias: bool = True
     use_abs_pos: bool = True  # learned absolute embedding (1, h, w, C)
     use_rel_pos: bool = True  # decomposed relative bias in every block
-    window_size: int = 14  # side of the windows of windowed blocks; 0: every block is global
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)  # blocks that attend over the whole grid
+    window_size: int = field(default=14, metadata={"min": 0})  # side of the windows; 0: every block is global
+    # blocks that attend over the whole grid (block indexes from 0; empty when every block is windowed)
+    global_attn_indexes: tuple[int, ...] | tuple[()] = field(default=(2, 5, 8, 11), metadata={"min": 0})
     pretrain_img_size: tuple[int, int] | None = None  # size pos_embed was learned at (ViTDet); None: img_size
     pos_embed_antialias: bool = True  # timm resamples pos_embed with antialiasing, transformers' ViTDet without
     neck: bool = True  # False: no neck at all (ViTDet's backbone ends at its last block)
@@ -77,9 +79,6 @@ class SamConfig:
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     model_type: str = "posenc_sam"
-
-    #: ``num_classes == 0`` is a complete model here (SAM ships without a classifier).
-    headless_ok: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         normalise_config(self)
@@ -227,7 +226,8 @@ class SamBlock(nn.Module):
         if trace is None:
             return x, None
         if self.window:  # windows on their own axis: (B, nW, heads, ...), as for Swin
-            trace = {k: v.reshape(b, -1, *v.shape[1:]) if v is not None and v.ndim == 4 else v for k, v in trace.items()}
+            trace = {k: v.reshape(b, -1, *v.shape[1:]) if v is not None and v.ndim == 4 else v  # B, nW, heads, ...
+                     for k, v in trace.items()}
         position_tensors = {k: trace[k] for k in ("rel_h", "rel_w", "rel_pos_h", "rel_pos_w") if k in trace}
         return x, BlockTrace(
             attn=trace["attn"],
@@ -298,8 +298,24 @@ class SamViT(PosencModel):
         if tuple(grid) == self.config.pos_embed_grid:
             return self.pos_embed
         flat = self.pos_embed.flatten(1, 2)  # 1, h0*w0, C
-        flat = resample_abs_pos_embed(flat, grid, self.config.pos_embed_grid, 0, antialias=self.config.pos_embed_antialias)
+        flat = resample_abs_pos_embed(flat, grid, self.config.pos_embed_grid, 0,
+                                      antialias=self.config.pos_embed_antialias)  # 1, h*w, C
         return flat.reshape(1, *grid, -1)  # 1, h, w, C
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps: global blocks over the grid, windowed ones
+        over the padded windows (float32, twice with the bias-free copy)."""
+        cfg = self.config
+        grid = (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
+        entries = 0
+        for i in range(cfg.depth):
+            window = cfg.block_window(i)
+            if window:
+                hp, wp = padded_grid(grid, (window, window))
+                entries += (hp // window) * (wp // window) * window**4  # nW * n * n
+            else:
+                entries += (grid[0] * grid[1]) ** 2  # N * N
+        return entries * cfg.num_heads * 4 * (2 if cfg.use_rel_pos else 1)
 
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, Tensor | None, list]:
         x = self.patch_embed(x)  # B, h, w, C
@@ -340,7 +356,8 @@ _SAM = dict(patch_size=16, img_size=1024, window_size=14, use_rel_pos=True, num_
 #: timm architecture name (no pretrained tag) -> the SamConfig fields its registration fixes; the checkpoint's
 #: ``model_args`` apply on top (see posenc.convert).
 TIMM_PRESETS: dict[str, dict[str, Any]] = {
-    "samvit_base_patch16": {**_SAM, "embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
+    "samvit_base_patch16": {
+        **_SAM, "embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
     "samvit_large_patch16": {
         **_SAM, "embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
     "samvit_huge_patch16": {

@@ -27,7 +27,7 @@ class ModelEntry:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
         architecture: "vit", "deit", "beit", "swin", "convit", "levit" or "tiny_vit".
-        family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
+        family: position-encoding family (:data:`posenc.models.FAMILIES` for bundled models; "offset", "gpsa" too).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
         dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").

@@ -13,7 +13,7 @@ from posenc.encodings import Size2
 from posenc.preprocess import Preprocess
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
 
 
 class PatchEmbed(nn.Module):

@@ -39,7 +39,7 @@ class LeViTConfig:
 
     img_size: tuple[int, int] = (224, 224)  # (H, W) the biases were trained for
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: tuple[int, ...] = (128, 256, 384)  # width of each stage
     key_dim: tuple[int, ...] = (16, 16, 16)  # query/key channels per head, per stage (subsampling uses stage 0's)
     depth: tuple[int, ...] = (2, 3, 4)  # attention blocks per stage

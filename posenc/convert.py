@@ -482,8 +482,13 @@ def _levit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> 
     if stem != (3, 2, 1, 16):
         raise UnsupportedModelError(f"LeViT stem (kernel, stride, padding, patch) {stem} is not supported; posenc "
                                     "rebuilds the 16-pixel stem of four 3x3 stride-2 convolutions")  # fmt: skip
-    keep = ("img_size", "in_chans", "num_classes", "labels", "preprocess")
+    keep = ("img_size", "in_chans", "num_classes", "labels")
+    pp = common["preprocess"]
+    if pp.crop_mode == "center":  # LevitImageProcessor resizes the shorter side to int(256 / 224 * shortest_edge)
+        shortest = round(pp.input_size[0] / pp.crop_pct)
+        pp = dataclasses.replace(pp, crop_pct=pp.input_size[0] / int(256 / 224 * shortest))
     return LeViTConfig(
+        preprocess=pp,
         embed_dim=tuple(config["hidden_sizes"]),
         key_dim=tuple(config["key_dim"]),
         depth=tuple(config["depths"]),

@@ -28,6 +28,7 @@ from posenc.hub import HubLoadError, LoadedModel, is_safe_source, load
 from posenc.labels import CIFAR10_LABELS, imagenet_labels, pick_labels
 from posenc.mechanisms import MECHANISMS
 from posenc.models import FAMILIES, ViTConfig, build_model
+from posenc.models.layers import DESCRIPTIONS
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS, ModelEntry, bundled_models
 
@@ -414,7 +415,7 @@ def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)
-        assert entry.family in (*FAMILIES, *MECHANISMS)
+        assert entry.family in (*FAMILIES, *MECHANISMS, *DESCRIPTIONS), entry.source  # offset, gpsa: described
         assert entry.num_params > 1_000_000
         if entry.accuracy is not None:
             assert 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"

@@ -138,6 +138,12 @@ def test_transformers_levit_gives_transformers_probabilities(tmp_path, model_cls
         assert_close(model(x).softmax(-1), ref(pixel_values=x).logits.softmax(-1), **TOL)
 
 
+def test_transformers_levit_resizes_the_shorter_side_by_256_over_224_as_its_processor_does():
+    stated = hf.LevitImageProcessor().to_dict()  # shortest_edge 224, crop 224: the processor resizes to 256 first
+    pp = config_from_transformers({"model_type": "levit", **HF_LEVIT}, stated).preprocess
+    assert (pp.input_size, pp.crop_mode, pp.crop_pct) == ((224, 224), "center", 224 / 256)
+
+
 def test_transformers_levit_with_another_stem_is_refused():
     with pytest.raises(UnsupportedModelError, match="stem"):
         config_from_transformers({"model_type": "levit", **HF_LEVIT, "patch_size": 8}, None)

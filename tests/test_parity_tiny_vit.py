@@ -79,3 +79,29 @@ def test_tiny_vit_window_contradicting_the_weights_names_key_and_shapes(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HubLoadError, match=r"(?s)attention_biases \(2, 16\) in the checkpoint vs \(2, 25\)"):
         load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "config"),
+    [
+        ("tiny_vit_5m_224", TINY, "TinyViTConfig"),
+        ("levit_128s", dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1), img_size=64), "LeViTConfig"),
+        ("convit_tiny", dict(depth=2, local_up_to_layer=1, embed_dim=8, num_heads=4, img_size=64), "ConViTConfig"),
+    ],
+)
+def test_headless_builds_return_timm_pooled_features(name, kwargs, config):
+    from posenc import models
+    from posenc.convert import check_state_dict, convert_state_dict
+
+    torch.manual_seed(0)
+    ref = perturb_all(timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 0}))
+    fields = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    cfg = getattr(models, config)(**{**fields, "num_classes": 0})
+    model = models.build_model(cfg).eval()
+    state = convert_state_dict("timm", ref.state_dict(), cfg)
+    check_state_dict(model, state, name)
+    model.load_state_dict(state)
+    assert model.headless
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), **TOL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from posenc import views, viz
 from posenc.mechanisms import Mechanism, ViewSpec
@@ -26,20 +27,22 @@ def _require_gpsa(seen: Seen, block: int) -> None:
 
 
 def gates(seen: Seen, block: int, patch: Patch) -> View:
-    """Every GPSA block's gates, one row per block and one column per head: the share of positional attention."""
+    """Every GPSA block's gates, one column per block and one row per head: the share of positional attention."""
     blocks = _gpsa_blocks(seen)
     if not blocks:
         raise ViewUnavailable(f"{seen.name} has no gated positional attention in this inspection (position left out?)")
     table = np.stack([seen.inspection.blocks[i].position["gpsa_gate"].float().numpy() for i in blocks])  # blocks, heads
-    mark = (blocks.index(block), 0) if block in blocks else None
     chosen = ""
     if block in blocks:
-        chosen = "\nblock {}: {}".format(block, ", ".join(f"h{h} {g:.2f}" for h, g in enumerate(table[blocks.index(block)])))
+        values = ", ".join(f"h{h} {g:.2f}" for h, g in enumerate(table[blocks.index(block)]))
+        chosen = f"\nblock {block} (outlined at head 0): {values}"
+    cell = max(24, 560 // max(table.shape))  # square cells, about 560 pixels wide
+    canvas = Image.new("RGB", (table.shape[0] * cell, table.shape[1] * cell), (255, 255, 255))
     img = viz.overlay(
-        None, table, cmap="magma", vmin=0.0, vmax=1.0, mark=mark,
-        title=f"{seen.name}: GPSA gate sigmoid(gating_param), rows = blocks {blocks[0]}..{blocks[-1]}, "
-              f"columns = heads 0..{table.shape[1] - 1}{chosen}",
-        colorbar_label="share of positional attention (0 = content only, 1 = position only)", min_side=256,
+        canvas, table.T, alpha=1.0, cmap="magma", vmin=0.0, vmax=1.0, mark=(0, blocks.index(block)) if block in blocks else None,
+        title=f"{seen.name}: GPSA gates sigmoid(gating_param)\ncolumns = blocks {blocks[0]}..{blocks[-1]}, "
+              f"rows = heads 0..{table.shape[1] - 1}{chosen}",
+        colorbar_label="share of positional attention (0: content only, 1: position only)",
     )  # fmt: skip
     return View(img, {"gpsa_gates": table, "gpsa_blocks": np.array(blocks)})
 

@@ -46,7 +46,7 @@ class ConViTConfig:
     img_size: tuple[int, int] = (224, 224)  # (H, W) the model is built for; other sizes resample
     patch_size: int = 16
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 48  # channels PER HEAD, as timm's ConViT counts it: the width is embed_dim * num_heads
     depth: int = 12
     num_heads: int = 4

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from posenc.encodings import Size2
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
 
 
 class PatchEmbed(nn.Module):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, resample_abs_pos_embed, to_2tuple
@@ -40,7 +39,7 @@ class LeViTConfig:
 
     img_size: tuple[int, int] = (224, 224)  # (H, W) the biases were trained for
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: tuple[int, ...] = (128, 256, 384)  # width of each stage
     key_dim: tuple[int, ...] = (16, 16, 16)  # query/key channels per head, per stage (subsampling uses stage 0's)
     depth: tuple[int, ...] = (2, 3, 4)  # attention blocks per stage
@@ -238,15 +237,14 @@ class OffsetBiasAttention(nn.Module):
             q = self.q(x, grid).view(b, -1, self.num_heads, self.key_dim)  # B, Nq, heads, kd
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B, heads, N, d
         bias, table = self.position_bias(grid) if position else (None, None)  # heads, Nq, Nk
+        # timm's own ops (SDPA would fall back to its unfused math kernel: values are wider than keys)
+        logits = (q @ k.transpose(-2, -1)) * self.key_dim**-0.5  # B, heads, Nq, Nk
+        attn = (logits if bias is None else logits + bias).softmax(dim=-1)
+        out = attn @ v  # B, heads, Nq, vd
         trace = None
         if need_weights:
-            logits = (q @ k.transpose(-2, -1)) * self.key_dim**-0.5  # B, heads, Nq, Nk
-            attn = (logits if bias is None else logits + bias).softmax(dim=-1)
-            out = attn @ v  # B, heads, Nq, vd
             trace = {"attn": attn, "attn_no_pos": None if bias is None else logits.softmax(dim=-1), "bias": bias,
                      "table": table}  # fmt: skip
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # B, heads, Nq, vd
         out = out.transpose(1, 2).reshape(b, out.shape[2], -1)  # B, Nq, heads*vd
         return self.proj(out), trace
 

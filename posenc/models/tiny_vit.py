@@ -32,7 +32,7 @@ class TinyViTConfig:
 
     img_size: tuple[int, int] = (224, 224)  # (H, W) of the checkpoint's preprocessing; the model takes any size
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dims: tuple[int, ...] = (64, 128, 160, 320)  # width of each stage
     depths: tuple[int, ...] = (2, 2, 6, 2)  # stage 0: MBConv blocks; later stages: attention blocks
     num_heads: tuple[int, ...] = (2, 4, 5, 10)  # stage 0's entry is unused (no attention there)

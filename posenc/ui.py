@@ -685,8 +685,8 @@ class Handlers:
         path = _image_path(image)
         key, loaded = self._load(model, progress)
         new_model = key != shown.get("model")
-        # a new model starts at its native size (the old model's size may not fit it, or mean little)
-        input_size = views.native_size(loaded) if new_model else views.parse_size(size, loaded)
+        # a new model starts at its default size (the old model's size may not fit it, or mean little)
+        input_size = views.default_size(loaded) if new_model else views.parse_size(size, loaded)
         grid = views.input_grid(loaded, input_size)
         if (new_model or list(grid) != shown.get("grid")) and shown.get("grid"):
             patch = views.map_patch(tuple(shown["patch"]), tuple(shown["grid"]), grid)
@@ -1124,6 +1124,9 @@ def create_demo(
                             f"Model {side.upper()}: attention", elem_id=f"compare-{side}-attention",
                             elem_classes=["posenc-wide"])
 
+        from posenc.ui_measure import measure_tab  # imports this module: built here, not at import time
+
+        measure_tab(load=h._load, image=image, model=model)
         with gr.Row(visible=False):
             api_button = gr.Button("API")  # carries the API-only endpoints; never shown
             api_size = gr.Textbox(label="size", value=None)

@@ -169,54 +169,6 @@ def test_deit_folder_predicts_like_the_library(client: Client) -> None:
 # ------------------------------------------------------------------------------------------------ views
 
 
-@pytest.mark.parametrize("family", ["learned", "sincos", "deit"])
-def test_position_embedding_views_are_pngs_and_follow_the_patch(
-    client: Client, checkpoints: Path, photo: Path, family: str
-) -> None:
-    model = deit() if family == "deit" else source(checkpoints, family)
-    first = client.predict(handle_file(photo), model, None, 1, 2, api_name="/position_embedding")
-    second = client.predict(handle_file(photo), model, None, 5, 6, api_name="/position_embedding")
-    grids = [_png(p) for p in (first[0], second[0])]
-    assert grids[0].shape[0] > 300 and grids[0].shape[1] > 300
-    np.testing.assert_array_equal(grids[0], grids[1])  # the tile grid does not depend on the patch
-    assert not np.array_equal(_png(first[1]), _png(second[1]))  # the clicked-patch map does
-    assert _png(first[2]).shape == _png(second[2]).shape
-
-
-@pytest.mark.parametrize(("family", "block"), [("relative", 2), ("windowed", 1), ("windowed", 5)])
-def test_relative_bias_views_draw_table_and_query(
-    client: Client, checkpoints: Path, photo: Path, family: str, block: int
-) -> None:
-    table, query = client.predict(handle_file(photo), source(checkpoints, family), None, block, 7, 0,
-                                  api_name="/relative_bias")
-    assert min(_png(table).shape[:2]) > 200
-    assert min(_png(query).shape[:2]) > 200
-
-
-@pytest.mark.parametrize("family", [*FAMILIES, "deit"])
-def test_attention_view_for_every_family(client: Client, checkpoints: Path, photo: Path, family: str) -> None:
-    model = deit() if family == "deit" else source(checkpoints, family)
-    first = _png(client.predict(handle_file(photo), model, None, 1, 0, 3, api_name="/attention"))
-    other = _png(client.predict(handle_file(photo), model, None, 1, 2, 1, api_name="/attention"))
-    assert min(first.shape[:2]) > 250
-    assert first.shape != other.shape or not np.array_equal(first, other)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_attention_without_position_term_exactly_where_the_logits_have_one(
-    client: Client, checkpoints: Path, photo: Path, family: str
-) -> None:
-    got = _analyse(client, photo, source(checkpoints, family), None, 0, 4, 4)
-    assert got["attention"].shape[-2:] == (8, 8)
-    assert ("attention_no_pos" in got) == (family in ("relative", "windowed", "rope"))
-
-
-def test_rope_view_changes_with_the_patch(client: Client, checkpoints: Path, photo: Path) -> None:
-    a = client.predict(handle_file(photo), source(checkpoints, "rope"), None, 0, 0, api_name="/rope")
-    b = client.predict(handle_file(photo), source(checkpoints, "rope"), None, 4, 4, api_name="/rope")
-    assert not np.array_equal(_png(a), _png(b))
-
-
 @pytest.mark.parametrize(
     ("endpoint", "family", "args"),
     [

@@ -66,9 +66,11 @@ KIND_TITLES = {"absolute": "Absolute position", "relative": "Relative position",
 CSS = """
 #patch-picker img, #picker-a img { cursor: crosshair; }
 .posenc-view .image-container { padding-top: 2.4em; }
-.posenc-view .image-container img { object-fit: contain; }
-.posenc-wide { overflow-x: auto; }
-.posenc-wide .image-container img { max-width: none; width: auto; height: auto; }
+.posenc-wide .image-container { overflow-x: auto; }
+.posenc-wide .image-container > button { width: max-content !important; min-width: 100%; max-width: none; }
+.posenc-wide .image-frame { width: max-content; max-width: none; }
+.posenc-wide .image-frame img { max-width: none !important; max-height: none !important; width: auto !important;
+                                 height: auto !important; }
 #status { border-left: 4px solid #d97706; padding-left: 0.6em; }
 """
 
@@ -683,12 +685,8 @@ class Handlers:
         path = _image_path(image)
         key, loaded = self._load(model, progress)
         new_model = key != shown.get("model")
-        try:
-            input_size = views.parse_size(size, loaded)
-        except ValueError:
-            if not new_model:
-                raise
-            input_size = views.default_size(loaded)  # the old model's size may not fit the new one
+        # a new model starts at its default size (the old model's size may not fit it, or mean little)
+        input_size = views.default_size(loaded) if new_model else views.parse_size(size, loaded)
         grid = views.input_grid(loaded, input_size)
         if (new_model or list(grid) != shown.get("grid")) and shown.get("grid"):
             patch = views.map_patch(tuple(shown["patch"]), tuple(shown["grid"]), grid)
@@ -1099,11 +1097,12 @@ def create_demo(
                         "number past a model's last block means its last block.")
             with gr.Row():
                 model_a = gr.Dropdown(choices, value=default_model, label="Model A", allow_custom_value=True,
-                                      elem_id="model-a", min_width=320)
+                                      elem_id="model-a", min_width=360)
                 model_b = gr.Dropdown(choices, value=catalog.second(default_model), label="Model B",
-                                      allow_custom_value=True, elem_id="model-b", min_width=320)
-                block_c = gr.Radio(["first", "middle", "last"], value="first", label="Block")
-                compare_button = gr.Button("Compare", variant="primary")
+                                      allow_custom_value=True, elem_id="model-b", min_width=360)
+            with gr.Row():
+                block_c = gr.Radio(["first", "middle", "last"], value="first", label="Block", scale=3)
+                compare_button = gr.Button("Compare", variant="primary", scale=1)
             compare_status = gr.Markdown(visible=False, elem_id="compare-status")
             with gr.Row():
                 picker_a = gr.Image(label="Click a patch (model A's input)", type="filepath", image_mode=None,
@@ -1119,9 +1118,11 @@ def create_demo(
                         compare_named[f"{side}:label"] = gr.Label(num_top_classes=5, label=f"Model {side.upper()}: top-5")
                         for m in _compare_mechanisms():
                             compare_named[f"{side}:{m.name}"] = _view_image(
-                                f"Model {side.upper()}: {m.title}", visible=False, elem_id=f"compare-{side}-{m.name}")
-                        compare_named[f"{side}:attention"] = _view_image(f"Model {side.upper()}: attention",
-                                                                         elem_id=f"compare-{side}-attention")
+                                f"Model {side.upper()}: {m.title}", visible=False, elem_id=f"compare-{side}-{m.name}",
+                                elem_classes=["posenc-wide"])
+                        compare_named[f"{side}:attention"] = _view_image(
+                            f"Model {side.upper()}: attention", elem_id=f"compare-{side}-attention",
+                            elem_classes=["posenc-wide"])
 
         from posenc.ui_measure import measure_tab  # imports this module: built here, not at import time
 

@@ -528,8 +528,10 @@ def test_one_path_syncs_the_controls_and_a_refusal_puts_them_back(handlers: Hand
     assert shown["model"] == "cifar10-learned" and shown["patch"] == [4, 4] and first["row"] == 4
     assert first["status"].visible is False and first["picker"] and first["view:learned/pca"]
     # a new model: its size list and block range, the patch at the same place of its grid, views drawn
-    rope = _explore(handlers, shown, "cifar10-rope", size="48x48", block=5, row=4, col=4)
-    assert rope["model"].value == "cifar10-rope" and rope["size"].value == "48x48"
+    native = _explore(handlers, shown, "cifar10-rope", size="48x48", block=5, row=4, col=4)
+    assert native["size"].value == "32x32" and native["shown"]["patch"] == [4, 4]  # a new model: its native size
+    rope = _explore(handlers, native["shown"], "cifar10-rope", size="48x48", block=5, row=4, col=4)
+    assert rope["model"].value == "cifar10-rope" and rope["size"].value == "48x48" and rope["row"] == 6
     assert rope["block"].maximum == 5 and rope["block"].value == 5
     assert rope["group:rope_axial"].visible and not rope["group:learned"].visible
     assert rope["view:rope_axial/rope"] and rope["view:learned/similarity_grid"] is None

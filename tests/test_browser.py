@@ -272,12 +272,10 @@ def test_typing_keyboard_edits_and_errors_behave(page, runs: list[str]) -> None:
 
 
 @pytest.mark.parametrize("width", [1400, 1024])
-def test_screenshots_at_common_widths(app_url: str, width: int) -> None:
+def test_screenshots_at_common_widths(page, app_url: str, width: int) -> None:
     """Full pages of every tab at a laptop's and a tablet's width, for a person to look at."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox", "--disable-gpu"])
-        tab = browser.new_page(viewport={"width": width, "height": 900})
+    tab = page.context.browser.new_page(viewport={"width": width, "height": 900})
+    try:
         tab.set_default_timeout(TIMEOUT_MS)
         tab.goto(app_url)
         _wait_for_summary(tab, "cifar10-learned", "· patch (")
@@ -298,4 +296,5 @@ def test_screenshots_at_common_widths(app_url: str, width: int) -> None:
         _wait_for_new_image(tab, "#picker-a", "")
         tab.wait_for_timeout(1000)
         _shot(tab, f"23-compare-{width}.png")
-        browser.close()
+    finally:
+        tab.close()

@@ -1,24 +1,26 @@
-"""posenc's Gradio app: ``python app.py``.
+"""posenc's Gradio app: ``python app.py`` (from any working directory).
 
 Environment: ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` pick the address (Gradio reads them itself),
 ``POSENC_CHECKPOINTS`` the bundled checkpoints folder, ``POSENC_MODELS`` extra local model folders
-(separated by the OS path separator), ``POSENC_CACHE_SIZE`` how many models stay loaded.
+(separated by the OS path separator; listed under their folder names), ``POSENC_CACHE_SIZE`` how many
+models stay loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
-from posenc.registry import HUB_MODELS
+from posenc.registry import HUB_MODELS, checkpoints_dir
 from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
 
-ROOT = Path(__file__).resolve().parent
-EXAMPLES = ROOT / "assets" / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
 
 demo = create_demo(
-    checkpoints_dir=Path(os.environ.get("POSENC_CHECKPOINTS", ROOT / "checkpoints")),
+    checkpoints_dir=checkpoints_dir(),
     registry=HUB_MODELS,
     cache_size=int(os.environ.get("POSENC_CACHE_SIZE", "4")),
     examples_dir=EXAMPLES,
@@ -27,4 +29,5 @@ demo = create_demo(
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit cleanly, so the temporary files are removed
     demo.queue(**QUEUE_OPTIONS).launch(**launch_options(EXAMPLES))

@@ -13,11 +13,14 @@ A model that is cached loads with the Hub unreachable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from posenc.convert import (
     CheckpointMismatchError,
@@ -61,6 +64,16 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 OFFLINE_HINT = "connect to the internet or pick a bundled model"
 #: Raw transport errors huggingface_hub lets through while a download is under way.
 _TRANSPORT_ERRORS = (httpx2.TransportError,)
+#: What one model may cost, each changed by the environment variable of the same name: learned parameters
+#: (the largest curated model has 87 million; ViT-L has 304 million), submodules (which bound the depth;
+#: the curated ViT-B has 164) and the bytes one inspection at the checkpoint's input size returns (attention
+#: maps and position tensors; 45 MB for ViT-B/16 at 224x224, 6.9 GiB for the largest curated one, SAM's ViT-B
+#: encoder at its own 1024x1024, whose global blocks attend over 4,096 tokens; the app runs it at smaller sizes).
+DEFAULT_LIMITS = {"POSENC_MAX_PARAMS": 400_000_000, "POSENC_MAX_MODULES": 2048, "POSENC_MAX_INSPECT_BYTES": 8 * 2**30}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 class HubLoadError(RuntimeError):
@@ -70,7 +83,7 @@ class HubLoadError(RuntimeError):
         source: the repo id or folder that was asked for.
         reason: a short machine-readable cause: "invalid_source", "offline", "not_found", "gated",
             "revision", "missing_file", "unsupported", "invalid_config", "corrupt", "mismatch",
-            "network" or "io".
+            "too_large", "network" or "io".
     """
 
     def __init__(self, message: str, *, source: str, reason: str) -> None:
@@ -124,8 +137,13 @@ class LoadedModel:
         x = build_transform(pp)(load_image(image))  # 3, h, w
         return x[None].to(self._device())  # 1, 3, h, w
 
+    @property
+    def headless(self) -> bool:
+        """True for a checkpoint without a classifier (DINOv2, SigLIP towers): ``model(x)`` gives pooled features."""
+        return self.model.headless
+
     def predict(self, image: ImageSource, top_k: int = 5) -> list[Prediction]:
-        """The ``top_k`` most probable classes of one image, most probable first."""
+        """The ``top_k`` most probable classes of one image, most probable first; [] for a headless model."""
         return self.predict_batch([image], top_k=top_k)[0]
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int = 5) -> list[list[Prediction]]:
@@ -136,12 +154,16 @@ class LoadedModel:
             top_k: classes per image (capped at the number of classes).
 
         Returns:
-            B lists of ``top_k`` predictions, most probable first.
+            B lists of ``top_k`` predictions, most probable first; empty lists for a headless model, which has no
+            classes to predict (run ``model(pixels)`` for its pooled features).
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         if not images:
             return []
+        if self.headless:
+            logger.info("%s has no classifier head (headless): no predictions", self.source)
+            return [[] for _ in images]
         transform = build_transform(self.preprocess)
         x = torch.stack([transform(load_image(image)) for image in images]).to(self._device())  # B, 3, h, w
         with torch.inference_mode():
@@ -417,8 +439,154 @@ def _read_weights(files: _Files, path: Path) -> dict[str, Tensor]:
     return state_dict
 
 
+def limit(name: str) -> int:
+    """A cost limit of :data:`DEFAULT_LIMITS`, from the environment variable ``name`` when it is set."""
+    text = os.environ.get(name)
+    if text is None:
+        return DEFAULT_LIMITS[name]
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}={text!r} is not a positive integer; unset it or give a count like {DEFAULT_LIMITS[name]}")
+    return value
+
+
+class _TooLarge(Exception):
+    """A model under construction went over a limit (raised from a registration hook)."""
+
+
+@contextmanager
+def _construction_budget(max_params: int, max_modules: int) -> Iterator[None]:
+    """Abort a model's construction in this thread as soon as it registers too many parameters or submodules.
+
+    Global registration hooks see every module built anywhere; each counts only its own thread.
+    """
+    thread = threading.get_ident()
+    counts = {"parameters": 0, "submodules": 0}
+
+    def count(what: str, amount: int, cap: int) -> None:
+        if threading.get_ident() != thread:
+            return
+        counts[what] += amount
+        if counts[what] > cap:
+            raise _TooLarge(f"more than {cap:,} {what}")
+
+    handles = [
+        nn.modules.module.register_module_parameter_registration_hook(
+            lambda module, name, param: count("parameters", param.numel() if param is not None else 0, max_params)
+        ),
+        nn.modules.module.register_module_module_registration_hook(
+            lambda module, name, sub: count("submodules", 1, max_modules)
+        ),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _meta_model(model_config: Any, source: str) -> PosencModel:
+    """The model a config describes, built on the ``meta`` device (no memory), within the parameter and depth limits."""
+    max_params, max_modules = limit("POSENC_MAX_PARAMS"), limit("POSENC_MAX_MODULES")
+    try:
+        with _construction_budget(max_params, max_modules), torch.device("meta"):
+            return build_model(model_config)
+    except _TooLarge as error:
+        raise HubLoadError(
+            f"{source} is too large to serve: its config.json describes a model with {error} "
+            f"(limits: {max_params:,} parameters, {max_modules:,} submodules; raise POSENC_MAX_PARAMS or "
+            "POSENC_MAX_MODULES to allow it); pick a smaller model",
+            source=source,
+            reason="too_large",
+        ) from None
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in an inspection record (dataclasses, lists, dicts), shared ones counted each time."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _check_inspection_cost(model: PosencModel, source: str) -> None:
+    """Run one inspection on the meta device at the checkpoint's input size; refuse it beyond the byte limit."""
+    cap = limit("POSENC_MAX_INSPECT_BYTES")
+    model.eval()  # as it will run: batch norms (LeViT) use their running statistics
+    size = tuple(model.config.preprocess.input_size)
+    pixels = torch.empty(1, model.config.in_chans, *size, device="meta")  # 1, 3, h, w
+    try:
+        with torch.inference_mode():
+            needed = _tensor_bytes(model.inspect(pixels)) + _tensor_bytes(pixels)
+    except (ValueError, RuntimeError) as error:
+        raise HubLoadError(
+            f"the config.json of {source} describes a model that cannot run at its own input size "
+            f"{size[0]}x{size[1]} ({error}); fix the config or pick another model",
+            source=source,
+            reason="invalid_config",
+        ) from error
+    if needed > cap:
+        raise HubLoadError(
+            f"{source} is too large to serve: one inspection at {size[0]}x{size[1]} needs {needed / 2**20:,.0f} MiB "
+            f"(limit {cap / 2**20:,.0f} MiB; raise POSENC_MAX_INSPECT_BYTES to allow it); pick a smaller model",
+            source=source,
+            reason="too_large",
+        )
+
+
+def _header_tensors(files: _Files, path: Path) -> dict[str, Tensor]:
+    """Meta tensors with the names, shapes and dtypes of a safetensors file's header; no data is read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out = {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+                out[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+            return out
+    except (SafetensorError, RuntimeError, ValueError, OSError) as error:
+        files.evict(path)
+        raise HubLoadError(
+            f"{path.name} of {files.source} is corrupt or truncated ({str(error)[:200]}); the bad copy was removed "
+            "from the cache: try again, and if it persists report it to the repo owner",
+            source=files.source,
+            reason="corrupt",
+        ) from error
+
+
+def _converted(
+    layout: str, weights: dict[str, Tensor], model: PosencModel, source: str, model_type: str | None
+) -> dict[str, Tensor]:
+    """``weights`` renamed and fitted to posenc's layout, checked key by key and shape by shape against ``model``.
+
+    Args:
+        model_type: the transformers ``model_type`` of config.json (it picks the key rules).
+    """
+    try:
+        state_dict = convert_state_dict(layout, weights, model.config, model_type=model_type)
+        check_state_dict(model, state_dict, source)
+    except (CheckpointMismatchError, ValueError, RuntimeError) as error:
+        message = str(error) if source in str(error) else f"{source}: {error}"
+        raise HubLoadError(message, source=source, reason="mismatch") from error
+    return state_dict
+
+
 def load(source: str, *, revision: str | None = None, local_files_only: bool | None = None) -> LoadedModel:
     """Load a classifier from a Hub repo id or a local folder in Hub layout.
+
+    ``config.json`` is untrusted: every field is validated as it is read (see
+    :func:`posenc.models.layers.normalise_config`), the model is first built on the ``meta`` device within
+    :data:`DEFAULT_LIMITS`, its parameter names and shapes are compared with the safetensors header (or
+    with the tensors of a weights-only ``pytorch_model.bin``), and one inspection's cost is measured on
+    ``meta``. Only then is memory allocated and the model materialised.
 
     Args:
         source: ``"org/name"`` on the Hub, or a folder holding ``config.json`` and the weights (an existing
@@ -445,14 +613,14 @@ def load(source: str, *, revision: str | None = None, local_files_only: bool | N
             model_config = config_from_timm(config)
         else:
             model_config = config
-        model = build_model(model_config)
+        meta = _meta_model(model_config, source)
     except UnsupportedModelError as error:
         raise HubLoadError(
             f"{source} cannot be loaded: {error}. Pick a model of a supported architecture",
             source=source,
             reason="unsupported",
         ) from error
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError) as error:
         raise HubLoadError(
             f"the config.json of {source} is invalid ({type(error).__name__}: {error}); "
             "fix the config or pick another model",
@@ -461,13 +629,17 @@ def load(source: str, *, revision: str | None = None, local_files_only: bool | N
         ) from error
 
     weights_path = files.weights()
-    raw = _read_weights(files, weights_path)
-    try:
-        state_dict = convert_state_dict(layout, raw, model.config)
-        check_state_dict(model, state_dict, source)
-    except CheckpointMismatchError as error:
-        message = str(error) if source in str(error) else f"{source}: {error}"
-        raise HubLoadError(message, source=source, reason="mismatch") from error
+    model_type = config.get("model_type")
+    if weights_path.suffix == ".safetensors":
+        _converted(layout, _header_tensors(files, weights_path), meta, source, model_type)
+        _check_inspection_cost(meta, source)
+        raw = _read_weights(files, weights_path)
+    else:  # a pickle's shapes are known only once its (weights-only) load is done
+        raw = _read_weights(files, weights_path)
+        _converted(layout, {k: v.to("meta") for k, v in raw.items()}, meta, source, model_type)
+        _check_inspection_cost(meta, source)
+    state_dict = _converted(layout, raw, meta, source, model_type)
+    model = build_model(meta.config)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
 

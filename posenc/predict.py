@@ -1,4 +1,6 @@
-"""``python -m posenc predict --model REPO_OR_DIR IMAGE [--top K] [--json]``: classify one image.
+"""``python -m posenc predict --model NAME IMAGE [--top K] [--json]``: classify one image.
+
+``NAME`` is a bundled model's public name (``cifar10-rope``), a Hub repo id or a local model folder.
 
 Prints the top-k classes, most probable first; with ``--json`` a list of
 ``{"index", "label", "probability"}``. A model or image that cannot be used prints one line to
@@ -16,6 +18,7 @@ from huggingface_hub.utils import logging as hf_logging
 
 from posenc.hub import HubLoadError, load
 from posenc.preprocess import ImageError, load_image
+from posenc.registry import bundled_source
 
 EXIT_USAGE = 2
 
@@ -30,7 +33,8 @@ def _positive_int(text: str) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``predict`` subcommand."""
     parser = subparsers.add_parser("predict", help="classify an image with a Hub model or a local model folder")
-    parser.add_argument("--model", required=True, help="Hub repo id (org/name) or a folder with config.json + weights")
+    parser.add_argument("--model", required=True,
+                        help="a bundled model (cifar10-rope, ...), a Hub repo id (org/name) or a model folder")
     parser.add_argument("image", help="path of the image to classify")
     parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="how many classes to show (default 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -49,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
     except ImageError as error:
         return _fail(str(error))
     try:
-        predictions = load(args.model, revision=args.revision).predict(image, top_k=args.top)
+        predictions = load(bundled_source(args.model), revision=args.revision).predict(image, top_k=args.top)
     except HubLoadError as error:
         return _fail(str(error))
     if args.json:
         print(json.dumps([asdict(p) for p in predictions]))
+        return 0
+    if not predictions:
+        print(f"{args.model} has no classifier head (a headless feature model): it returns features, not classes")
         return 0
     width = max(len(p.label) for p in predictions)
     for p in predictions:

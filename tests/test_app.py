@@ -6,18 +6,23 @@ same presets written to a temporary folder; the real DeiT-Tiny folder from ``../
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -26,13 +31,25 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import sampled_rss_mb
+from posenc import views
 from posenc.encodings import window_partition
 from posenc.hub import load
 from posenc.labels import CIFAR10_LABELS
+from posenc.mechanisms import MECHANISMS
 from posenc.models import build_model
 from posenc.registry import HUB_MODELS
 from posenc.train import cifar_model
-from posenc.ui import QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
+from posenc.ui import (
+    EXPORT_MAX_FOLDERS,
+    KIND_TITLES,
+    QUEUE_OPTIONS,
+    Catalog,
+    Handlers,
+    HubStatus,
+    ModelCache,
+    create_demo,
+    launch_options,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEIT = ROOT.parent / "shared" / "data" / "deit_tiny_patch16_224.fb_in1k"
@@ -152,54 +169,6 @@ def test_deit_folder_predicts_like_the_library(client: Client) -> None:
 # ------------------------------------------------------------------------------------------------ views
 
 
-@pytest.mark.parametrize("family", ["learned", "sincos", "deit"])
-def test_position_embedding_views_are_pngs_and_follow_the_patch(
-    client: Client, checkpoints: Path, photo: Path, family: str
-) -> None:
-    model = deit() if family == "deit" else source(checkpoints, family)
-    first = client.predict(handle_file(photo), model, None, 1, 2, api_name="/position_embedding")
-    second = client.predict(handle_file(photo), model, None, 5, 6, api_name="/position_embedding")
-    grids = [_png(p) for p in (first[0], second[0])]
-    assert grids[0].shape[0] > 300 and grids[0].shape[1] > 300
-    np.testing.assert_array_equal(grids[0], grids[1])  # the tile grid does not depend on the patch
-    assert not np.array_equal(_png(first[1]), _png(second[1]))  # the clicked-patch map does
-    assert _png(first[2]).shape == _png(second[2]).shape
-
-
-@pytest.mark.parametrize(("family", "block"), [("relative", 2), ("windowed", 1), ("windowed", 5)])
-def test_relative_bias_views_draw_table_and_query(
-    client: Client, checkpoints: Path, photo: Path, family: str, block: int
-) -> None:
-    table, query = client.predict(handle_file(photo), source(checkpoints, family), None, block, 7, 0,
-                                  api_name="/relative_bias")
-    assert min(_png(table).shape[:2]) > 200
-    assert min(_png(query).shape[:2]) > 200
-
-
-@pytest.mark.parametrize("family", [*FAMILIES, "deit"])
-def test_attention_view_for_every_family(client: Client, checkpoints: Path, photo: Path, family: str) -> None:
-    model = deit() if family == "deit" else source(checkpoints, family)
-    first = _png(client.predict(handle_file(photo), model, None, 1, 0, 3, api_name="/attention"))
-    other = _png(client.predict(handle_file(photo), model, None, 1, 2, 1, api_name="/attention"))
-    assert min(first.shape[:2]) > 250
-    assert first.shape != other.shape or not np.array_equal(first, other)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_attention_without_position_term_exactly_where_the_logits_have_one(
-    client: Client, checkpoints: Path, photo: Path, family: str
-) -> None:
-    got = _analyse(client, photo, source(checkpoints, family), None, 0, 4, 4)
-    assert got["attention"].shape[-2:] == (8, 8)
-    assert ("attention_no_pos" in got) == (family in ("relative", "windowed", "rope"))
-
-
-def test_rope_view_changes_with_the_patch(client: Client, checkpoints: Path, photo: Path) -> None:
-    a = client.predict(handle_file(photo), source(checkpoints, "rope"), None, 0, 0, api_name="/rope")
-    b = client.predict(handle_file(photo), source(checkpoints, "rope"), None, 4, 4, api_name="/rope")
-    assert not np.array_equal(_png(a), _png(b))
-
-
 @pytest.mark.parametrize(
     ("endpoint", "family", "args"),
     [
@@ -218,8 +187,8 @@ def test_views_refuse_models_without_that_encoding(
 
 def _analyse(client: Client, image: Path, model: str, size: str | None, block: int, row: int, col: int) -> dict:
     result = client.predict(handle_file(image), model, size, block, row, col, api_name="/analyse")
-    with np.load(result[12]) as npz:
-        return {k: npz[k] for k in npz.files} | {"summary": result[13]}
+    with np.load(result[-2]) as npz:  # the .npz and the summary are always the last two outputs
+        return {k: npz[k] for k in npz.files} | {"summary": result[-1]}
 
 
 def _inspect(model: str, image: Path, size: tuple[int, int] | None = None):
@@ -304,15 +273,37 @@ def test_compare_maps_the_patch_to_the_second_models_grid(client: Client, checkp
     assert patch_b in line_b and last_b in line_b
 
 
-def test_offered_sizes_and_refused_sizes(client: Client, checkpoints: Path, photo: Path) -> None:
-    model = source(checkpoints, "windowed")
-    assert len(client.predict(handle_file(photo), model, "64x64", api_name="/predict")["confidences"]) == 5
-    with pytest.raises(AppError, match="not offered.*multiples of 32x32"):
-        client.predict(handle_file(photo), model, "48x48", api_name="/predict")
+def test_every_size_that_works_is_accepted_and_others_refused_with_the_rule(
+    client: Client, checkpoints: Path, photo: Path
+) -> None:
+    windowed, learned = source(checkpoints, "windowed"), source(checkpoints, "learned")
+    assert len(client.predict(handle_file(photo), windowed, "64x96", api_name="/predict")["confidences"]) == 5
+    got = _analyse(client, photo, learned, "100x44", 0, 24, 10)  # not in the offered list, but a multiple of 4
+    assert tuple(got["grid"]) == (25, 11) and tuple(got["patch"]) == (24, 10)
+    with pytest.raises(AppError, match="48x48 does not fit this model: it needs a height that is a multiple of 32"):
+        client.predict(handle_file(photo), windowed, "48x48", api_name="/predict")
+    with pytest.raises(AppError, match="at most 4 times the native 32x32"):
+        client.predict(handle_file(photo), learned, "132x32", api_name="/predict")
     with pytest.raises(AppError, match="not a size"):
-        client.predict(handle_file(photo), model, "big", api_name="/predict")
+        client.predict(handle_file(photo), windowed, "big", api_name="/predict")
     with pytest.raises(AppError, match="outside the 8x8 patch grid"):
-        client.predict(handle_file(photo), model, None, 0, 8, 0, api_name="/attention")
+        client.predict(handle_file(photo), windowed, None, 0, 8, 0, api_name="/attention")
+
+
+@pytest.mark.parametrize(("block", "expected"), [(99, 5), (-3, 0), (2, 2)])
+def test_explore_and_compare_clamp_a_block_out_of_range_alike(
+    client: Client, checkpoints: Path, photo: Path, block: int, expected: int
+) -> None:
+    model = source(checkpoints, "learned")
+    got = _analyse(client, photo, model, None, block, 1, 1)
+    assert int(got["block"]) == expected and f"block {expected} of 6" in got["summary"]
+    alone = _png(client.predict(handle_file(photo), model, None, block, 1, 1, api_name="/attention"))
+    clamped = _png(client.predict(handle_file(photo), model, None, expected, 1, 1, api_name="/attention"))
+    np.testing.assert_array_equal(alone, clamped)
+    summary = client.predict(handle_file(photo), model, model, block, 1, 1, api_name="/compare")[-1]
+    assert summary.count(f"block {expected} of 6") == 2
+    with pytest.raises(AppError, match="not a whole number"):
+        client.predict(handle_file(photo), model, None, 1.5, 1, 1, api_name="/attention")
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -503,9 +494,210 @@ def test_app_script_honours_gradio_env_and_serves_offline(checkpoints: Path, tmp
         result = remote.predict(handle_file(EXAMPLES / "red_car.png"), source(checkpoints, "rope"), None,
                                 api_name="/predict")
         assert len(result["confidences"]) == 5
-        with pytest.raises(AppError, match="not in the local cache"):
+        with pytest.raises(AppError, match="is not stored on this server and the Hugging Face Hub cannot be reached"):
             remote.predict(handle_file(EXAMPLES / "red_car.png"), "timm/deit_tiny_patch16_224.fb_in1k", None,
                            api_name="/predict")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ names, paths, state
+
+
+def _no_progress(*args: object, **kwargs: object) -> None:
+    return None
+
+
+@pytest.fixture()
+def handlers(checkpoints: Path) -> Handlers:
+    catalog = Catalog.build(checkpoints, HUB_MODELS, [])
+    status = HubStatus(lambda: False)
+    status.start()
+    return Handlers(cache=ModelCache(load), catalog=catalog, hub=status, examples=[str(EXAMPLES / "red_car.png")])
+
+
+def _explore(h: Handlers, shown: dict | None, model: str, size=None, block=0, row=None, col=None) -> dict:
+    return h.explore({"path": str(EXAMPLES / "red_car.png")}, model, size, block, row, col, shown,
+                     progress=_no_progress)
+
+
+def test_one_path_syncs_the_controls_and_a_refusal_puts_them_back(handlers: Handlers) -> None:
+    first = _explore(handlers, None, "cifar10-learned")
+    shown = first["shown"]
+    assert shown["model"] == "cifar10-learned" and shown["patch"] == [4, 4] and first["row"] == 4
+    assert first["status"].visible is False and first["picker"] and first["view:learned/pca"]
+    # a new model: its size list and block range, the patch at the same place of its grid, views drawn
+    rope = _explore(handlers, shown, "cifar10-rope", size="48x48", block=5, row=4, col=4)
+    assert rope["model"].value == "cifar10-rope" and rope["size"].value == "48x48"
+    assert rope["block"].maximum == 5 and rope["block"].value == 5
+    assert rope["group:rope_axial"].visible and not rope["group:learned"].visible
+    assert rope["view:rope_axial/rope"] and rope["view:learned/similarity_grid"] is None
+    assert rope["note:absolute"].visible and "no absolute position mechanism" in rope["note:absolute"].value
+    # an unknown name, a bad size, a patch off the grid: one message, controls back, pictures kept
+    for model, size, row, message in [("nonsense-model", "48x48", 6, "'nonsense-model' is not a model this app"),
+                                      ("cifar10-rope", "50x50", 6, "50x50 does not fit this model"),
+                                      ("cifar10-rope", "48x48", 12, "lies outside the 12x12 patch grid")]:
+        refused = _explore(handlers, rope["shown"], model, size=size, block=5, row=row, col=6)
+        assert set(refused) == {"status", "summary", "model", "size", "block", "row", "col"}
+        assert refused["status"].visible and message in refused["status"].value
+        assert "previous request" in refused["status"].value and refused["summary"].startswith("*Previous request:*")
+        assert (refused["model"].value, refused["size"].value, refused["row"]) == ("cifar10-rope", "48x48", 6)
+    # the same request again (a slider release after its input event) runs nothing
+    again = _explore(handlers, rope["shown"], "cifar10-rope", size="48x48", block=5, row=6, col=6)
+    assert again == {}
+    # a block past the end is clamped to what the slider shows
+    clamped = _explore(handlers, rope["shown"], "cifar10-rope", size="48x48", block=40, row=5, col=6)
+    assert clamped["block"].value == 5 and clamped["shown"]["block"] == 5 and clamped["shown"]["patch"] == [5, 6]
+    typed = _explore(handlers, clamped["shown"], "cifar10-rope", size="48x48", block=40, row=5, col=6)
+    assert set(typed) == {"block"} and typed["block"].value == 5  # nothing runs; the box shows the block again
+
+
+def test_a_bundled_model_through_the_repo_field_is_the_bundled_model(
+    handlers: Handlers, checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the README's relative spelling works from any working directory
+    shown = None
+    for text in ["cifar10-sincos", f"{checkpoints.name}/cifar10-sincos", str(checkpoints / "cifar10-sincos"),
+                 str(checkpoints / "cifar10-sincos") + "/"]:
+        result = handlers.explore_repo(text, {"path": str(EXAMPLES / "red_car.png")}, None, 0, None, None, shown,
+                                       progress=_no_progress)
+        assert result["model"].value == "cifar10-sincos", text
+        assert "**cifar10-sincos** (bundled)" in result["info"]
+        shown = None
+    assert handlers.cache.sources() == ["cifar10-sincos"]
+
+
+def test_offline_the_list_marks_uncached_hub_models_unavailable(handlers: Handlers) -> None:
+    banner, model, *_ = handlers.first_visit()
+    assert banner.visible and "Hub models are unavailable" in banner.value
+    labels = dict((value, label) for label, value in model.choices)
+    for entry in HUB_MODELS:
+        assert labels[entry.source].endswith("Hub: unavailable offline")
+    assert labels["cifar10-rope"].endswith("bundled") and "unavailable" not in labels["cifar10-rope"]
+    message = _explore(handlers, None, HUB_MODELS[0].source)["status"].value
+    assert "cannot be reached" in message and "local_files_only" not in message
+
+
+def test_headless_model_says_no_classifier(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "headless"
+    build_model(dataclasses.replace(cifar_model("rope"), num_classes=0, labels=None)).save_pretrained(folder)
+    status = HubStatus(lambda: False)
+    h = Handlers(cache=ModelCache(load), catalog=Catalog.build(folder.parent, (), []), hub=status)
+    image = {"path": str(EXAMPLES / "red_car.png")}
+    assert h.predict(image, "headless", progress=_no_progress) == "no classifier"
+    result = _explore(h, None, "headless")
+    assert result["label"] == "no classifier" and result["view:rope_axial/rope"] and result["attention"]
+    assert "no classifier" in result["info"]
+
+
+def test_download_folders_are_bounded_and_removed(handlers: Handlers) -> None:
+    shown = None
+    for block in range(3):
+        shown = _explore(handlers, shown, "cifar10-none", block=block)["shown"]
+    root = handlers._export_dir
+    assert root is not None and len(list(root.iterdir())) == 3
+    seen = views.inspect_image(load(str(handlers.catalog.checkpoints_dir / "cifar10-none")), EXAMPLES / "red_car.png")
+    for _ in range(EXPORT_MAX_FOLDERS + 10):
+        handlers._downloads(seen, (0, 0), 0)
+    assert len(list(root.iterdir())) == EXPORT_MAX_FOLDERS
+    handlers.close()
+    assert not root.exists()
+
+
+def test_launch_serves_the_example_images_only() -> None:
+    allowed = launch_options(EXAMPLES)["allowed_paths"]
+    assert allowed and all(Path(p).suffix in (".png", ".jpg") and Path(p).parent == EXAMPLES for p in allowed)
+    assert str(EXAMPLES / "make_examples.py") not in allowed and str(EXAMPLES) not in allowed
+
+
+def test_view_tabs_are_generated_from_the_mechanism_registry(checkpoints: Path) -> None:
+    demo = create_demo(checkpoints_dir=checkpoints, hub_probe=lambda: False)
+    ids = {block.elem_id for block in demo.blocks.values()}
+    tabs = {block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)}
+    for mechanism in MECHANISMS.values():
+        assert f"group-{mechanism.name}" in ids
+        assert {f"view-{mechanism.name}-{spec.key}" for spec in mechanism.views} <= ids
+        assert KIND_TITLES[mechanism.kind] in tabs
+    endpoint = next(d for d in demo.config["dependencies"] if d["api_name"] == "view")
+    view_input = demo.blocks[endpoint["inputs"][-1]]
+    assert {value for _, value in view_input.choices} == {
+        f"{m.name}/{s.key}" for m in MECHANISMS.values() for s in m.views}
+
+
+# ------------------------------------------------------------------------------------------------ another directory
+
+
+@pytest.fixture(scope="module")
+def elsewhere(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``python /abs/app.py`` started from an unrelated working directory, with an extra local model folder."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    extra = cwd / "models" / "my-rope"
+    shutil.copytree(checkpoints / "cifar10-rope", extra)
+    port = _free_port()
+    (cwd / "tmp").mkdir()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "POSENC_MODELS": str(extra),
+           "POSENC_CHECKPOINTS": str(checkpoints), "HF_HOME": str(cwd / "hf"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "TMPDIR": str(cwd / "tmp")}
+    env.pop("GRADIO_SERVER_NAME", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"app.py did not serve: {proc.stdout.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        yield url, cwd, extra
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not list((cwd / "tmp").glob("posenc-app-*")), "the app left its download folder behind"
+
+
+SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:tmp|home|root|work|usr|var|opt|srv|mnt|private|Users)/")
+
+
+def test_no_server_path_in_config_or_api_schema(elsewhere, checkpoints: Path) -> None:
+    url, cwd, extra = elsewhere
+    config = urllib.request.urlopen(url + "config").read().decode()
+    schema = json.dumps(Client(url, verbose=False).view_api(return_format="dict", print_info=False))
+    for text in (config, schema):
+        for path in (str(ROOT), str(checkpoints), str(cwd), str(EXAMPLES), tempfile.gettempdir() + "/"):
+            assert path not in text
+        assert not SERVER_PATH.search(text), SERVER_PATH.search(text)
+    assert '"cifar10-rope"' in config and '"my-rope"' in config  # public names
+    assert "multiples of the model's patch" in schema  # the size rule is documented for API users
+
+
+def test_public_names_everywhere_from_another_directory(elsewhere, tmp_path: Path) -> None:
+    url, cwd, extra = elsewhere
+    remote = Client(url, verbose=False, download_files=str(tmp_path))
+    image = handle_file(EXAMPLES / "red_car.png")
+    by_name = _confidences(remote.predict(image, "cifar10-rope", None, api_name="/predict"))
+    by_readme_path = _confidences(remote.predict(image, "checkpoints/cifar10-rope", None, api_name="/predict"))
+    assert by_name == by_readme_path
+    for model, public in [("cifar10-rope", "cifar10-rope"), ("my-rope", "my-rope"), (str(extra), "my-rope")]:
+        result = remote.predict(image, model, None, 0, 1, 1, api_name="/analyse")
+        with np.load(result[-2]) as npz:
+            assert str(npz["source"]) == public
+        assert result[-1].startswith(f"**{public}**")
+    assert len(list((cwd / "tmp").glob("posenc-app-*"))) == 1  # the downloads' folder, removed on exit
+    with pytest.raises(AppError, match="cannot be reached") as refused:
+        remote.predict(image, "timm/deit_tiny_patch16_224.fb_in1k", None, api_name="/predict")
+    assert "local_files_only" not in str(refused.value)
+
+
+def test_cli_predicts_with_a_public_name_from_another_directory(checkpoints: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "POSENC_CHECKPOINTS": str(checkpoints), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "posenc", "predict", "--model", "cifar10-rope", "--json",
+                          str(EXAMPLES / "red_car.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    expected = load(str(checkpoints / "cifar10-rope")).predict(EXAMPLES / "red_car.png", top_k=5)
+    assert [p["label"] for p in json.loads(run.stdout)] == [p.label for p in expected]

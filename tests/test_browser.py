@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from posenc import views as posenc_views
 from posenc.models import build_model
 from posenc.registry import HUB_MODELS
 from posenc.train import cifar_model
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
-FAMILIES = ("learned", "windowed")
+FAMILIES = ("learned", "windowed", "rope")
 TIMEOUT_MS = 180_000  # generous: the CI machine may be busy
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -120,7 +121,7 @@ def _coloured_fraction(path: Path) -> float:
 def test_upload_pick_model_click_patch_shows_overlays(page, tmp_path: Path) -> None:
     # a first visit is populated: the default model, the first example and the centre patch
     first_picker = _wait_for_new_image(page, "#patch-picker", "")
-    _wait_for_new_image(page, "#abs-grid", "")
+    _wait_for_new_image(page, "#view-learned-similarity_grid", "")
     assert "Hub models are unavailable" in page.locator("#hub-banner").inner_text()
     _shot(page, "01-first-visit.png")
 
@@ -146,10 +147,11 @@ def test_upload_pick_model_click_patch_shows_overlays(page, tmp_path: Path) -> N
     _wait_for_new_image(page, "#patch-picker", picker)
 
     # the relative-bias overlays
-    page.get_by_role("tab", name="Relative bias").click()
-    _wait_for_new_image(page, "#rel-query", "")
-    table = _shot(page, "02-relative-table.png", "#rel-table")
-    query = _shot(page, "03-relative-query.png", "#rel-query")
+    page.get_by_role("tab", name="Relative position").click()
+    _wait_for_new_image(page, "#view-rel_table-query_bias", "")
+    assert page.locator("#group-learned").first.is_hidden() and page.locator("#group-rel_table").first.is_visible()
+    table = _shot(page, "02-relative-table.png", "#view-rel_table-bias_table")
+    query = _shot(page, "03-relative-query.png", "#view-rel_table-query_bias")
     assert _coloured_fraction(table) > 0.05 and _coloured_fraction(query) > 0.05
 
     # the attention overlays, with and without the position bias
@@ -166,3 +168,134 @@ def test_upload_pick_model_click_patch_shows_overlays(page, tmp_path: Path) -> N
     page.wait_for_function("() => document.querySelectorAll('img').length > 8")
     page.wait_for_timeout(500)
     _shot(page, "06-compare.png")
+
+
+@pytest.fixture()
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The model of every inspection the in-process app runs, in order."""
+    calls: list[str] = []
+    inspect = posenc_views.inspect_image
+
+    def counted(loaded, *args, **kwargs):
+        calls.append(loaded.source)
+        return inspect(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(posenc_views, "inspect_image", counted)
+    return calls
+
+
+def _settled(page, runs: list[str], before: int, *parts: str) -> None:
+    """Wait for the summary to show ``parts``, then check that exactly one more inspection ran."""
+    _wait_for_summary(page, *parts)
+    page.wait_for_timeout(1500)  # a second, late run would show up here
+    assert len(runs) == before + 1, runs[before:]
+
+
+def _status(page) -> str:
+    status = page.locator("#status")
+    return status.inner_text() if status.count() and status.is_visible() else ""
+
+
+def test_typing_keyboard_edits_and_errors_behave(page, runs: list[str]) -> None:
+    page.reload()
+    _wait_for_summary(page, "cifar10-learned", "· patch (4, 4)")
+    _wait_for_new_image(page, "#patch-picker", "")
+
+    # 1. a model name typed and entered syncs every control and runs once
+    before, picker = len(runs), _src(page, "#patch-picker")
+    model = page.locator("#model input")
+    model.click()
+    model.fill("cifar10-rope")
+    model.press("Enter")
+    _settled(page, runs, before, "cifar10-rope", "· patch (4, 4)")
+    _wait_for_new_image(page, "#patch-picker", picker)
+    assert "rotary" in page.locator("#model-info").inner_text().lower()
+    assert "Block (0-5)" in page.locator("#block").inner_text()
+    assert page.locator("#size input").input_value().startswith("32x32")
+    page.get_by_role("tab", name="Rotary").click()
+    _wait_for_new_image(page, "#view-rope_axial-rope", "")
+    page.get_by_role("tab", name="Absolute position").click()
+    assert page.locator("#group-learned").first.is_hidden() and "no absolute position mechanism" in page.locator(
+        "#note-absolute").inner_text()
+
+    # 1, 4. an unknown name: one message, the previous model stays selected, the pictures stay
+    before, picker = len(runs), _src(page, "#patch-picker")
+    model.click()
+    model.fill("nonsense-model")
+    model.press("Enter")
+    page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').includes('nonsense-model')")
+    assert "cifar10-rope" in model.input_value() and len(runs) == before
+    assert _src(page, "#patch-picker") == picker
+    assert "previous request" in _status(page) and "Previous request" in page.locator("#summary").inner_text()
+    assert page.locator(".error").count() == 0, "no output is marked as failed"
+    _shot(page, "10-refused-model-1400.png")
+
+    # 3. the block box: typed, clamped to the range it shows, sent as shown
+    before = len(runs)
+    number = page.locator("#block input[type=number]")
+    number.fill("9")
+    number.press("Enter")
+    _settled(page, runs, before, "cifar10-rope", "block 5 of 6")
+    assert number.input_value() == "5"
+    assert _status(page) == "", "a good request clears the message"
+
+    # 3. the slider moved with the arrow keys
+    before = len(runs)
+    page.locator("#block input[type=range]").focus()  # the box loses focus: it sends its (same) value again
+    page.wait_for_timeout(1000)
+    page.keyboard.press("ArrowLeft")
+    _settled(page, runs, before, "cifar10-rope", "block 4 of 6")
+
+    # 3. a typed size plus Enter runs at once; a size that does not fit is refused at once and put back
+    before = len(runs)
+    size = page.locator("#size input")
+    size.click()
+    size.fill("48x48")
+    size.press("Enter")
+    _settled(page, runs, before, "cifar10-rope at 48x48", "block 4 of 6")
+    before = len(runs)
+    size.click()
+    size.fill("50x50")
+    size.press("Enter")
+    page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').includes('50x50 does not fit')")
+    assert len(runs) == before and size.input_value().startswith("48x48")
+
+    # 4. an error, then a good request: the message goes, the new pictures come
+    picker = _src(page, "#patch-picker")
+    before = len(runs)
+    row = page.locator("#row input")
+    row.fill("2")
+    row.press("Enter")
+    _settled(page, runs, before, "cifar10-rope at 48x48", "patch (2, 6)")
+    _wait_for_new_image(page, "#patch-picker", picker)
+    assert _status(page) == ""
+
+
+@pytest.mark.parametrize("width", [1400, 1024])
+def test_screenshots_at_common_widths(app_url: str, width: int) -> None:
+    """Full pages of every tab at a laptop's and a tablet's width, for a person to look at."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page(viewport={"width": width, "height": 900})
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(app_url)
+        _wait_for_summary(tab, "cifar10-learned", "· patch (")
+        _wait_for_new_image(tab, "#view-learned-similarity_grid", "")
+        _shot(tab, f"20-absolute-{width}.png")
+        labels = tab.locator("#model input").input_value()
+        assert labels.endswith("bundled"), f"the model's label is cut: {labels!r}"
+        tab.locator("#model input").click()
+        tab.locator("[role=option]", has_text="cifar10-windowed").first.click()
+        _wait_for_summary(tab, "cifar10-windowed", "· patch (")
+        tab.get_by_role("tab", name="Relative position").click()
+        _wait_for_new_image(tab, "#view-rel_table-query_bias", "")
+        _shot(tab, f"21-relative-{width}.png")
+        tab.get_by_role("tab", name="Attention").click()
+        _wait_for_new_image(tab, "#attention", "")
+        _shot(tab, f"22-attention-{width}.png")
+        tab.get_by_role("tab", name="Compare").click()
+        _wait_for_new_image(tab, "#picker-a", "")
+        tab.wait_for_timeout(1000)
+        _shot(tab, f"23-compare-{width}.png")
+        browser.close()

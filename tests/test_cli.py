@@ -66,6 +66,29 @@ def test_predict_prints_a_table_of_the_top_classes(deit, capsys, quiet_hub_loggi
     assert [int(line.rsplit("(", 1)[1].rstrip(")")) for line in lines] == reference["top5_index"]
 
 
+def test_predict_on_a_synthetic_model_prints_the_librarys_top_classes(tmp_path, capsys, quiet_hub_logging):
+    """The synthetic twin of the DeiT-Tiny CLI tests: a tiny random model folder, answers from posenc.load."""
+    from PIL import Image
+
+    from posenc.hub import load
+    from posenc.models import ViTConfig, build_model
+    from posenc.preprocess import Preprocess
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10,
+                       labels=tuple(f"class{i}" for i in range(10)), preprocess=Preprocess(input_size=(32, 32), crop_pct=1.0))
+    build_model(config).save_pretrained(tmp_path / "model")
+    image = tmp_path / "photo.png"
+    Image.effect_noise((40, 36), 60).convert("RGB").save(image)
+    assert main(["predict", "--model", str(tmp_path / "model"), str(image), "--json", "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = load(str(tmp_path / "model")).predict(image, top_k=3)
+    assert [r["index"] for r in rows] == [p.index for p in expected]
+    assert [r["label"] for r in rows] == [f"class{p.index}" for p in expected]
+    assert [r["probability"] for r in rows] == pytest.approx([p.probability for p in expected], abs=1e-6)
+
+
 def _bad_images(tmp_path: Path) -> dict[str, Path]:
     text = tmp_path / "notes.jpg"
     text.write_text("this is not an image\n")

@@ -108,27 +108,43 @@ def test_resampling_to_the_same_size_is_the_identity():
     assert torch.equal(resize_rel_pos_bias_table(table, (7, 7), (7, 7)), table)
 
 
-def test_resampling_keeps_prefix_rows_and_reaches_the_new_grid():
-    pos = torch.randn(1, 2 + 4 * 4, 8)
-    out = resample_abs_pos_embed(pos, (6, 8), (4, 4), num_prefix=2)
-    assert out.shape == (1, 2 + 48, 8)
-    assert torch.equal(out[:, :2], pos[:, :2])
-    # a constant embedding stays constant
-    const = torch.ones(1, 1 + 16, 8)
-    assert_close(resample_abs_pos_embed(const, (8, 8), (4, 4), num_prefix=1), torch.ones(1, 65, 8))
+@pytest.mark.parametrize(("old_grid", "new_grid", "num_prefix"), [((4, 6), (6, 9), 1), ((6, 4), (3, 5), 2), ((3, 5), (5, 3), 0)])
+def test_resampling_a_non_square_grid_matches_timm(old_grid, new_grid, num_prefix):
+    timm_pos_embed = pytest.importorskip("timm.layers.pos_embed")
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, num_prefix + old_grid[0] * old_grid[1], 8, generator=gen)
+    out = resample_abs_pos_embed(pos, new_grid, old_grid, num_prefix=num_prefix)
+    expected = timm_pos_embed.resample_abs_pos_embed(pos, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix)
+    assert_close(out, expected)
+    assert torch.equal(out[:, :num_prefix], pos[:, :num_prefix])
 
 
-def test_rel_table_resize_keeps_cls_entries_and_smooth_tables():
-    old, new = (3, 3), (5, 5)
-    rows = num_relative_positions(old, cls_token=True)
-    dy = torch.arange(5).repeat_interleave(5).float()  # table linear in the row offset
-    table = torch.cat([dy[:, None].expand(25, 2), torch.randn(3, 2)])
-    assert table.shape[0] == rows
-    out = resize_rel_pos_bias_table(table, new, old, cls_token=True)
-    assert out.shape == (num_relative_positions(new, cls_token=True), 2)
-    assert torch.equal(out[-3:], table[-3:])
-    grid = out[:-3, 0].view(9, 9)
-    assert torch.all(grid[1:, 4] >= grid[:-1, 4] - 1e-5), "row-offset ramp must stay monotone"
+def test_resampling_keeps_an_embedding_that_varies_by_row_only_varying_by_row():
+    old, new = (4, 6), (8, 9)
+    rows = torch.arange(4.0).repeat_interleave(6)  # h*w, the row index of each patch
+    pos = torch.cat([torch.zeros(1, 8), rows[:, None] * torch.linspace(1, 2, 8)])[None]  # 1, 1 + h*w, 8
+    out = resample_abs_pos_embed(pos, new, old, num_prefix=1)[0, 1:].view(8, 9, 8)  # h', w', C
+    assert_close(out, out[:, :1].expand(8, 9, 8))  # constant along each row
+    assert float(out[-1, 0, 0] - out[0, 0, 0]) > 2.5, "the row ramp spans the new grid's rows"
+
+
+@pytest.mark.parametrize(("old", "new", "cls_token"), [((3, 3), (5, 5), True), ((7, 7), (8, 8), False), ((12, 12), (7, 7), False)])
+def test_rel_table_resize_matches_timms_bicubic_resize(old, new, cls_token):
+    """posenc resizes tables as timm's ``resize_rel_pos_bias_table_simple`` does (bicubic on the offset grid).
+
+    timm's ``resize_rel_pos_bias_table`` (BEiT's geometric resampling, linear without scipy) gives other values; the
+    README (Position encodings at another size) says where and why posenc differs.
+    """
+    pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(num_relative_positions(old, cls_token=cls_token), 3, generator=gen)
+    out = resize_rel_pos_bias_table(table, new, old, cls_token=cls_token)
+    shape = (num_relative_positions(new, cls_token=cls_token), 3)
+    assert_close(out, pos_embed_rel.resize_rel_pos_bias_table_simple(table, new, shape))
+    if cls_token:
+        assert torch.equal(out[-3:], table[-3:])
+    geometric = pos_embed_rel.resize_rel_pos_bias_table(table, new, shape)
+    assert not torch.allclose(out, geometric, atol=1e-3), "the documented difference from timm's default resize"
 
 
 def test_window_partition_round_trips():
@@ -182,3 +198,22 @@ def test_rope_preserves_norms_and_leaves_prefix_tokens_alone():
     assert_close(grid[:, 0, :2], grid[:, 3, :2])
     assert_close(grid[0, :, 2:], grid[2, :, 2:])
     assert math.isclose(float(grid[1, 0, 0]), 1.0)
+
+
+def test_rope_rotates_each_pair_by_its_angle_counter_clockwise():
+    angles = torch.tensor([[math.pi / 2, 0.0], [math.pi / 6, -math.pi / 3]])  # N=2, hd/2=2
+    x = torch.tensor([[[1.0, 0.0, 0.0, 1.0], [2.0, 1.0, 0.0, -1.0]]])  # 1, N, hd: pairs (x[i], x[i + 2])
+    out = apply_rope(x, angles)
+    # pinned: (1, 0) turned by +90 degrees is (0, 1); (0, 1) turned by 0 stays
+    assert_close(out[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+    # independent: each pair as a complex number a + ib times exp(i angle)
+    z = torch.complex(x[..., :2], x[..., 2:]) * torch.polar(torch.ones_like(angles), angles)  # 1, N, hd/2
+    assert_close(out, torch.cat([z.real, z.imag], dim=-1))
+
+
+def test_rope_angles_match_an_independent_axial_construction_on_a_non_square_grid():
+    grid, head_dim, base = (3, 5), 8, 100.0
+    angles = rope_2d_angles(grid, head_dim, base)
+    freqs = [base ** (-k / 2) for k in range(2)]  # head_dim/4 = 2 frequencies
+    expected = torch.tensor([[r * f for f in freqs] + [c * f for f in freqs] for r in range(3) for c in range(5)])
+    assert_close(angles, expected)

@@ -7,6 +7,7 @@ configured only through HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE, as a user's proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from hub_server import HubServer, patched_hub_client, run_hub_client
 from posenc.convert import config_from_timm
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source, load
 from posenc.labels import CIFAR10_LABELS, imagenet_labels, pick_labels
+from posenc.mechanisms import MECHANISMS
 from posenc.models import FAMILIES, ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS, ModelEntry, bundled_models
@@ -82,6 +84,20 @@ def transformers_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
         logits = model(pixel_values=X).logits
     files = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
     return Repo(HF_REPO, folder, files, logits)
+
+
+@pytest.fixture(scope="session")
+def timm_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """A tiny random-weight DeiT in timm's Hub layout (``save_for_hf``): the synthetic twin of the real DeiT repo."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                              num_classes=10).eval()
+    folder = tmp_path_factory.mktemp("timm-repo")
+    timm.models.save_for_hf(model, folder)
+    with torch.inference_mode():
+        logits = model(X)
+    return Repo("timm/deit_tiny_patch16_224.synthetic", folder, ("config.json", "model.safetensors"), logits)
 
 
 @pytest.fixture(scope="session")
@@ -175,7 +191,7 @@ def test_real_deit_downloads_and_then_loads_with_the_server_stopped(hub, hf_home
     assert [p.index for p in again.predict(image)] == expected["top5_index"]
 
 
-@pytest.mark.parametrize("repo_fixture", ["posenc_repo", "transformers_repo"])
+@pytest.mark.parametrize("repo_fixture", ["posenc_repo", "transformers_repo", "timm_repo"])
 def test_offline_mode_loads_from_a_warm_cache_without_any_request(hub, hf_home, repo_fixture, request):
     repo = request.getfixturevalue(repo_fixture)
     hub.add_repo(repo.repo_id, repo.folder)
@@ -394,15 +410,21 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 
 
 def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
-    assert {entry.architecture for entry in HUB_MODELS} == {"vit", "deit", "beit", "swin"}
+    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)
-        assert entry.family in FAMILIES
-        assert entry.num_params > 1_000_000 and 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
+        assert entry.family in (*FAMILIES, *MECHANISMS)
+        assert entry.num_params > 1_000_000
+        if entry.accuracy is not None:
+            assert 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
         if entry.source.startswith("timm/"):
-            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
+            num_classes = 0 if entry.headless else 1000
+            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": num_classes})
             assert config.position_encoding == entry.family, entry.source
+            if isinstance(config, ViTConfig):  # blocks are identical: count one and two, extrapolate to the depth
+                one, two = (build_model(dataclasses.replace(config, depth=d)).num_params() for d in (1, 2))
+                assert one + (config.depth - 1) * (two - one) == entry.num_params, entry.source
 
 
 def test_bundled_models_reads_each_checkpoint_folder_config_and_metrics(tmp_path, posenc_repo):

@@ -66,25 +66,41 @@ def test_inspection_returns_the_position_tensors_actually_used():
     assert traces[0].mask is None and traces[2].grid == (8, 8) and traces[2].stage == 1
 
 
-def test_learned_embedding_is_resampled_for_another_image_size():
-    model = randomize(VisionTransformer(CONFIGS["learned"]))
-    seen = model.inspect(torch.randn(1, 3, 48, 64))
-    assert seen.grid == (12, 16)
-    assert seen.pos_embed.shape == (1, 1 + 12 * 16, 32)
-    assert_close(seen.pos_embed[:, 0], model.pos_embed[:, 0])
-    assert seen.logits.shape == (1, 10)
+def test_learned_embedding_at_another_size_matches_timm_on_a_non_square_grid():
+    timm = pytest.importorskip("timm")
+    config = dataclasses.replace(CONFIGS["learned"], img_size=(32, 48))  # 8x12 grid
+    model = randomize(VisionTransformer(config))
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), patch_size=4, embed_dim=32,
+                                  depth=2, num_heads=4, num_classes=10, dynamic_img_size=True).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 48, 32)  # 12x8: the transposed grid
+    with torch.no_grad():
+        seen = model.inspect(x)
+        expected = reference(x)
+    assert seen.grid == (12, 8)
+    assert_close(seen.logits, expected, atol=1e-4, rtol=1e-4)
+    resampled = timm.layers.resample_abs_pos_embed(model.pos_embed.detach(), [12, 8], [8, 12], num_prefix_tokens=1)
+    assert_close(seen.pos_embed, resampled)
 
 
 @pytest.mark.parametrize("name", ["sincos", "relative", "rope", "windowed"])
-def test_every_family_runs_at_another_image_size(name):
+def test_a_model_run_at_another_size_equals_one_built_for_that_size(name):
+    """Run at 48x64 = built at 48x64 with the same weights (BEiT tables resized by timm's bicubic resize)."""
     model = randomize(build_model(CONFIGS[name]))
-    x = torch.randn(1, 3, 64, 64)
+    built = build_model(dataclasses.replace(CONFIGS[name], img_size=(48, 64))).eval()
+    state = model.state_dict()
+    if name == "relative":
+        pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
+        rows = (2 * 12 - 1) * (2 * 16 - 1) + 3  # window 12x16 with BEiT's three cls rows
+        for key in [k for k in state if k.endswith("relative_position_bias_table")]:
+            state[key] = pos_embed_rel.resize_rel_pos_bias_table_simple(state[key], (12, 16), (rows, state[key].shape[1]))
+    built.load_state_dict(state)
+    x = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
         out = model.inspect(x)
-        fast = model(x)
-    assert out.logits.shape == (1, 10)
-    assert_close(out.logits, fast, atol=1e-5, rtol=1e-5)
-    assert out.grid == (64 // CONFIGS[name].patch_size,) * 2
+        assert_close(out.logits, built(x), atol=1e-5, rtol=1e-5)
+        assert_close(model(x), built(x), atol=1e-5, rtol=1e-5)
+    assert out.grid == (48 // CONFIGS[name].patch_size, 64 // CONFIGS[name].patch_size)
 
 
 def test_save_and_load_give_identical_logits_and_a_card(tmp_path):

@@ -29,8 +29,8 @@ from posenc.convert import (
     config_from_transformers,
     convert_state_dict,
     detect_layout,
+    supported_table,
 )
-from posenc.encodings import resize_rel_pos_bias_table
 from posenc.models import SwinConfig, ViTConfig, build_model
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -106,15 +106,29 @@ def test_timm_checkpoint_resamples_pos_embed_like_timm(tmp_path):
         assert_close(model(x), small(x), **TOL)
 
 
-def test_relative_tables_are_resized_to_the_config_window(tmp_path):
+def test_relative_tables_are_resized_to_the_config_window_like_timms_bicubic_resize(tmp_path):
+    """A window-7 checkpoint loaded at window 8 gives timm's logits with tables resized by its bicubic resize.
+
+    (timm's own checkpoint filter uses its geometric ``resize_rel_pos_bias_table`` instead; see the README.)
+    """
+    pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
     torch.manual_seed(0)
     ref = perturb(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1)))
     save_for_hf(ref, tmp_path, safe_serialization=True)
     model = load_posenc(tmp_path, img_size=(256, 256), window_size=(8, 8))  # stage grids 64, 32, 16, 8
-    old = ref.state_dict()["layers.2.blocks.0.attn.relative_position_bias_table"]  # 169, heads
+    target = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1), img_size=256,
+                               window_size=8).eval()
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    for key, table in list(state.items()):
+        if key.endswith("relative_position_bias_table"):
+            state[key] = pos_embed_rel.resize_rel_pos_bias_table_simple(table, (8, 8), (225, table.shape[1]))
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(("relative_position_index", "attn_mask")) for k in missing)
     table = model.layers[2].blocks[0].attn.relative_position_bias_table.detach()  # 225, heads
-    assert_close(table, resize_rel_pos_bias_table(old, (8, 8), (7, 7)))
-    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+    assert_close(table, state["layers.2.blocks.0.attn.relative_position_bias_table"])
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert_close(model(x), target(x), **TOL)
 
 
 def test_real_deit_tiny_weights_match_timm(shared_data):
@@ -208,17 +222,17 @@ def test_timm_sizes_follow_from_the_architecture_name(name, expected):
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "deit3_small_patch16_224", "vit_huge_patch14_224"])
+@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "vit_giant_patch14_dinov2", "vit_huge_patch14_224"])
 def test_unsupported_timm_architecture_lists_supported_families(name):
-    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*vit_.*deit_.*beit_.*swin_"):
+    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*beit_.*deit_.*swin_.*vit_tiny_patch16_224"):
         config_from_timm({"architecture": name, "num_classes": 1000})
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"model_args": {"act_layer": "relu"}}, "act_layer='relu'"),
-        ({"num_classes": 0}, "no classifier head"),
+        ({"model_args": {"act_layer": "relu"}}, "act_layer.*'relu'"),
+        ({"model_args": {"dynamic_img_pad": True}}, "dynamic_img_pad=True"),
     ],
 )
 def test_timm_options_posenc_cannot_rebuild_are_refused(config, message):
@@ -274,3 +288,11 @@ def test_deit_uses_imagenet_statistics_whatever_the_preprocessor_says(caplog):
         {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "size": {"height": 32, "width": 32}},
     )
     assert isinstance(swin, SwinConfig) and swin.preprocess.std == IMAGENET_STD
+
+
+def test_readme_table_of_supported_architectures_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = supported_table()
+    assert "`deit_tiny_patch16_224`" in table and "`swin`" in table
+    assert "<!-- supported:start -->\n" + table + "<!-- supported:end -->" in readme
+

@@ -47,7 +47,7 @@ from bench.reliability import (
     sample_images,
     start_app,
 )
-from conftest import sampled_rss_mb
+from conftest import rss_mb, sampled_rss_mb
 from hub_server import HubServer, patched_hub_client
 from posenc import views
 from posenc.hub import HubLoadError, load
@@ -128,7 +128,7 @@ def _assert_serves(client: Client, checkpoints: Path, photo: Path) -> None:
 def _seen_photo(client: Client, image: Path, model: str) -> np.ndarray:
     """The image the model saw in the app (the ``photo`` array of the /analyse export), (h, w, 3) uint8."""
     result = client.predict(handle_file(image), model, None, 0, 0, 0, api_name="/analyse")
-    with np.load(result[12]) as npz:
+    with np.load(result[-2]) as npz:  # the .npz is always the last but one output
         return npz["photo"]
 
 
@@ -387,6 +387,36 @@ def test_hub_fault_gives_a_clear_message_keeps_bundled_models_and_a_retry_succee
     assert list(got) == [p.label for p in expected]
     np.testing.assert_allclose(list(got.values()), [p.probability for p in expected], atol=1e-5)
     _cache_blobs_are_intact(hf_home, repo_id)
+
+
+#: config.json edits a hostile repo might serve -> what the user is told
+HOSTILE_CONFIGS = {
+    "embed-dim-65536": ({"embed_dim": 65536}, "is too large to serve"),
+    "depth-100000": ({"depth": 100000}, "depth must be an integer from 1 to 65536, got 100000"),
+    "patch-size-0": ({"patch_size": 0}, "patch_size must be an integer from 1 to 65536, got 0"),
+    "img-size-negative": ({"img_size": [-32, -32]}, "img_size[0] must be an integer from 1 to 65536, got -32"),
+    "mlp-ratio-1e6": ({"mlp_ratio": 1e6}, "is too large to serve"),
+}
+
+
+@pytest.mark.parametrize("edit", list(HOSTILE_CONFIGS))
+def test_hostile_config_gets_one_clear_message_then_bundled_models_serve_and_memory_comes_back(
+    client: Client, hub: HubServer, checkpoints: Path, photo: Path, tmp_path: Path, edit: str
+) -> None:
+    changes, message = HOSTILE_CONFIGS[edit]
+    repo_id = f"posenc-test/hostile-{edit}"
+    folder = _tiny_model(tmp_path / "repo", seed=1)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    hub.add_repo(repo_id, folder)
+    _assert_serves(client, checkpoints, photo)
+    before = rss_mb()
+    with sampled_rss_mb() as samples, pytest.raises(AppError) as caught:
+        client.predict(handle_file(photo), repo_id, None, api_name="/predict")
+    assert message in str(caught.value) and repo_id in str(caught.value)
+    assert max(samples) - before < 100, f"resident memory rose by {max(samples) - before:.0f} MB"
+    _assert_serves(client, checkpoints, photo)
+    assert rss_mb() - before < 30, "resident memory is back near where it was"
 
 
 @pytest.mark.parametrize("still_reachable", [True, False])

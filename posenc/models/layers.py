@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import functools
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -10,10 +15,9 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from posenc.encodings import Size2
-from posenc.preprocess import Preprocess
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
 
 
 class PatchEmbed(nn.Module):
@@ -22,10 +26,12 @@ class PatchEmbed(nn.Module):
     Returns (B, h, w, C) so both models can take it from there.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5, bias: bool = True
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = nn.LayerNorm(embed_dim, eps=eps) if norm else nn.Identity()
 
     def grid(self, image_size: Size2) -> Size2:
@@ -43,13 +49,28 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
-class Mlp(nn.Module):
-    """Two linear layers with GELU between (timm names: fc1, fc2)."""
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: MLP activations by the name configs use (timm's ``act_layer`` names).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+}
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,14 +172,128 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def normalise_config(config: Any) -> None:
-    """Turn JSON lists back into tuples and a preprocess dict into :class:`Preprocess`, in ``__post_init__``."""
+#: Bounds of config numbers that declare none in ``dataclasses.field(metadata=...)``: integers are sizes and
+#: counts in [1, 2**16] (or from 0 when the field's default is 0), floats are finite and in [0, 1e6].
+INT_RANGE = (1, 2**16)
+FLOAT_RANGE = (0.0, 1e6)
+#: Longest sequence a tuple field may hold (e.g. class labels).
+MAX_ITEMS = 2**16
+
+
+def normalise_config(config: Any, prefix: str = "") -> None:
+    """Validate every field of a config from its annotation, turning JSON lists into tuples, in ``__post_init__``.
+
+    The rules come from each field's type and its optional ``metadata`` (``min``, ``max``, ``choices``), so a
+    new config dataclass is covered by calling this first in its ``__post_init__``:
+
+    - ``int``: an integer (not a bool, float or string) in [min, max] (default :data:`INT_RANGE`);
+    - ``float``: a finite number in [min, max] (default :data:`FLOAT_RANGE`);
+    - ``bool``: true or false; ``str``: a string, one of ``choices`` when declared;
+    - ``tuple[T, T]``: exactly that many items (a single number is repeated), each checked as T;
+      ``tuple[T, ...]``: 1 to :data:`MAX_ITEMS` items; ``X | None``: None or an X; ``X | Y``: either;
+    - a dataclass field (e.g. :class:`~posenc.preprocess.Preprocess`): built from a JSON dict, then checked the same way.
+
+    Raises:
+        ValueError: naming the field, the value and the rule it breaks.
+    """
+    hints = _field_types(type(config))
     for f in fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, list):
-            object.__setattr__(config, f.name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
-    if isinstance(getattr(config, "preprocess", None), dict):
-        object.__setattr__(config, "preprocess", Preprocess.from_dict(config.preprocess))
+        if f.name not in hints:
+            continue
+        value = _checked(prefix + f.name, getattr(config, f.name), hints[f.name], f)
+        object.__setattr__(config, f.name, value)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field annotations (its module's names, so string annotations work)."""
+    return typing.get_type_hints(cls)
+
+
+def _checked(name: str, value: Any, tp: Any, f: Field) -> Any:
+    """``value`` checked against the annotation ``tp`` and the field's metadata, normalised (lists to tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = []
+        for alt in (a for a in args if a is not type(None)):
+            try:
+                return _checked(name, value, alt, f)
+            except ValueError as error:
+                problems.append(str(error))
+        raise ValueError(" or ".join(problems) if len(problems) > 1 else problems[0])
+    if origin is tuple:
+        return _checked_tuple(name, value, args, f)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {_short(value)}")
+        return value
+    if tp is int:
+        low, high = _bounds(f, INT_RANGE)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {_short(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be an integer from {low} to {high}, got {_short(value)}")
+        return value
+    if tp is float:
+        low, high = _bounds(f, FLOAT_RANGE)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {_short(value)}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond the float range
+            finite = False
+        if not (finite and low <= value <= high):
+            raise ValueError(f"{name} must be a finite number from {low} to {high}, got {_short(value)}")
+        return float(value)
+    if tp is str:
+        choices = f.metadata.get("choices")
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string{_one_of(choices)}, got {_short(value)}")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {_short(value)}")
+        return value
+    if isinstance(tp, type) and is_dataclass(tp):
+        if isinstance(value, dict):
+            value = tp.from_dict(value) if hasattr(tp, "from_dict") else tp(**value)
+        if not isinstance(value, tp):
+            raise ValueError(f"{name} must be a {tp.__name__} (a JSON object), got {_short(value)}")
+        normalise_config(value, prefix=f"{name}.")
+        return value
+    return value
+
+
+def _checked_tuple(name: str, value: Any, args: tuple[Any, ...], f: Field) -> tuple[Any, ...]:
+    """A tuple field: ``tuple[T, ...]`` (1 to MAX_ITEMS items) or ``tuple[T1, T2]`` (exactly that many)."""
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    if not isinstance(value, (list, tuple)):
+        if variadic or isinstance(value, (str, bytes, dict)) or value is None or len(set(args)) != 1:
+            raise ValueError(f"{name} must be a list{'' if variadic else f' of {len(args)} items'}, got {_short(value)}")
+        value = (value,) * len(args)  # a single number for a square size
+    if variadic:
+        if not 1 <= len(value) <= MAX_ITEMS:
+            raise ValueError(f"{name} must be a list of 1 to {MAX_ITEMS} items, got {len(value)} items")
+        args = (args[0],) * len(value)
+    elif len(value) != len(args):
+        raise ValueError(f"{name} must be a list of {len(args)} items, got {_short(list(value))}")
+    return tuple(_checked(f"{name}[{i}]", v, t, f) for i, (v, t) in enumerate(zip(value, args)))
+
+
+def _bounds(f: Field, default: tuple[Any, Any]) -> tuple[Any, Any]:
+    """A number field's [min, max]: its metadata, else ``default`` (from 0 when the field defaults to 0)."""
+    low = 0 if f.default == 0 and f.default is not False else default[0]
+    return f.metadata.get("min", low), f.metadata.get("max", default[1])
+
+
+def _one_of(choices: Any) -> str:
+    return f" (one of {', '.join(repr(c) for c in choices)})" if choices else ""
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters, for messages about untrusted input."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def init_weights(module: nn.Module) -> None:
@@ -205,6 +340,10 @@ DESCRIPTIONS = {
     "relative": "a BEiT-style learned relative position bias over the whole patch grid, with cls entries.",
     "windowed": "a Swin-style learned relative position bias inside (shifted) local windows.",
     "rope": "2D axial rotary position embedding applied to queries and keys.",
+    "decomposed": "a learned absolute embedding plus a decomposed relative bias that depends on the query's content "
+    "(SAM, ViTDet): q.R_h[row offset] + q.R_w[column offset].",
+    "offset": "a learned attention bias per head and absolute offset (|dy|, |dx|) between query and key (LeViT, TinyViT).",
+    "gpsa": "gated positional self-attention: each head mixes attention by offset with content attention (ConViT).",
 }
 
 
@@ -222,14 +361,41 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
         raise NotImplementedError
 
     @property
-    def mechanisms(self) -> tuple[str, ...]:  # pragma: no cover - overridden
-        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none."""
-        raise NotImplementedError
+    def mechanisms(self) -> tuple[str, ...]:
+        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none.
+
+        Every config says which it builds (its ``mechanisms`` property), so tables can list them without a model.
+        """
+        return self.config.mechanisms
 
     @property
     def headless(self) -> bool:
         """True when the model has no classifier (``num_classes == 0``): ``model(x)`` returns pooled features."""
         return self.config.num_classes == 0
+
+    # Sizes and costs the app plans with. The defaults fit a plain ViT (global attention over the patch grid plus
+    # prefix tokens); a model whose rule differs overrides them (Swin, LeViT, TinyViT...).
+
+    def size_step(self) -> Size2:
+        """(h, w) that every input size must be a multiple of: the patch by default."""
+        return (self.config.patch_size, self.config.patch_size)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input without padding: a multiple of :meth:`size_step` by default."""
+        step = self.size_step()
+        return size[0] % step[0] == 0 and size[1] % step[1] == 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Attention blocks listed by :meth:`inspect`, without running the model."""
+        return self.config.depth
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps (float32, with a position-free copy)."""
+        cfg = self.config
+        n = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size) + cfg.num_prefix_tokens
+        copies = 1 if set(self.mechanisms) <= {"learned", "sincos"} else 2  # absolute ones leave attention as is
+        return self.num_blocks * cfg.num_heads * n * n * 4 * copies
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]

@@ -231,7 +231,7 @@ def reliability(record: dict[str, Any]) -> list[str]:
 def measure_cli(record: dict[str, Any]) -> list[str]:
     """``python -m posenc measure`` over the ImageNet photos against timm's forward."""
     ips, load, same = record["images_per_s"], record["load_average_during"], record["same_passes"]
-    sizes = ", ".join(f"{h}x{w}" for h, w in record["sweep_sizes"])
+    sizes = ", ".join(f"{h}x{w}" for h, w in record["sweep_sizes"] if [h, w] != record["native"])
     plain = record["timm_plain_s"]
     return [
         *_section("Measuring a folder: `python -m posenc measure` against timm's forward", record),

@@ -93,6 +93,8 @@ def block_token_centres(trace: BlockTrace, image_size: Size2) -> Tensor:
     centres = patch_centres(trace.grid, image_size)  # h, w, 2
     if trace.window is None:
         return centres.reshape(1, -1, 2)  # 1, h*w, 2
+    if trace.grid[0] % trace.window[0] or trace.grid[1] % trace.window[1]:
+        raise NotApplicable(f"windows {trace.window} do not tile the {trace.grid} grid: padded windows are skipped")
     shift = trace.shift or (0, 0)
     rolled = torch.roll(centres, shifts=(-shift[0], -shift[1]), dims=(0, 1))  # h, w, 2 as the block saw it
     return window_partition(rolled[None], trace.window)[0]  # nW, Wh*Ww, 2
@@ -312,9 +314,9 @@ def block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
 def patch_tokens(tokens: Tensor, trace: BlockTrace, num_prefix: int) -> Tensor:
     """A block's output as patch tokens: (B, N, C) or (B, h, w, C) -> (B, h*w, C), prefix tokens dropped."""
     h, w = trace.grid
-    if tokens.ndim == 4:
+    if tokens.ndim == 4 and tuple(tokens.shape[1:3]) == (h, w):
         return tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, h*w, C
-    if tokens.shape[1] != num_prefix + h * w:
+    if tokens.ndim != 3 or tokens.shape[1] != num_prefix + h * w:
         raise NotApplicable(f"block output {tuple(tokens.shape)} is not {num_prefix} prefix + {h}x{w} patch tokens")
     return tokens[:, num_prefix:]  # B, h*w, C
 
@@ -387,9 +389,9 @@ class Decodability:
                 chosen = x[np.asarray(keep)]  # b, h*w, C
                 split.add(chosen.reshape(-1, x.shape[-1]), np.tile(y, (len(chosen), 1)))
 
-    def r2(self) -> np.ndarray:
-        """(blocks, 2) held-out R² of the row (y) and column (x) coordinate for every block."""
-        out = np.full((len(self.train), 2), np.nan)
+    def r2(self, blocks: int | None = None) -> np.ndarray:
+        """(blocks, 2) held-out R² of the row (y) and column (x) coordinate for every block (NaN: not fitted)."""
+        out = np.full((max(len(self.train), blocks or 0), 2), np.nan)
         for b, (tr, te) in enumerate(zip(self.train, self.test)):
             if tr.n == 0 or te.n == 0:
                 continue
@@ -578,7 +580,7 @@ def measure_folder(
     return FolderResult(
         model=loaded.source, size=native, images=used, skipped=skipped,
         attention_distance=[(d / used).tolist() for d in dist_sum], filters=filters, reliance=reliance,
-        sweep=sweep, decodability=decode.r2(), held_out=held, seconds=time.perf_counter() - started,
+        sweep=sweep, decodability=decode.r2(len(dist_sum)), held_out=held, seconds=time.perf_counter() - started,
     )
 
 
@@ -593,14 +595,22 @@ def _measure_batch(
     with torch.inference_mode():
         with block_outputs(model) as tokens:
             seen = model.inspect(x)
-        for b, d in enumerate(mean_attention_distance(seen, native)):
+        for b, trace in enumerate(seen.blocks):
+            try:
+                d = block_attention_distance(trace, seen.num_prefix_tokens, native)  # B, heads
+            except NotApplicable as error:  # NaN in measures.json (null), logged
+                logger.debug("block %d: no attention distance: %s", b, error)
+                d = torch.full((x.shape[0], trace.attn.shape[-3]), math.nan, dtype=torch.float64)
             if len(dist_sum) <= b:
                 dist_sum.append(torch.zeros(d.shape[1], dtype=torch.float64))
             dist_sum[b] += d.sum(0).cpu()
         if len(tokens) == len(seen.blocks):
             for b, (out, trace) in enumerate(zip(tokens, seen.blocks)):
                 targets = patch_centres(trace.grid, native).reshape(-1, 2)  # h*w, 2
-                decode.add(b, patch_tokens(out, trace, seen.num_prefix_tokens), targets, holdout)
+                try:
+                    decode.add(b, patch_tokens(out, trace, seen.num_prefix_tokens), targets, holdout)
+                except NotApplicable as error:  # that block's R² stays NaN
+                    logger.debug("block %d: no decodability: %s", b, error)
         patch = (native[0] // seen.grid[0], native[1] // seen.grid[1])
         rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits)
         for s, found in zip(seeds, rel["shuffle"]):

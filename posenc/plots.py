@@ -106,7 +106,7 @@ def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: s
         series: model name -> blocks -> heads' distances in input pixels.
     """
     depth = max(len(blocks) for blocks in series.values())
-    values = [v for blocks in series.values() for heads in blocks for v in heads]
+    values = [v for blocks in series.values() for heads in blocks for v in heads if v is not None and math.isfinite(v)]
     ax = _Axes(title or "Mean attention distance per head", "block (network depth)",
                "mean attention distance (pixels)", (-0.5, depth - 0.5), (0.0, _range(values)[1]))
     ax.xticks(list(range(depth)), [str(b) for b in range(depth)])
@@ -115,6 +115,8 @@ def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: s
         colour = COLOURS[k % len(COLOURS)]
         for b, heads in enumerate(blocks):
             for v in heads:
+                if v is None or not math.isfinite(v):  # a block the measurement does not apply to
+                    continue
                 x, y = ax.px(b + dx), ax.py(v)
                 ax.draw.ellipse((x - 3.5, y - 3.5, x + 3.5, y + 3.5), fill=colour, outline=(40, 40, 40))
     ax.legend(list(series))

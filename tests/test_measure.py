@@ -373,3 +373,41 @@ def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour()
         hits = np.all(img == np.asarray(colour, dtype=np.uint8), axis=-1)
         # every dot is a disc of about 40 pixels; the legend adds one 11x11 square
         assert 30 * heads < hits.sum() - 121 < 60 * heads
+
+
+#: a tiny config per architecture (TinyViT's smallest preset is not tiny enough for a fast test: left out)
+TINY_KWARGS = {
+    "posenc_vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    "posenc_swin": dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4),
+    "posenc_sam": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, window_size=3,
+                       global_attn_indexes=(1,)),
+    "posenc_convit": dict(depth=3, local_up_to_layer=2, embed_dim=8, num_heads=4, img_size=64),
+    "posenc_eva": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    "posenc_swinv2": dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4),
+    "posenc_levit": dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1), img_size=64),
+}
+
+
+@pytest.mark.parametrize("model_type", list(TINY_KWARGS))
+def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable(model_type, tmp_path):
+    """The folder measurement runs on each architecture; blocks it cannot measure give null, not a crash."""
+    from posenc.models import ARCHITECTURES
+    from posenc.preprocess import Preprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        _photo(images / f"p{i}.png", i)
+    kwargs = TINY_KWARGS[model_type]
+    size = kwargs["img_size"]
+    config_cls = ARCHITECTURES[model_type][0]
+    config = config_cls(**kwargs, num_classes=5, preprocess=Preprocess(input_size=(size, size), crop_pct=1.0))
+    torch.manual_seed(0)
+    build_model(config).save_pretrained(tmp_path / "model")
+    loaded = posenc.load(str(tmp_path / "model"))
+    found = measure.measure_folder(loaded, sorted(images.iterdir()), batch=3, sizes=[(size, size)], seeds=(0,))
+    record = found.to_json()
+    assert record["images"] == 5
+    assert len(record["mean_attention_distance"]) == len(record["position_decodability"]["r2"])
+    measured = [v for heads in record["mean_attention_distance"] for v in heads if v is not None]
+    assert measured and all(0 < v < size * math.sqrt(2) for v in measured)

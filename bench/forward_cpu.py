@@ -28,20 +28,42 @@ import torch
 
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
-from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
+from posenc.models import EvaConfig, PosencModel, SamConfig, SwinConfig, SwinV2Config, ViTConfig, build_model, vit
+from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
+    "swinv2_tiny": ("swinv2_tiny_window8_256", SwinV2Config()),  # the defaults are swinv2_tiny_window8_256
     "beit_base": (
         "beit_base_patch16_224",
         ViTConfig(embed_dim=768, num_heads=12, qkv_bias="qv", pos_embed="none", rel_pos_bias=True,
                   global_pool="avg", init_values=0.1),
     ),  # fmt: skip
+    # one of each newer absolute kind, with the fields timm's registration fixes (posenc's TIMM_PRESETS)
+    "deit3_small": ("deit3_small_patch16_224", ViTConfig(**vit.TIMM_PRESETS["deit3_small_patch16_224"])),
+    "clip_base": ("vit_base_patch16_clip_224", ViTConfig(**vit.TIMM_PRESETS["vit_base_patch16_clip_224"])),
+    "siglip_base": ("vit_base_patch16_siglip_224",
+                    ViTConfig(**vit.TIMM_PRESETS["vit_base_patch16_siglip_224"], num_classes=0)),
+    "reg4_gap_medium": ("vit_medium_patch16_reg4_gap_256", ViTConfig(**vit.TIMM_PRESETS["vit_medium_patch16_reg4_gap_256"])),
+    "dinov2_reg4_small": ("vit_small_patch14_reg4_dinov2",
+                          ViTConfig(**vit.TIMM_PRESETS["vit_small_patch14_reg4_dinov2"], num_classes=0)),
+    # SAM's encoder shrunk to run on a CPU: 16x16 grid, 7x7 windows (padded to 21x21), two global blocks, conv neck
+    "sam_tiny": ("samvit_base_patch16", SamConfig(img_size=256, embed_dim=192, depth=4, num_heads=3, window_size=7,
+                                                  global_attn_indexes=(1, 3), neck_chans=64)),
+}
+#: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
+TIMM_KWARGS: dict[str, dict[str, Any]] = {
+    "sam_tiny": dict(img_size=256, embed_dim=192, depth=4, num_heads=3, window_size=7, global_attn_indexes=(1, 3),
+                     neck_chans=64, num_classes=0),
+    # one of each RoPE kind of timm's eva.py; EVA-02 mim and DINOv3 are headless as timm builds them by default
+    "rope_mixed_small": ("vit_small_patch16_rope_mixed_224", EvaConfig(**EVA_PRESETS["vit_small_patch16_rope_mixed_224"])),
+    "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
+    "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
 }
 #: the largest posenc / timm forward ratio allowed at each batch size (the issue's speed targets)
 TARGETS = {1: 1.05, 16: 1.0}
@@ -53,7 +75,7 @@ def build_pair(name: str) -> tuple[PosencModel, torch.nn.Module]:
     """A timm model with random weights and the posenc model loaded with the same weights, both in eval mode."""
     timm_name, config = MODELS[name]
     torch.manual_seed(0)
-    reference = timm.create_model(timm_name, pretrained=False).eval()
+    reference = timm.create_model(timm_name, pretrained=False, **{"num_classes": config.num_classes, **TIMM_KWARGS.get(name, {})}).eval()
     model = build_model(config).eval()
     state = convert_state_dict("timm", reference.state_dict(), config)
     check_state_dict(model, state, timm_name)

@@ -195,6 +195,12 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
         else:
             worst, name = min((m["throughput_ratio"]["pair_median"], n) for n, m in gpu_record["inference"].items())
             rows.append(("GPU throughput / timm", f">= {goal}", f"{worst:.3f} ({name})", _met(worst >= goal)))
+    folder = records.get("measure_cli")
+    if folder is not None:
+        value, goal = folder["ratio_measure_over_timm_plain"], folder["target"]
+        rows.append(("`posenc measure` / timm plain forward, images/s", f">= {goal}",
+                     f"{value:.3f} (same passes as timm: {folder['ratio_measure_over_timm_same_passes']:.3f})",
+                     _met(value >= goal)))
     lines = ["#### Speed targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     return lines + [f"| {' | '.join(row)} |" for row in rows]
 
@@ -222,9 +228,35 @@ def reliability(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def measure_cli(record: dict[str, Any]) -> list[str]:
+    """``python -m posenc measure`` over the ImageNet photos against timm's forward."""
+    ips, load, same = record["images_per_s"], record["load_average_during"], record["same_passes"]
+    sizes = ", ".join(f"{h}x{w}" for h, w in record["sweep_sizes"])
+    plain = record["timm_plain_s"]
+    return [
+        *_section("Measuring a folder: `python -m posenc measure` against timm's forward", record),
+        f"Real DeiT-Tiny over {record['photos']} ImageNet photos, batch {record['batch']}; 1-minute load average "
+        f"during the run {load['min']:.1f} to {load['max']:.1f} (mean {load['mean']:.1f}) on {record['threads']} "
+        "threads, so every figure below is slowed by other work on the machine. Per batch the command makes "
+        f"{record['passes_per_batch']['native']} passes at the native size (inspection, "
+        f"{len(record['shuffle_seeds'])} shuffles, no position) and one at each other size of the sweep ({sizes}).",
+        "",
+        "| run | photos | seconds | images/s | measure / this |",
+        "|---|---:|---:|---:|---|",
+        f"| timm plain forward (PIL + timm transform + `model(x)`), before / after | {record['photos']} | "
+        f"{plain[0]:.1f} / {plain[1]:.1f} | {ips['timm_plain']:.2f} | "
+        f"**{record['ratio_measure_over_timm_plain']:.3f}** (target {record['target']}) |",
+        f"| `python -m posenc measure`, all five measurements, JSON and plots | {record['photos']} | "
+        f"{record['measure_s']:.1f} | {ips['measure']:.2f} | - |",
+        f"| timm making the command's forward passes, nothing measured | {same['photos']} | {same['timm_s']:.1f} | "
+        f"{ips['timm_same_passes']:.2f} | **{record['ratio_measure_over_timm_same_passes']:.3f}** "
+        f"(command on the same photos: {same['measure_s']:.1f} s) |",
+    ]
+
+
 RENDERERS = {
     "forward_cpu": forward_cpu, "app_request": app_request, "model_load": model_load, "gpu": gpu,
-    "reliability": reliability,
+    "reliability": reliability, "measure_cli": measure_cli,
 }
 
 

@@ -56,6 +56,7 @@ class Attention(nn.Module):
         qkv_bias: True for one fused bias; ``"qv"`` for BEiT's separate query and value biases (no key bias).
         rel_pos_window: (Wh, Ww) to learn a relative position bias table for that window.
         rel_pos_cls: the table has BEiT's three extra cls entries (token 0 is the cls token).
+        rope_interleaved: RoPE rotates channel pairs (2i, 2i+1) (timm's EVA layout) instead of (i, i + head_dim/2).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Attention(nn.Module):
         qkv_bias: bool | str = True,
         rel_pos_window: Size2 | None = None,
         rel_pos_cls: bool = False,
+        rope_interleaved: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -83,6 +85,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_window = tuple(rel_pos_window) if rel_pos_window is not None else None
         self.rel_pos_cls = rel_pos_cls
+        self.rope_interleaved = rope_interleaved
         if self.rel_pos_window is not None:
             rows = num_relative_positions(self.rel_pos_window, rel_pos_cls)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))  # R, heads
@@ -128,7 +131,7 @@ class Attention(nn.Module):
         Args:
             x: (..., N, C) tokens; leading dims are batch-like (Swin passes (B, nW, N, C)).
             mask: additive mask broadcastable to (..., N, N), e.g. Swin's (nW, N, N) shift mask.
-            rope: (N - num_prefix, head_dim/2) RoPE angles, or None.
+            rope: (N - num_prefix, head_dim/2) RoPE angles, or (heads, N - num_prefix, head_dim/2) per head; or None.
             num_prefix: leading tokens that RoPE leaves unrotated.
             grid: (h, w) token grid for the relative bias when it differs from the table's window.
             need_weights: take the inspection path and return an :class:`AttentionTrace`.
@@ -143,7 +146,8 @@ class Attention(nn.Module):
         if not position:
             rope = None
         if rope is not None:
-            q, k = apply_rope(q, rope, num_prefix), apply_rope(k, rope, num_prefix)
+            q = apply_rope(q, rope, num_prefix, interleaved=self.rope_interleaved)
+            k = apply_rope(k, rope, num_prefix, interleaved=self.rope_interleaved)
         pos = self.position_bias(grid) if position else None  # heads, N, N or None
         mask = mask[..., None, :, :] if mask is not None else None  # ..., 1, N, N
         if need_weights:

@@ -182,6 +182,127 @@ def resize_rel_pos_bias_table(
     return torch.cat([grid, extra], dim=0) if extra is not None else grid
 
 
+# --------------------------------------------------------------------------- decomposed relative positions (SAM, ViTDet)
+
+
+def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """Linearly resize a 1D table of relative position embeddings to ``length`` offsets (SAM's and ViTDet's rule).
+
+    Args:
+        rel_pos: (L, C) one embedding per offset ``-(L-1)/2 .. (L-1)/2``.
+        length: offsets wanted, ``2 * size - 1``.
+
+    Returns:
+        (length, C); ``rel_pos`` itself when the length already fits.
+    """
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    table = rel_pos.T[None]  # 1, C, L
+    table = F.interpolate(table, size=length, mode="linear")  # 1, C, length
+    return table[0].T  # length, C
+
+
+def decomposed_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """The embedding of every (query, key) offset along one axis, from a 1D table.
+
+    The table is resized to ``2 * max(q_size, k_size) - 1`` offsets when it has another length. When
+    queries and keys differ in number, the shorter axis is stretched to the longer one before the offset
+    is taken (MViTv2's rule); the offset is then truncated to an integer index.
+
+    Args:
+        q_size, k_size: query and key positions along the axis.
+        rel_pos: (L, C) table.
+
+    Returns:
+        (q_size, k_size, C) with ``[i, j] = table[i - j + k_size - 1]`` when the sizes are equal.
+    """
+    table = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)  # 2*max-1, C
+    q = torch.arange(q_size, dtype=torch.float32)[:, None] * max(k_size / q_size, 1.0)  # q, 1
+    k = torch.arange(k_size, dtype=torch.float32)[None, :] * max(q_size / k_size, 1.0)  # 1, k
+    index = (q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()  # q, k
+    return table[index.to(table.device)]  # q, k, C
+
+
+def decomposed_rel_pos_factors(q: Tensor, rel_h: Tensor, rel_w: Tensor, grid: Size2) -> tuple[Tensor, Tensor]:
+    """The two factors of the decomposed relative bias: each query's dot product with its row and column offsets.
+
+    ``bias[q, k] = factor_h[q, row(k)] + factor_w[q, col(k)]`` with ``factor_h[q, kr] = q . R_h[row(q) - kr]``.
+
+    Args:
+        q: (..., h*w, head_dim) queries (unscaled), row-major over the grid.
+        rel_h: (h, h, head_dim) from :func:`decomposed_rel_pos` for the rows.
+        rel_w: (w, w, head_dim) for the columns.
+        grid: (h, w).
+
+    Returns:
+        (..., h*w, h) and (..., h*w, w).
+    """
+    h, w = grid
+    q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # ..., h, w, hd
+    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, h
+    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, w
+    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, h and ..., h*w, w
+
+
+def decomposed_rel_pos_bias(factor_h: Tensor, factor_w: Tensor) -> Tensor:
+    """The bias of every (query, key) pair from its two factors: (..., N, h) and (..., N, w) -> (..., N, h*w)."""
+    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, h, w
+    return bias.flatten(-2)  # ..., N, h*w
+
+
+def pad_to_window(x: Tensor, window: Size2) -> Tensor:
+    """Zero-pad a feature map at the bottom and right to a multiple of the window (SAM, ViTDet).
+
+    Args:
+        x: (B, H, W, C).
+
+    Returns:
+        (B, Hp, Wp, C) with ``Hp, Wp`` the next multiples of ``Wh, Ww``; ``x`` itself when nothing is padded.
+    """
+    pad_h, pad_w = (-x.shape[1]) % window[0], (-x.shape[2]) % window[1]
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # B, Hp, Wp, C
+
+
+def padded_grid(grid: Size2, window: Size2) -> Size2:
+    """(Hp, Wp): the grid rounded up to a multiple of the window, as :func:`pad_to_window` pads it."""
+    return (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
+
+
+# --------------------------------------------------------------------------- continuous position bias (Swin V2)
+
+
+def cpb_coords(span: Size2, *, normaliser: Size2 | None = None) -> Tensor:
+    """Log-spaced relative coordinates that Swin V2's continuous-position-bias MLP reads, one per offset.
+
+    Offsets ``(dy, dx)`` run over ``-(Sh-1) .. Sh-1`` by ``-(Sw-1) .. Sw-1`` (``span`` is usually the window;
+    a wider span evaluates the MLP beyond it), rows first as in :func:`relative_position_index`, so row
+    ``(dy + Sh - 1) * (2Sw - 1) + dx + Sw - 1`` of the flattened table is that offset.
+
+    * With ``normaliser`` (Swin V2, timm ``swinv2_*`` and transformers ``swinv2``): each offset is divided by
+      ``max(normaliser - 1, 1)`` (the pretrained window, or the window itself), scaled to [-8, 8] and mapped
+      to ``sign(t) * log2(1 + |t|) / log2(8)``.
+    * Without (timm ``swinv2_cr_*``): the raw offset is mapped to ``sign(t) * ln(1 + |t|)``.
+
+    Args:
+        span: (Sh, Sw) half-extent of the offsets, plus one.
+        normaliser: (Nh, Nw) window the offsets are normalised by, or None for the natural-log variant.
+
+    Returns:
+        (2Sh-1, 2Sw-1, 2) float32 coordinates, (dy, dx) last.
+    """
+    sh, sw = span
+    dy = torch.arange(-(sh - 1), sh, dtype=torch.float32)
+    dx = torch.arange(-(sw - 1), sw, dtype=torch.float32)
+    coords = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)  # 2Sh-1, 2Sw-1, 2
+    if normaliser is None:
+        return torch.sign(coords) * torch.log1p(coords.abs())
+    scale = torch.tensor([max(n - 1, 1) for n in normaliser], dtype=torch.float32)  # 2
+    coords = coords / scale * 8  # in [-8, 8] inside the normalising window
+    return torch.sign(coords) * torch.log2(coords.abs() + 1.0) / math.log2(8)
+
+
 # --------------------------------------------------------------------------- windows (Swin)
 
 
@@ -262,49 +383,166 @@ def check_window_divides(grid: Size2, window: Size2) -> None:
 
 
 def rope_2d_angles(
-    grid: Size2, head_dim: int, base: float = 100.0, *, device: torch.device | None = None
+    grid: Size2,
+    head_dim: int,
+    base: float = 100.0,
+    *,
+    indexing: str = "ij",
+    ref_grid: Size2 | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """Rotation angles of axial 2D RoPE on a patch grid.
+    """Rotation angles of axial 2D RoPE on a patch grid (posenc, RoPE-ViT axial, EVA-02).
+
+    Frequencies are ``base ** (-k / (head_dim / 4))`` for ``k < head_dim / 4``; each axis gets the whole ladder.
 
     Args:
         grid: (h, w).
         head_dim: per-head width, a multiple of 4.
-        base: frequency base (100 for images, as in RoPE-ViT).
+        base: frequency base ("temperature": 100 in RoPE-ViT, 10000 in EVA-02).
+        indexing: "ij": the first ``head_dim/4`` angles turn with the row, the rest with the column (posenc,
+            EVA-02); "xy": the column first, then the row (Naver's RoPE-ViT).
+        ref_grid: (H_ref, W_ref) to rescale positions so the grid spans the reference grid (EVA-02's
+            ``ref_feat_shape``: position ``i`` on an axis of ``n`` patches becomes ``i * ref / n``); None keeps
+            integer positions.
 
     Returns:
-        (h*w, head_dim/2) angles: the first ``head_dim/4`` pairs turn with the row, the rest with the column.
+        (h*w, head_dim/2) angles, tokens row-major.
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    if indexing not in ("ij", "xy"):
+        raise ValueError(f"RoPE grid indexing must be 'ij' or 'xy', got {indexing!r}")
     h, w = grid
     freqs = base ** -(torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 4))  # hd/4
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32, device=device),
-        torch.arange(w, dtype=torch.float32, device=device),
-        indexing="ij",
-    )  # h, w
+    rows = torch.arange(h, dtype=torch.float32, device=device)  # h
+    cols = torch.arange(w, dtype=torch.float32, device=device)  # w
+    if ref_grid is not None:
+        rows, cols = rows / h * ref_grid[0], cols / w * ref_grid[1]
+    ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
     ang_y = ys.reshape(-1, 1) * freqs  # h*w, hd/4
     ang_x = xs.reshape(-1, 1) * freqs  # h*w, hd/4
-    return torch.cat([ang_y, ang_x], dim=1)  # h*w, hd/2
+    return torch.cat([ang_y, ang_x] if indexing == "ij" else [ang_x, ang_y], dim=1)  # h*w, hd/2
 
 
-def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0) -> Tensor:
-    """Rotate query or key vectors by RoPE angles; prefix (cls) tokens are left unrotated.
+def rope_centered_angles(
+    grid: Size2, head_dim: int, base: float = 100.0, *, indexing: str = "ij", device: torch.device | None = None
+) -> Tensor:
+    """Rotation angles of DINOv3's RoPE: patch centres normalised to [-1, 1] on each axis, periods ``base ** (4k / head_dim)``.
 
-    Channel pairs are ``(x[..., i], x[..., i + head_dim/2])`` (rotate-half layout).
+    A position's coordinate is ``2 * (i + 0.5) / n - 1`` on an axis of ``n`` patches, so the same image content
+    gets the same angles at any resolution; the angle of period ``p`` is ``2 * pi * coordinate / p``.
 
     Args:
-        x: (..., N, head_dim) with ``N = num_prefix + len(angles)``.
-        angles: (N - num_prefix, head_dim/2).
+        grid: (h, w).
+        head_dim: per-head width, a multiple of 4.
+        base: period base (DINOv3: 100).
+        indexing: "ij": the first ``head_dim/4`` angles turn with the row, the rest with the column; "xy": the
+            column first.
+
+    Returns:
+        (h*w, head_dim/2) angles, tokens row-major.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    if indexing not in ("ij", "xy"):
+        raise ValueError(f"RoPE grid indexing must be 'ij' or 'xy', got {indexing!r}")
+    h, w = grid
+    periods = base ** (2.0 * torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 2))  # hd/4
+    rows = 2.0 * (torch.arange(0.5, h, dtype=torch.float32, device=device) / h) - 1.0  # h
+    cols = 2.0 * (torch.arange(0.5, w, dtype=torch.float32, device=device) / w) - 1.0  # w
+    ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
+    ang_y = 2 * math.pi * ys.reshape(-1, 1) / periods  # h*w, hd/4
+    ang_x = 2 * math.pi * xs.reshape(-1, 1) / periods  # h*w, hd/4
+    return torch.cat([ang_y, ang_x] if indexing == "ij" else [ang_x, ang_y], dim=1)  # h*w, hd/2
+
+
+def rope_mixed_angles(freqs: Tensor, grid: Size2) -> Tensor:
+    """Rotation angles of mixed RoPE (RoPE-ViT): learned 2D frequencies per head, ``angle = x * f_x + y * f_y``.
+
+    Args:
+        freqs: (2, ..., head_dim/2) learned frequencies, ``freqs[0]`` along the column (x), ``freqs[1]`` along
+            the row (y); timm's ``rope.freqs`` is (2, depth, heads, head_dim/2).
+        grid: (h, w).
+
+    Returns:
+        (..., h*w, head_dim/2) angles, tokens row-major.
+    """
+    h, w = grid
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=freqs.device),
+        torch.arange(w, dtype=torch.float32, device=freqs.device),
+        indexing="ij",
+    )  # h, w
+    f = freqs.float()
+    return xs.reshape(-1, 1) * f[0].unsqueeze(-2) + ys.reshape(-1, 1) * f[1].unsqueeze(-2)  # ..., h*w, hd/2
+
+
+def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0, *, interleaved: bool = False) -> Tensor:
+    """Rotate query or key vectors by RoPE angles; prefix (cls, register) tokens are left unrotated.
+
+    Args:
+        x: (..., N, head_dim) with ``N = num_prefix + N'``.
+        angles: (..., N', head_dim/2), broadcast against ``x`` (e.g. (N', hd/2), or (heads, N', hd/2) per head).
+        interleaved: channel pairs are ``(x[..., 2i], x[..., 2i+1])`` (timm's default layout, EVA and RoPE-ViT);
+            otherwise ``(x[..., i], x[..., i + head_dim/2])`` (rotate-half layout: posenc, DINOv3).
 
     Returns:
         Tensor of the same shape.
     """
     prefix, tokens = x[..., :num_prefix, :], x[..., num_prefix:, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # N', hd/2
-    a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
-    rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)  # ..., N', hd
+    cos, sin = angles.cos(), angles.sin()  # ..., N', hd/2
+    if interleaved:
+        a, b = tokens[..., 0::2], tokens[..., 1::2]  # ..., N', hd/2
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # ..., N', hd
+    else:
+        a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
+        rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)  # ..., N', hd
+    rotated = rotated.to(x.dtype)
     return torch.cat([prefix, rotated], dim=-2) if num_prefix else rotated
+
+
+# --------------------------------------------------------------------------- biases by absolute offset, GPSA offsets
+
+
+def offset_bias_index(key_grid: Size2, stride: int = 1, *, device: torch.device | None = None) -> Tensor:
+    """Index into a per-offset bias table (LeViT, TinyViT) for every (query, key) pair.
+
+    The bias depends on the absolute offset only: ``(|dy|, |dx|)`` maps to table entry ``|dy| * w + |dx|``
+    of a table with ``h * w`` entries, so it is symmetric in both axes. With ``stride`` > 1 (LeViT's
+    attention subsampling) the queries sit on every ``stride``-th row and column of the key grid.
+
+    Args:
+        key_grid: (h, w) grid of the keys.
+        stride: step of the query grid over the key grid.
+
+    Returns:
+        (Nq, h*w) int64, ``Nq = ceil(h / stride) * ceil(w / stride)``, queries and keys row-major.
+    """
+    h, w = key_grid
+    ky, kx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # h, w
+    qy, qx = torch.meshgrid(
+        torch.arange(0, h, stride, device=device), torch.arange(0, w, stride, device=device), indexing="ij"
+    )  # h', w'
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()  # Nq, Nk
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()  # Nq, Nk
+    return dy * w + dx
+
+
+def gpsa_offsets(grid: Size2, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ConViT's relative offsets between patches, the input of its positional attention.
+
+    Args:
+        grid: (h, w) patch grid.
+
+    Returns:
+        (N, N, 3) for ``N = h*w``: ``[dx, dy, dx**2 + dy**2]`` with ``(dy, dx) = key - query`` (rows, columns).
+    """
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # h, w
+    ys, xs = ys.reshape(-1).to(dtype), xs.reshape(-1).to(dtype)  # N
+    dx = xs[None, :] - xs[:, None]  # N, N
+    dy = ys[None, :] - ys[:, None]  # N, N
+    return torch.stack([dx, dy, dx**2 + dy**2], dim=-1)  # N, N, 3
 
 
 # --------------------------------------------------------------------------- resampling
@@ -316,16 +554,20 @@ def resample_abs_pos_embed(
     old_grid: Size2 | None = None,
     num_prefix: int = 1,
     interpolation: str = "bicubic",
+    antialias: bool | None = None,
 ) -> Tensor:
     """Resample a learned absolute position embedding to another patch grid.
 
-    Prefix rows (cls, distillation) are kept apart and left unchanged.
+    Prefix rows (cls, distillation) are kept apart and left unchanged. The interpolation runs in float32 with
+    ``align_corners=False``, as timm and transformers do.
 
     Args:
         pos_embed: (1, num_prefix + old_h*old_w, C).
         new_grid: (h, w) target grid.
         old_grid: (old_h, old_w); inferred as a square when omitted.
         num_prefix: number of leading rows that are not patches.
+        interpolation: ``F.interpolate`` mode.
+        antialias: None: on except for "nearest" (timm's default); transformers' DINOv2 and SigLIP use False.
 
     Returns:
         (1, num_prefix + h*w, C).
@@ -343,6 +585,7 @@ def resample_abs_pos_embed(
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     c = patches.shape[-1]
     patches = patches.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)  # 1, C, old_h, old_w
-    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation, antialias=interpolation != "nearest")
+    antialias = interpolation != "nearest" if antialias is None else antialias
+    patches = F.interpolate(patches.float(), size=tuple(new_grid), mode=interpolation, antialias=antialias)
     patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos_embed.dtype)  # 1, h*w, C
     return torch.cat([prefix, patches], dim=1)

@@ -136,8 +136,13 @@ class LoadedModel:
         x = build_transform(pp)(load_image(image))  # 3, h, w
         return x[None].to(self._device())  # 1, 3, h, w
 
+    @property
+    def headless(self) -> bool:
+        """True for a checkpoint without a classifier (DINOv2, SigLIP towers): ``model(x)`` gives pooled features."""
+        return self.model.headless
+
     def predict(self, image: ImageSource, top_k: int = 5) -> list[Prediction]:
-        """The ``top_k`` most probable classes of one image, most probable first."""
+        """The ``top_k`` most probable classes of one image, most probable first; [] for a headless model."""
         return self.predict_batch([image], top_k=top_k)[0]
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int = 5) -> list[list[Prediction]]:
@@ -148,12 +153,16 @@ class LoadedModel:
             top_k: classes per image (capped at the number of classes).
 
         Returns:
-            B lists of ``top_k`` predictions, most probable first.
+            B lists of ``top_k`` predictions, most probable first; empty lists for a headless model, which has no
+            classes to predict (run ``model(pixels)`` for its pooled features).
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         if not images:
             return []
+        if self.headless:
+            logger.info("%s has no classifier head (headless): no predictions", self.source)
+            return [[] for _ in images]
         transform = build_transform(self.preprocess)
         x = torch.stack([transform(load_image(image)) for image in images]).to(self._device())  # B, 3, h, w
         with torch.inference_mode():
@@ -551,10 +560,16 @@ def _header_tensors(files: _Files, path: Path) -> dict[str, Tensor]:
         ) from error
 
 
-def _converted(layout: str, weights: dict[str, Tensor], model: PosencModel, source: str) -> dict[str, Tensor]:
-    """``weights`` renamed and fitted to posenc's layout, checked key by key and shape by shape against ``model``."""
+def _converted(
+    layout: str, weights: dict[str, Tensor], model: PosencModel, source: str, model_type: str | None
+) -> dict[str, Tensor]:
+    """``weights`` renamed and fitted to posenc's layout, checked key by key and shape by shape against ``model``.
+
+    Args:
+        model_type: the transformers ``model_type`` of config.json (it picks the key rules).
+    """
     try:
-        state_dict = convert_state_dict(layout, weights, model.config)
+        state_dict = convert_state_dict(layout, weights, model.config, model_type=model_type)
         check_state_dict(model, state_dict, source)
     except (CheckpointMismatchError, ValueError, RuntimeError) as error:
         message = str(error) if source in str(error) else f"{source}: {error}"
@@ -612,15 +627,16 @@ def load(source: str, *, revision: str | None = None, local_files_only: bool | N
         ) from error
 
     weights_path = files.weights()
+    model_type = config.get("model_type")
     if weights_path.suffix == ".safetensors":
-        _converted(layout, _header_tensors(files, weights_path), meta, source)
+        _converted(layout, _header_tensors(files, weights_path), meta, source, model_type)
         _check_inspection_cost(meta, source)
         raw = _read_weights(files, weights_path)
     else:  # a pickle's shapes are known only once its (weights-only) load is done
         raw = _read_weights(files, weights_path)
-        _converted(layout, {k: v.to("meta") for k, v in raw.items()}, meta, source)
+        _converted(layout, {k: v.to("meta") for k, v in raw.items()}, meta, source, model_type)
         _check_inspection_cost(meta, source)
-    state_dict = _converted(layout, raw, meta, source)
+    state_dict = _converted(layout, raw, meta, source, model_type)
     model = build_model(meta.config)
     model.load_state_dict(state_dict, strict=True)
     model.eval()

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(p) for p in predictions]))
         return 0
+    if not predictions:
+        print(f"{args.model} has no classifier head (a headless feature model): it returns features, not classes")
+        return 0
     width = max(len(p.label) for p in predictions)
     for p in predictions:
         print(f"{p.probability:7.2%}  {p.label:<{width}}  ({p.index})")

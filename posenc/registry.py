@@ -26,11 +26,12 @@ class ModelEntry:
     Attributes:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
-        architecture: "vit", "deit", "beit" or "swin".
-        family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
+        architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", "convit", "levit", "eva", ...).
+        family: its main position mechanism (one of :data:`posenc.models.FAMILIES` or a mechanism name).
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
-        dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10").
+        dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10"); "" without one.
+        headless: the checkpoint has no classifier (DINOv2, SigLIP towers): no top-1, it returns features.
     """
 
     name: str
@@ -40,6 +41,7 @@ class ModelEntry:
     num_params: int | None
     accuracy: float | None
     dataset: str
+    headless: bool = False
 
 
 #: The curated Hub models, in display order.
@@ -71,9 +73,64 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
     ),
+    # Swin V2 (continuous position bias). Top-1 from timm's results-imagenet.csv; data2vec-vision has no timm row
+    # (not a timm model), so no figure; its count is the transformers build of the repo's config (BEiT-B shape,
+    # a relative table per block), as posenc loads it.
+    ModelEntry("Swin V2-T", "timm/swinv2_tiny_window8_256.ms_in1k", "swinv2", "cpb", 28_347_154, 81.820, "ImageNet-1k"),
+    ModelEntry("Swin V2-T CR", "timm/swinv2_cr_tiny_ns_224.sw_in1k", "swinv2", "cpb", 28_333_468, 81.802, "ImageNet-1k"),
+    ModelEntry(
+        "data2vec-vision B/16", "facebook/data2vec-vision-base-ft1k", "data2vec-vision", "relative", 86_530_984, None,
+        "ImageNet-1k",
+    ),
+    # SAM's ViT-B image encoder: headless (no classifier, so no top-1; model(x) gives the neck's pooled 256 features),
+    # 1024 px native. No standalone transformers ViTDet checkpoint was found on the Hub, so none is listed.
+    ModelEntry(
+        "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", "decomposed", 89_670_912, None, "SA-1B",
+        headless=True,
+    ),
+    # Position by offset. The stored copy of timm's results table has no tiny_vit rows, so TinyViT's top-1 is None.
+    ModelEntry("ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", "gpsa", 5_710_512, 73.112, "ImageNet-1k"),
+    ModelEntry("LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", "offset", 7_777_058, 76.526, "ImageNet-1k"),
+    ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", "offset", 5_392_764, None, "ImageNet-1k"),
+    # Today's absolute-embedding ViTs (parameters counted from timm 1.0.31 builds, pretrained=False). Headless ones
+    # have no top-1. results-imagenet.csv as indexed has no row for the sbb register models (timm's README gives
+    # 84.930 for this one, but not that table), so its figure is left out.
+    ModelEntry("DeiT III-S", "timm/deit3_small_patch16_224.fb_in1k", "deit", "learned", 22_059_496, 81.370, "ImageNet-1k"),
+    ModelEntry(
+        "CLIP ViT-B/16 (OpenAI, fine-tuned)", "timm/vit_base_patch16_clip_224.openai_ft_in1k", "vit", "learned",
+        86_568_424, 85.292, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "ViT-M/16 4 registers, avg pool", "timm/vit_medium_patch16_reg4_gap_256.sbb_in12k_ft_in1k", "vit", "learned",
+        38_881_768, None, "",
+    ),
+    ModelEntry(
+        "DINOv2-S/14 4 registers (headless)", "timm/vit_small_patch14_reg4_dinov2.lvd142m", "vit", "learned",
+        22_057_344, None, "", headless=True,
+    ),
+    ModelEntry(
+        "SigLIP ViT-B/16 (headless)", "timm/vit_base_patch16_siglip_224.webli", "vit", "learned", 92_884_224, None, "",
+        headless=True,
+    ),
+    # RoPE models of timm's eva.py. The copy of results-imagenet.csv searched for this list predates them, so their
+    # top-1 is None (Naver's model cards give 81.23 for axial and 81.216 for mixed ViT-S); EVA-02 mim_in22k and
+    # DINOv3 lvd1689m are headless (no classifier, no top-1).
+    ModelEntry("RoPE-ViT-S axial (Naver)", "timm/vit_small_patch16_rope_224.naver_in1k", "eva", "rope", 21_984_232,
+               None, "ImageNet-1k"),
+    ModelEntry("RoPE-ViT-S mixed (Naver)", "timm/vit_small_patch16_rope_mixed_224.naver_in1k", "eva", "rope",
+               21_988_840, None, "ImageNet-1k"),
+    ModelEntry("ViT-M/16 RoPE reg1 GAP (timm SBB)", "timm/vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", "eva", "rope",
+               38_743_016, None, "ImageNet-1k"),
+    ModelEntry("EVA-02-Ti/14 MIM (headless)", "timm/eva02_tiny_patch14_224.mim_in22k", "eva", "rope", 5_502_144, None,
+               "ImageNet-22k", headless=True),
+    ModelEntry("DINOv3 ViT-S/16 (headless)", "timm/vit_small_patch16_dinov3.lvd1689m", "eva", "rope", 21_586_944, None,
+               "LVD-1689M", headless=True),
 )
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"posenc_vit": "vit", "posenc_swin": "swin"}
+_ARCHITECTURE_OF_MODEL_TYPE = {
+    "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
+    "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit", "posenc_eva": "eva",
+}  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

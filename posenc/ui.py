@@ -750,6 +750,9 @@ def create_demo(
                     position_b = _view_image("Model B: position view")
                     attention_b = _view_image("Model B: attention")
 
+        from posenc.ui_measure import measure_tab  # imports this module: built here, not at import time
+
+        measure_tab(load=h._load, image=image, model=model)
         with gr.Row(visible=False):
             api_button = gr.Button("API")  # carries the API-only endpoints; never shown
 

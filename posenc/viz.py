@@ -777,6 +777,8 @@ def bias_table_heatmaps(
     cls_entries: bool = False,
     title: str = "Relative position bias table",
     cmap: str = "RdBu_r",
+    outline: Sequence[int] | None = None,
+    symmetric: bool = True,
 ) -> Sheet:
     """Every head's relative position bias table as a (2Wh-1) x (2Ww-1) heatmap over offsets.
 
@@ -790,7 +792,10 @@ def bias_table_heatmaps(
         window: ``(Wh, Ww)``.
         cls_entries: whether the last 3 rows are BEiT's cls entries.
         title: sheet title.
-        cmap: colormap name; the scale is symmetric about 0 and shared by all heads.
+        cmap: colormap name; the scale is shared by all heads.
+        outline: ``(Oh, Ow)``: also outline the offsets a window of that size holds (|dy| < Oh, |dx| < Ow), e.g. the
+            trained window inside a wider span.
+        symmetric: scale symmetric about 0 (for biases of either sign); False fits it to the values' range.
 
     Returns:
         A :class:`Sheet` with one panel per head (at most 6 per row), ``cell`` pixels per offset; panel boxes
@@ -806,9 +811,11 @@ def bias_table_heatmaps(
     heads = t.shape[1]
     maps = t[:n_rel].T.reshape(heads, 2 * Wh - 1, 2 * Ww - 1)  # heads, 2Wh-1, 2Ww-1
     cls = t[n_rel:].T  # heads, 3 (empty without cls entries)
-    norm = _norm(maps, None, None, symmetric=True)
+    norm = _norm(maps, None, None, symmetric=symmetric)
     cm = matplotlib.colormaps[cmap]
     cell = max(2, _TABLE_SIDE // max(2 * Wh - 1, 2 * Ww - 1))
+    if outline is not None:
+        Oh, Ow = (min(int(o), w) for o, w in zip(outline, (Wh, Ww)))
     pictures = np.repeat(np.repeat(colorize(maps, cm, norm), cell, axis=1), cell, axis=2)  # heads, H, W, 3
     gutter, pad = 30, 12  # offset labels left of and below each heatmap; room for the last one on the right
     H, W = pictures.shape[1:3]
@@ -820,6 +827,11 @@ def bias_table_heatmaps(
         ImageDraw.Draw(framed).rectangle(
             (x0, y0, x0 + cell - 1, y0 + cell - 1), outline=(0, 0, 0), width=max(1, cell // 8)
         )
+        if outline is not None:
+            ox, oy = gutter + (Ww - Ow) * cell, (Wh - Oh) * cell
+            ImageDraw.Draw(framed).rectangle(
+                (ox, oy, ox + (2 * Ow - 1) * cell - 1, oy + (2 * Oh - 1) * cell - 1), outline=(0, 0, 0), width=2
+            )
         for i, dy in ((0, -(Wh - 1)), (Wh - 1, 0), (2 * Wh - 2, Wh - 1)):
             _paste_label(framed, _fmt(dy), (gutter - 3, (i + 0.5) * cell), "rm", size=10)
         for j, dx in ((0, -(Ww - 1)), (Ww - 1, 0), (2 * Ww - 2, Ww - 1)):
@@ -837,10 +849,79 @@ def bias_table_heatmaps(
         panels, head_titles, ncols=ncols, title=title, cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
         footer="offsets, query \u2212 key: row \u0394y on the left, column \u0394x below\n"
-               "the outlined cell is zero offset",
+               "the outlined cell is zero offset" + ("; the outlined box is the trained window" if outline else ""),
     )  # fmt: skip
     boxes = tuple(Panel(p.title, (p.box[0] + gutter, p.box[1], p.box[2] - pad, p.box[3] - gutter)) for p in sheet.panels)
     return replace(sheet, panels=boxes)
+
+
+def head_values(
+    values: Array, *, title: str, colorbar_label: str, cmap: str = "viridis", fmt: str = "{:.3g}"
+) -> Sheet:
+    """One scalar per head as a coloured tile with its value in the title (e.g. each head's attention temperature).
+
+    Args:
+        values: (heads,).
+        title: sheet title.
+        colorbar_label: what the values are.
+        cmap: colormap name; the scale spans the values.
+        fmt: format of the value printed under each head's name.
+
+    Returns:
+        A :class:`Sheet` with one panel per head (at most 6 per row).
+    """
+    v = _to_numpy(values, "values").reshape(-1)  # heads
+    norm = _norm(v, None, None)
+    colours = colorize(v[:, None, None], matplotlib.colormaps[cmap], norm)  # heads, 1, 1, 3
+    side = 96
+    panels = [Image.new("RGB", (side, side), tuple(int(c) for c in colours[h, 0, 0])) for h in range(v.shape[0])]
+    titles = [f"head {h}\n{fmt.format(float(x))}" for h, x in enumerate(v)]
+    return _compose(panels, titles, ncols=_head_layout(len(panels))[1], title=title, cmap=cmap, norm=norm,
+                    colorbar_label=colorbar_label)  # fmt: skip
+
+
+def matrix_heatmaps(
+    matrices: Array,
+    names: Sequence[str],
+    *,
+    title: str,
+    colorbar_label: str,
+    footer: str | None = None,
+    mark_row: int | None = None,
+    cmap: str = "magma",
+) -> Sheet:
+    """Several (rows, cols) matrices as heatmaps side by side, on one colour scale fitted to their values.
+
+    Each cell is a square of pixels; ``mark_row`` outlines one row in every panel (e.g. the chosen block).
+
+    Args:
+        matrices: (G, rows, cols) values; NaN cells are drawn white.
+        names: G panel titles.
+        title: sheet title.
+        colorbar_label: what the values are.
+        footer: text under the colour bar (say what the rows and columns are).
+        mark_row: a row to outline, or None.
+        cmap: colormap name.
+
+    Returns:
+        A :class:`Sheet` with one panel per matrix, boxes covering the heatmaps.
+    """
+    m = _to_numpy(matrices, "matrices")
+    if m.ndim != 3 or m.shape[0] != len(names):
+        raise ValueError(f"matrices must be (G, rows, cols) with G = {len(names)} names, got {m.shape}")
+    _, rows, cols = m.shape
+    norm = _norm(m, 0.0 if np.nanmin(m) >= 0 else None, None)
+    cell = max(4, _TABLE_SIDE // max(rows, cols))
+    pictures = np.repeat(np.repeat(colorize(m, cmap, norm), cell, axis=1), cell, axis=2)  # G, rows*cell, cols*cell, 3
+    panels = []
+    for picture in pictures:
+        img = Image.fromarray(picture)
+        if mark_row is not None:
+            ImageDraw.Draw(img).rectangle((0, mark_row * cell, cols * cell - 1, (mark_row + 1) * cell - 1),
+                                          outline=(0, 200, 255), width=max(1, cell // 12))
+        panels.append(img)
+    return _compose(panels, list(names), ncols=min(len(names), MAX_COLS), title=title, cmap=cmap, norm=norm,
+                    colorbar_label=colorbar_label, footer=footer)
 
 
 def query_bias_overlays(
@@ -885,6 +966,89 @@ def query_bias_overlays(
         title=title or f"Relative position bias from patch {p}", cmap=cmap, norm=norm,
         colorbar_label="bias (added to attention logits)",
     )  # fmt: skip
+
+
+def head_map_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    title: str,
+    colorbar_label: str,
+    cmap: str = "viridis",
+    alpha: float = 0.65,
+) -> Sheet:
+    """One scalar map per head on the photo, the clicked patch outlined, on one scale fitted to all heads' values.
+
+    Args:
+        image: the photo the model saw.
+        maps: (heads, gh, gw) values per key position.
+        patch: the clicked ``(row, col)``, outlined.
+        title: sheet title.
+        colorbar_label: text above the colour bar.
+        cmap: colormap name; the scale runs from the smallest to the largest finite value.
+        alpha: weight of the colour over the photo.
+
+    Returns:
+        A :class:`Sheet` with one panel per head (at most 6 per row) and one colour bar.
+    """
+    m = _heads_maps(maps, "maps")
+    heads, gh, gw = m.shape
+    p = _check_patch(patch, (gh, gw))
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    norm = _norm(m, None, None)
+    cm = matplotlib.colormaps[cmap]
+    panels = [_outline_patch(_blend(photo, m[h], cm, norm, alpha), p, (gh, gw)) for h in range(heads)]
+    return _compose(panels, [f"head {h}" for h in range(heads)], ncols=_head_layout(heads)[1], title=title,
+                    cmap=cmap, norm=norm, colorbar_label=colorbar_label)
+
+
+def signed_head_overlays(
+    image: Image.Image | np.ndarray,
+    maps: Array,
+    patch: Sequence[int],
+    *,
+    row_labels: Sequence[str],
+    title: str,
+    colorbar_label: str,
+    cmap: str = "RdBu_r",
+    alpha: float = 0.65,
+) -> Sheet:
+    """Several signed maps per head on the photo, one row of panels per map kind, on one scale symmetric about 0.
+
+    Args:
+        image: the photo the model saw.
+        maps: (R, heads, gh, gw) values (NaN where undefined), e.g. the two factors of a decomposed bias.
+        patch: the query ``(row, col)``, outlined.
+        row_labels: R labels, one per map kind.
+        title: sheet title.
+        colorbar_label: what the values are.
+
+    Returns:
+        A :class:`Sheet`: for each group of at most 6 heads, R rows of panels (labelled), and one colour bar.
+    """
+    stacked = _to_numpy(maps, "maps")
+    if stacked.ndim != 4 or stacked.shape[0] != len(row_labels):
+        raise ValueError(f"maps must be (R, heads, gh, gw) with R = {len(row_labels)} row labels, got {stacked.shape}")
+    kinds, heads, gh, gw = stacked.shape
+    p = _check_patch(patch, (gh, gw))
+    norm = _norm(stacked, None, None, symmetric=True)
+    photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
+    cm = matplotlib.colormaps[cmap]
+    head_rows, ncols = _head_layout(heads)
+    panels, titles, labels = [], [], []
+    for hr in range(head_rows):
+        for k in range(kinds):
+            for h in range(hr * ncols, (hr + 1) * ncols):
+                if h < heads:
+                    panels.append(_outline_patch(_blend(photo, stacked[k, h], cm, norm, alpha), p, (gh, gw)))
+                    titles.append(f"head {h}")
+                else:
+                    panels.append(None)
+                    titles.append("")
+            labels.append(row_labels[k])
+    return _compose(panels, titles, ncols=ncols, title=title, cmap=cmap, norm=norm, colorbar_label=colorbar_label,
+                    row_labels=labels)
 
 
 def attention_overlays(

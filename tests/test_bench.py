@@ -107,3 +107,14 @@ def test_readme_tables_are_rendered_from_the_committed_results():
     tables = readme.split(START, 1)[1].split(END, 1)[0]
     assert tables.strip() == render(RESULTS).strip(), "run `python -m bench.report --write README.md`"
     assert "#### Reliability: load and memory" in tables
+
+
+@pytest.mark.slow
+def test_measure_benchmark_quick_run_writes_its_json(tmp_path, shared_data):
+    done = run_module("bench.measure_cli", "--quick", "--out", str(tmp_path), "--limit", "2", "--same-photos", "1",
+                      "--batch", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "measure_cli.json").read_text())
+    assert ENVIRONMENT_KEYS <= record.keys() and record["photos"] == 2 and record["same_passes"]["photos"] == 1
+    assert record["images_per_s"]["measure"] > 0 and record["load_average_during"]["samples"] >= 1
+    assert "python -m posenc measure" in render(tmp_path)

@@ -7,6 +7,7 @@ configured only through HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE, as a user's proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from hub_server import HubServer, patched_hub_client, run_hub_client
 from posenc.convert import config_from_timm
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source, load
 from posenc.labels import CIFAR10_LABELS, imagenet_labels, pick_labels
+from posenc.mechanisms import MECHANISMS
 from posenc.models import FAMILIES, ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS, ModelEntry, bundled_models
@@ -408,15 +410,21 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 
 
 def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
-    assert {entry.architecture for entry in HUB_MODELS} == {"vit", "deit", "beit", "swin"}
+    assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)
-        assert entry.family in FAMILIES
-        assert entry.num_params > 1_000_000 and 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
+        assert entry.family in (*FAMILIES, *MECHANISMS)
+        assert entry.num_params > 1_000_000
+        if entry.accuracy is not None:
+            assert 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
         if entry.source.startswith("timm/"):
-            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
+            num_classes = 0 if entry.headless else 1000
+            config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": num_classes})
             assert config.position_encoding == entry.family, entry.source
+            if isinstance(config, ViTConfig):  # blocks are identical: count one and two, extrapolate to the depth
+                one, two = (build_model(dataclasses.replace(config, depth=d)).num_params() for d in (1, 2))
+                assert one + (config.depth - 1) * (two - one) == entry.num_params, entry.source
 
 
 def test_bundled_models_reads_each_checkpoint_folder_config_and_metrics(tmp_path, posenc_repo):

@@ -29,6 +29,7 @@ from posenc.convert import (
     config_from_transformers,
     convert_state_dict,
     detect_layout,
+    supported_table,
 )
 from posenc.models import SwinConfig, ViTConfig, build_model
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -221,17 +222,17 @@ def test_timm_sizes_follow_from_the_architecture_name(name, expected):
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "deit3_small_patch16_224", "vit_huge_patch14_224"])
+@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "vit_giant_patch14_dinov2", "vit_huge_patch14_224"])
 def test_unsupported_timm_architecture_lists_supported_families(name):
-    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*vit_.*deit_.*beit_.*swin_"):
+    with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*beit_.*deit_.*swin_.*vit_tiny_patch16_224"):
         config_from_timm({"architecture": name, "num_classes": 1000})
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"model_args": {"act_layer": "relu"}}, "act_layer='relu'"),
-        ({"num_classes": 0}, "no classifier head"),
+        ({"model_args": {"act_layer": "relu"}}, "act_layer.*'relu'"),
+        ({"model_args": {"dynamic_img_pad": True}}, "dynamic_img_pad=True"),
     ],
 )
 def test_timm_options_posenc_cannot_rebuild_are_refused(config, message):
@@ -287,3 +288,11 @@ def test_deit_uses_imagenet_statistics_whatever_the_preprocessor_says(caplog):
         {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "size": {"height": 32, "width": 32}},
     )
     assert isinstance(swin, SwinConfig) and swin.preprocess.std == IMAGENET_STD
+
+
+def test_readme_table_of_supported_architectures_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = supported_table()
+    assert "`deit_tiny_patch16_224`" in table and "`swin`" in table
+    assert "<!-- supported:start -->\n" + table + "<!-- supported:end -->" in readme
+

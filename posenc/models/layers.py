@@ -6,6 +6,7 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from posenc.encodings import Size2
 
 #: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
+FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope", "offset", "gpsa")
 
 
 class PatchEmbed(nn.Module):
@@ -25,10 +26,12 @@ class PatchEmbed(nn.Module):
     Returns (B, h, w, C) so both models can take it from there.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int, embed_dim: int, *, norm: bool = False, eps: float = 1e-5, bias: bool = True
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = nn.LayerNorm(embed_dim, eps=eps) if norm else nn.Identity()
 
     def grid(self, image_size: Size2) -> Size2:
@@ -46,13 +49,28 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
-class Mlp(nn.Module):
-    """Two linear layers with GELU between (timm names: fc1, fc2)."""
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: MLP activations by the name configs use (timm's ``act_layer`` names).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+}
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -331,6 +349,10 @@ DESCRIPTIONS = {
     "relative": "a BEiT-style learned relative position bias over the whole patch grid, with cls entries.",
     "windowed": "a Swin-style learned relative position bias inside (shifted) local windows.",
     "rope": "2D axial rotary position embedding applied to queries and keys.",
+    "decomposed": "a learned absolute embedding plus a decomposed relative bias that depends on the query's content "
+    "(SAM, ViTDet): q.R_h[row offset] + q.R_w[column offset].",
+    "offset": "a learned attention bias per head and absolute offset (|dy|, |dx|) between query and key (LeViT, TinyViT).",
+    "gpsa": "gated positional self-attention: each head mixes attention by offset with content attention (ConViT).",
 }
 
 
@@ -348,14 +370,41 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
         raise NotImplementedError
 
     @property
-    def mechanisms(self) -> tuple[str, ...]:  # pragma: no cover - overridden
-        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none."""
-        raise NotImplementedError
+    def mechanisms(self) -> tuple[str, ...]:
+        """Names of the position mechanisms this model uses, as declared in :mod:`posenc.mechanisms`; () for none.
+
+        Every config says which it builds (its ``mechanisms`` property), so tables can list them without a model.
+        """
+        return self.config.mechanisms
 
     @property
     def headless(self) -> bool:
         """True when the model has no classifier (``num_classes == 0``): ``model(x)`` returns pooled features."""
         return self.config.num_classes == 0
+
+    # Sizes and costs the app plans with. The defaults fit a plain ViT (global attention over the patch grid plus
+    # prefix tokens); a model whose rule differs overrides them (Swin, LeViT, TinyViT...).
+
+    def size_step(self) -> Size2:
+        """(h, w) that every input size must be a multiple of: the patch by default."""
+        return (self.config.patch_size, self.config.patch_size)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input without padding: a multiple of :meth:`size_step` by default."""
+        step = self.size_step()
+        return size[0] % step[0] == 0 and size[1] % step[1] == 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Attention blocks listed by :meth:`inspect`, without running the model."""
+        return self.config.depth
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the attention maps one inspection at ``size`` keeps (float32, with a position-free copy)."""
+        cfg = self.config
+        n = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size) + cfg.num_prefix_tokens
+        copies = 1 if set(self.mechanisms) <= {"learned", "sincos"} else 2  # absolute ones leave attention as is
+        return self.num_blocks * cfg.num_heads * n * n * 4 * copies
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]

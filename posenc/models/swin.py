@@ -11,6 +11,7 @@ grid is no larger than the window uses the whole grid as its window and does not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,11 @@ class SwinConfig:
         return "windowed"
 
     @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The position mechanisms this config builds: a learned relative table in every window."""
+        return ("rel_table",)
+
+    @property
     def stage_dims(self) -> tuple[int, ...]:
         """Width of every stage: ``embed_dim`` doubled at each patch merging."""
         return tuple(self.embed_dim * 2**stage for stage in range(len(self.depths)))
@@ -108,9 +114,44 @@ class SwinConfig:
             out.append(((h, w), window, shift))
         return out
 
+    def size_step(self) -> Size2:
+        """(h, w) that every input size is a multiple of: each stage grid must be a multiple of its window."""
+        return windowed_size_step(self.patch_size, self.stage_geometry())
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input: a multiple of :meth:`size_step`."""
+        step = self.size_step()
+        return size[0] % step[0] == 0 and size[1] % step[1] == 0
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwinConfig:
         return config_from_dict(cls, data)
+
+
+def windowed_trace_bytes(config: Any, size: Size2) -> int:
+    """Bytes of the window attention maps of a hierarchical windowed model at ``size`` (float32, two copies).
+
+    Args:
+        config: a Swin or Swin V2 config (``patch_size``, ``depths``, ``num_heads``, ``stage_geometry()``).
+    """
+    total, (h, w) = 0, (size[0] // config.patch_size, size[1] // config.patch_size)
+    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+        window = config.stage_geometry()[stage][1]
+        total += depth * heads * (h >> stage) * (w >> stage) * window[0] * window[1]
+    return total * 4 * 2
+
+
+def windowed_size_step(patch_size: int, geometry: list[tuple[Size2, Size2, Size2]]) -> Size2:
+    """(h, w) step of the input sizes a hierarchical windowed model takes: lcm over stages s of ``patch * 2**s * window_s``.
+
+    Args:
+        geometry: per stage (grid, window, shift), as ``stage_geometry()`` gives it.
+    """
+    step_h = step_w = patch_size
+    for stage, (_, window, _) in enumerate(geometry):
+        step_h = math.lcm(step_h, patch_size * 2**stage * window[0])
+        step_w = math.lcm(step_w, patch_size * 2**stage * window[1])
+    return (step_h, step_w)
 
 
 class SwinBlock(nn.Module):
@@ -166,11 +207,15 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halve the grid and double the width: concatenate each 2x2 neighbourhood, norm, project."""
+    """Halve the grid and double the width: concatenate each 2x2 neighbourhood, norm, project.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``norm_after`` (Swin V2) projects first and normalises the 2C result.
+    """
+
+    def __init__(self, dim: int, eps: float, *, norm_after: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.norm_after = norm_after
+        self.norm = nn.LayerNorm(2 * dim if norm_after else 4 * dim, eps=eps)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,6 +225,8 @@ class PatchMerging(nn.Module):
             raise ValueError(f"patch merging needs an even grid, got {h}x{w}; pick another image size")
         # channel order (dx, dy, c) matches the reference's [x00, x10, x01, x11] concatenation
         x = rearrange(x, "b (h dy) (w dx) c -> b h w (dx dy c)", dy=2, dx=2)  # B, H/2, W/2, 4C
+        if self.norm_after:
+            return self.norm(self.reduction(x))
         return self.reduction(self.norm(x))
 
 
@@ -221,10 +268,6 @@ class SwinTransformer(PosencModel):
     def position_encoding(self) -> str:
         return "windowed"
 
-    @property
-    def mechanisms(self) -> tuple[str, ...]:
-        return ("rel_table",)
-
     def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
         x = self.patch_embed(x)  # B, h, w, C
         grid = tuple(x.shape[1:3])
@@ -238,6 +281,20 @@ class SwinTransformer(PosencModel):
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def size_step(self) -> Size2:
+        return tuple(self.config.size_step())
+
+    def fits(self, size: Size2) -> bool:
+        return self.config.fits(size)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
+        return windowed_trace_bytes(self.config, size)
+
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every relative bias out."""
         return self._run(x, need_weights=False, position=position)[0]
@@ -248,3 +305,23 @@ class SwinTransformer(PosencModel):
         return Inspection(
             logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
         )
+
+
+# ------------------------------------------------------------------------------------------- timm presets
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+#: timm architecture name (no pretrained tag) -> the SwinConfig fields its registration fixes; the checkpoint's
+#: ``model_args`` apply on top (see posenc.convert).
+TIMM_PRESETS: dict[str, dict[str, Any]] = {
+    "swin_tiny_patch4_window7_224": {**_T, "window_size": 7, "img_size": 224},
+    "swin_small_patch4_window7_224": {**_S, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window7_224": {**_B, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window12_384": {**_B, "window_size": 12, "img_size": 384},
+    "swin_large_patch4_window7_224": {**_L, "window_size": 7, "img_size": 224},
+    "swin_large_patch4_window12_384": {**_L, "window_size": 12, "img_size": 384},
+}
+

@@ -1,10 +1,12 @@
-"""Vision Transformer with pluggable position encoding: ViT, DeiT (distilled), BEiT, sin-cos, none, 2D RoPE.
+"""Vision Transformer with pluggable position encoding: ViT, DeiT (distilled), DeiT III, BEiT, CLIP, SigLIP, DINOv2,
+register models, FlexiViT, sin-cos, none, 2D RoPE.
 
 Module and parameter names follow timm's ``vision_transformer.py`` (``cls_token``, ``pos_embed``,
 ``dist_token``, ``patch_embed.proj``, ``blocks.i.{norm1,attn,ls1,norm2,mlp,ls2}``, ``norm``, ``fc_norm``,
-``head``, ``head_dist``), so timm checkpoints load with a handful of renaming rules.
+``head``, ``head_dist``, ``reg_token``, ``norm_pre``, ``attn_pool``), so timm checkpoints load with a handful of
+renaming rules.
 
-Token layout: ``[cls][dist] patch_0 ... patch_{h*w-1}``, patches row-major over the (h, w) grid.
+Token layout: ``[cls][dist][reg0 .. reg{R-1}] patch_0 ... patch_{h*w-1}``, patches row-major over the (h, w) grid.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from posenc.attention import Attention, AttentionTrace
 from posenc.encodings import Size2, resample_abs_pos_embed, rope_2d_angles, sincos_2d, to_2tuple
 from posenc.models.layers import (
+    ACTIVATIONS,
     BlockTrace,
     DropPath,
     Inspection,
@@ -44,15 +49,21 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
+    act_layer: str = "gelu"  # MLP activation: "gelu" (exact) | "gelu_tanh" (SigLIP) | "quick_gelu" (OpenAI CLIP)
     qkv_bias: bool | str = field(default=True, metadata={"choices": ("qv",)})  # "qv": BEiT's q and v biases, no k bias
     pos_embed: str = field(default="learned", metadata={"choices": ("learned", "sincos", "none")})  # absolute embedding
+    pos_embed_interp: str = "bicubic"  # how a learned embedding is resampled to another grid (F.interpolate mode)
+    pos_embed_antialias: bool = True  # antialias when resampling (timm: True; transformers DINOv2/SigLIP: False)
     rel_pos_bias: bool = False  # BEiT global relative position bias in every block
     rope: bool = False  # 2D axial RoPE on queries and keys
     rope_base: float = field(default=100.0, metadata={"min": 1.0})
     class_token: bool = True
     no_embed_class: bool = False  # learned embedding covers patches only (timm's no_embed_class)
     distilled: bool = False  # DeiT distillation token and head
-    global_pool: str = field(default="token", metadata={"choices": ("token", "avg")})  # cls token or mean of patches
+    reg_tokens: int = 0  # register tokens after cls/dist (DINOv2 reg4, timm *_reg4_gap); no position of their own
+    pre_norm: bool = False  # CLIP: LayerNorm ``norm_pre`` before the blocks, patch projection without bias
+    global_pool: str = field(default="token", metadata={"choices": ("token", "avg", "map", "token_avg")})  # "token" (cls) | "avg" (mean of patches) | "map" (attention pool, SigLIP)
+    # | "token_avg" (cls concatenated with the mean of patches: transformers' DINOv2 classifier)
     fc_norm: bool | None = None  # norm after pooling; None: True for avg pooling (timm's rule)
     init_values: float | None = None  # layer scale init; None: no layer scale
     norm_eps: float = field(default=1e-6, metadata={"max": 1.0})
@@ -64,17 +75,24 @@ class ViTConfig:
     def __post_init__(self) -> None:
         normalise_config(self)
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        if self.pos_embed not in ("learned", "sincos", "none"):
+            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
+        if self.global_pool not in ("token", "avg", "map", "token_avg"):
+            raise ValueError(f"global_pool must be 'token', 'avg', 'map' or 'token_avg', got {self.global_pool!r}")
+        if self.global_pool in ("token", "token_avg") and not self.class_token:
+            raise ValueError(f"global_pool={self.global_pool!r} needs class_token=True; use global_pool='avg'")
+        if self.act_layer not in ACTIVATIONS:
+            raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {self.act_layer!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
+        if self.num_classes < 0 or self.reg_tokens < 0:
+            raise ValueError(f"num_classes={self.num_classes} and reg_tokens={self.reg_tokens} must be >= 0")
         if self.rope and (self.embed_dim // self.num_heads) % 4:
             raise ValueError(f"2D RoPE needs a head width (embed_dim / num_heads) divisible by 4, got {self.embed_dim // self.num_heads}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ValueError(f"the 2D sin-cos embedding needs embed_dim divisible by 4, got {self.embed_dim}")
-        h, w = self.img_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide img_size={h}x{w}")
-        if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
         if self.distilled and not self.class_token:
             raise ValueError("a distillation token needs class_token=True")
         if self.labels is not None and len(self.labels) != self.num_classes:
@@ -87,7 +105,14 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distilled)
+        """Leading tokens that are not patches: cls, dist and registers."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def prefix_names(self) -> tuple[str, ...]:
+        """A name per prefix token, in token order: "cls", "dist", "reg0", ..."""
+        names = ("cls",) * self.class_token + ("dist",) * self.distilled
+        return names + tuple(f"reg{i}" for i in range(self.reg_tokens))
 
     @property
     def position_encoding(self) -> str:
@@ -97,6 +122,20 @@ class ViTConfig:
         if self.rope:
             return "rope"
         return self.pos_embed
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The position mechanisms (names declared in :mod:`posenc.mechanisms`) this config builds."""
+        absolute = () if self.pos_embed == "none" else (self.pos_embed,)
+        return absolute + (("rel_table",) if self.rel_pos_bias else ()) + (("rope_axial",) if self.rope else ())
+
+    def size_step(self) -> Size2:
+        """(h, w) that every input size is a multiple of: the patch."""
+        return (self.patch_size, self.patch_size)
+
+    def fits(self, size: Size2) -> bool:
+        """Whether the model takes an (h, w) input: a multiple of the patch."""
+        return size[0] % self.patch_size == 0 and size[1] % self.patch_size == 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
@@ -119,7 +158,7 @@ class Block(nn.Module):
         )
         self.ls1 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.act_layer)
         self.ls2 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -133,6 +172,32 @@ class Block(nn.Module):
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, trace
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (SigLIP's MAP head): one learned query attends over the tokens, then an MLP.
+
+    Names follow timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``).
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)  # 1, 1, C
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.act_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, C) tokens -> (B, C) pooled."""
+        q = rearrange(self.q(self.latent), "1 n (h d) -> 1 h n d", h=self.num_heads)  # 1, heads, 1, hd
+        k, v = rearrange(self.kv(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)  # B, heads, N, hd
+        out = F.scaled_dot_product_attention(q.expand(x.shape[0], -1, -1, -1), k, v)  # B, heads, 1, hd
+        out = self.proj(rearrange(out, "b h n d -> b n (h d)"))  # B, 1, C
+        return (out + self.mlp(self.norm(out)))[:, 0]  # B, C
 
 
 class VisionTransformer(PosencModel):
@@ -150,9 +215,10 @@ class VisionTransformer(PosencModel):
         self.config = config = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(config)
         self._hub_mixin_config = config
         dim = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim, bias=not config.pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, config.reg_tokens, dim)) if config.reg_tokens else None
         h, w = config.grid
         if config.pos_embed == "learned":
             rows = h * w + (0 if config.no_embed_class else config.num_prefix_tokens)
@@ -165,27 +231,24 @@ class VisionTransformer(PosencModel):
             self.register_buffer(
                 "rope_angles", rope_2d_angles(config.grid, dim // config.num_heads, config.rope_base), persistent=False
             )  # h*w, hd/2
+        self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
         rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         use_fc_norm = config.global_pool == "avg" if config.fc_norm is None else config.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn_pool = AttentionPool(config) if config.global_pool == "map" else None
+        pooled = 2 * dim if config.global_pool == "token_avg" else dim
         self.fc_norm = nn.LayerNorm(dim, eps=config.norm_eps) if use_fc_norm else nn.Identity()
-        self.head = nn.Linear(dim, config.num_classes)
-        self.head_dist = nn.Linear(dim, config.num_classes) if config.distilled else None
+        self.head = nn.Linear(pooled, config.num_classes) if config.num_classes else nn.Identity()
+        self.head_dist = nn.Linear(dim, config.num_classes) if config.distilled and config.num_classes else None
         self.apply(init_weights)
-        for token in (self.cls_token, self.dist_token):
+        for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
 
     @property
     def position_encoding(self) -> str:
         return self.config.position_encoding
-
-    @property
-    def mechanisms(self) -> tuple[str, ...]:
-        cfg = self.config
-        absolute = () if cfg.pos_embed == "none" else (cfg.pos_embed,)
-        return absolute + (("rel_table",) if cfg.rel_pos_bias else ()) + (("rope_axial",) if cfg.rope else ())
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
@@ -201,7 +264,10 @@ class VisionTransformer(PosencModel):
         if self.pos_embed is None:
             return None, 0
         prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
-        return resample_abs_pos_embed(self.pos_embed, grid, cfg.grid, prefix), prefix
+        pos = resample_abs_pos_embed(
+            self.pos_embed, grid, cfg.grid, prefix, cfg.pos_embed_interp, cfg.pos_embed_antialias
+        )  # 1, P + h*w, C
+        return pos, prefix
 
     def rope_for(self, grid: Size2) -> Tensor | None:
         """(h*w, head_dim/2) RoPE angles for a grid, or None without RoPE."""
@@ -218,21 +284,30 @@ class VisionTransformer(PosencModel):
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)  # B, h*w, C
         pos, pos_prefix = self.absolute_embedding((h, w)) if position else (None, 0)
-        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        tokens = (self.cls_token, self.dist_token, self.reg_token)
+        prefix = [t.expand(b, -1, -1) for t in tokens if t is not None]  # B, 1 or R, C each
         if pos is not None and pos_prefix == 0:
             x = x + pos
         x = torch.cat(prefix + [x], dim=1)  # B, P + h*w, C
         if pos is not None and pos_prefix:
             x = x + pos
-        return x, (h, w), pos, pos_prefix
+        return self.norm_pre(x), (h, w), pos, pos_prefix
 
     def _head(self, x: Tensor) -> Tensor:
-        """Final norm, pooling and classifier: (B, N, C) -> (B, num_classes)."""
+        """Final norm, pooling and classifier: (B, N, C) -> (B, num_classes), or pooled (B, C) when headless."""
         x = self.norm(x)
         if self.head_dist is not None:
             return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
-        if self.config.global_pool == "avg":
-            pooled = x[:, self.config.num_prefix_tokens :].mean(dim=1)  # B, C
+        if self.config.distilled:  # headless DeiT: both tokens' features, averaged like the logits would be
+            return (x[:, 0] + x[:, 1]) / 2
+        patches = x[:, self.config.num_prefix_tokens :]  # B, h*w, C
+        pool = self.config.global_pool
+        if pool == "avg":
+            pooled = patches.mean(dim=1)  # B, C
+        elif pool == "map":
+            pooled = self.attn_pool(patches)  # B, C
+        elif pool == "token_avg":
+            pooled = torch.cat([x[:, 0], patches.mean(dim=1)], dim=-1)  # B, 2C
         else:
             pooled = x[:, 0]  # B, C
         return self.head(self.fc_norm(pooled))
@@ -250,7 +325,10 @@ class VisionTransformer(PosencModel):
         return self._head(x), grid, pos, pos_prefix, rope, traces
 
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every position term out."""
+        """(B, 3, H, W) -> (B, num_classes) logits, or pooled features (B, C) when headless (``num_classes == 0``).
+
+        ``position=False`` leaves every position term out.
+        """
         return self._run(x, need_weights=False, position=position)[0]
 
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
@@ -264,9 +342,201 @@ class VisionTransformer(PosencModel):
             logits=logits,
             grid=grid,
             num_prefix_tokens=self.config.num_prefix_tokens,
-            prefix_names=("cls", "dist")[: self.config.num_prefix_tokens],
+            prefix_names=self.config.prefix_names,
             pos_embed=pos,
             pos_embed_prefix=pos_prefix,
             rope_angles=rope,
             blocks=blocks,
         )
+
+
+# ------------------------------------------------------------------------------------------- timm presets
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_BEIT = dict(qkv_bias="qv", pos_embed="none", rel_pos_bias=True, global_pool="avg")
+# The newer kinds of timm's vision_transformer.py / deit.py registrations (img_size: the default tag's input size).
+# Left out: SwiGLU (giant DINOv2), differential attention and parallel blocks (*wee, dlittle), and the two so400m
+# patch-14 models at 384 px, whose size is not a multiple of the patch (timm drops the remainder, posenc refuses).
+_DEIT3 = dict(no_embed_class=True, init_values=1e-6)  # no cls entry in pos_embed, layer scale
+_CLIP = dict(pre_norm=True, norm_eps=1e-5)  # norm_pre, patch projection without bias
+_FLEXI = dict(no_embed_class=True)
+_DINOV2 = dict(init_values=1e-5)  # headless checkpoints, 518 px
+_DINOV2_REG = dict(init_values=1e-5, reg_tokens=4, no_embed_class=True)  # cls position folded into cls_token
+_SIGLIP = dict(class_token=False, global_pool="map")  # attention-pool head
+_SIGLIP_GAP = dict(class_token=False, global_pool="avg", fc_norm=False)
+_GAP = dict(class_token=False, global_pool="avg")  # timm's sbb register models
+
+
+def _arch(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, **fields: Any) -> dict[str, Any]:
+    """One preset: patch, width, depth, heads and input side, plus the fields of its kind."""
+    size = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, img_size=img_size)
+    return {**size, **fields}
+
+#: timm architecture name (no pretrained tag) -> the ViTConfig fields its registration fixes, as in timm's own
+#: registry; the ``model_args`` recorded in a checkpoint's config.json apply on top (see posenc.convert).
+TIMM_PRESETS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
+    "vit_tiny_patch16_384": {**_TINY, "patch_size": 16, "img_size": 384},
+    "vit_small_patch8_224": {**_SMALL, "patch_size": 8, "img_size": 224},
+    "vit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
+    "vit_small_patch16_384": {**_SMALL, "patch_size": 16, "img_size": 384},
+    "vit_small_patch32_224": {**_SMALL, "patch_size": 32, "img_size": 224},
+    "vit_small_patch32_384": {**_SMALL, "patch_size": 32, "img_size": 384},
+    "vit_base_patch8_224": {**_BASE, "patch_size": 8, "img_size": 224},
+    "vit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},
+    "vit_base_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384},
+    "vit_base_patch32_224": {**_BASE, "patch_size": 32, "img_size": 224},
+    "vit_base_patch32_384": {**_BASE, "patch_size": 32, "img_size": 384},
+    "vit_large_patch14_224": {**_LARGE, "patch_size": 14, "img_size": 224},
+    "vit_large_patch16_224": {**_LARGE, "patch_size": 16, "img_size": 224},
+    "vit_large_patch16_384": {**_LARGE, "patch_size": 16, "img_size": 384},
+    "vit_large_patch32_224": {**_LARGE, "patch_size": 32, "img_size": 224},
+    "vit_large_patch32_384": {**_LARGE, "patch_size": 32, "img_size": 384},
+    "deit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
+    "deit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
+    "deit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},
+    "deit_base_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384},
+    "deit_tiny_distilled_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_small_distilled_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_base_distilled_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224, "distilled": True},
+    "deit_base_distilled_patch16_384": {**_BASE, "patch_size": 16, "img_size": 384, "distilled": True},
+    "beit_base_patch16_224": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 0.1},
+    "beit_base_patch16_384": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 384, "init_values": 0.1},
+    "beit_large_patch16_224": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+    "beit_large_patch16_384": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 384, "init_values": 1e-5},
+    "beit_large_patch16_512": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 512, "init_values": 1e-5},
+    "beitv2_base_patch16_224": {**_BASE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+    "beitv2_large_patch16_224": {**_LARGE, **_BEIT, "patch_size": 16, "img_size": 224, "init_values": 1e-5},
+    "deit3_small_patch16_224": _arch(16, 384, 12, 6, 224, **_DEIT3),
+    "deit3_small_patch16_384": _arch(16, 384, 12, 6, 384, **_DEIT3),
+    "deit3_medium_patch16_224": _arch(16, 512, 12, 8, 224, **_DEIT3),
+    "deit3_base_patch16_224": _arch(16, 768, 12, 12, 224, **_DEIT3),
+    "deit3_base_patch16_384": _arch(16, 768, 12, 12, 384, **_DEIT3),
+    "deit3_large_patch16_224": _arch(16, 1024, 24, 16, 224, **_DEIT3),
+    "deit3_large_patch16_384": _arch(16, 1024, 24, 16, 384, **_DEIT3),
+    "deit3_huge_patch14_224": _arch(14, 1280, 32, 16, 224, **_DEIT3),
+    "vit_xsmall_patch16_clip_224": _arch(16, 256, 10, 4, 224, **_CLIP),
+    "vit_medium_patch32_clip_224": _arch(32, 512, 12, 8, 224, **_CLIP),
+    "vit_medium_patch16_clip_224": _arch(16, 512, 12, 8, 224, **_CLIP),
+    "vit_betwixt_patch32_clip_224": _arch(32, 640, 12, 10, 224, **_CLIP),
+    "vit_base_patch32_clip_224": _arch(32, 768, 12, 12, 224, **_CLIP),
+    "vit_base_patch32_clip_256": _arch(32, 768, 12, 12, 256, **_CLIP),
+    "vit_base_patch32_clip_384": _arch(32, 768, 12, 12, 384, **_CLIP),
+    "vit_base_patch32_clip_448": _arch(32, 768, 12, 12, 448, **_CLIP),
+    "vit_base_patch16_clip_224": _arch(16, 768, 12, 12, 224, **_CLIP),
+    "vit_base_patch16_clip_384": _arch(16, 768, 12, 12, 384, **_CLIP),
+    "vit_base_patch16_plus_clip_240": _arch(16, 896, 12, 14, 240, **_CLIP),
+    "vit_large_patch14_clip_224": _arch(14, 1024, 24, 16, 224, **_CLIP),
+    "vit_large_patch14_clip_336": _arch(14, 1024, 24, 16, 336, **_CLIP),
+    "vit_huge_patch14_clip_224": _arch(14, 1280, 32, 16, 224, **_CLIP),
+    "vit_huge_patch14_clip_336": _arch(14, 1280, 32, 16, 336, **_CLIP),
+    "vit_huge_patch14_clip_378": _arch(14, 1280, 32, 16, 378, **_CLIP),
+    "vit_giant_patch14_clip_224": _arch(14, 1408, 40, 16, 224, **_CLIP, mlp_ratio=48 / 11),
+    "vit_gigantic_patch14_clip_224": _arch(14, 1664, 48, 16, 224, **_CLIP, mlp_ratio=64 / 13),
+    "vit_gigantic_patch14_clip_378": _arch(14, 1664, 48, 16, 378, **_CLIP, mlp_ratio=64 / 13),
+    "vit_base_patch32_clip_quickgelu_224": _arch(32, 768, 12, 12, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_base_patch16_clip_quickgelu_224": _arch(16, 768, 12, 12, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_large_patch14_clip_quickgelu_224": _arch(14, 1024, 24, 16, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_large_patch14_clip_quickgelu_336": _arch(14, 1024, 24, 16, 336, **_CLIP, act_layer="quick_gelu"),
+    "vit_huge_patch14_clip_quickgelu_224": _arch(14, 1280, 32, 16, 224, **_CLIP, act_layer="quick_gelu"),
+    "vit_huge_patch14_clip_quickgelu_378": _arch(14, 1280, 32, 16, 378, **_CLIP, act_layer="quick_gelu"),
+    "vit_gigantic_patch14_clip_quickgelu_224": _arch(
+        14, 1664, 48, 16, 224, **_CLIP, mlp_ratio=64 / 13, act_layer="quick_gelu"
+    ),
+    "flexivit_small": _arch(16, 384, 12, 6, 240, **_FLEXI),
+    "flexivit_base": _arch(16, 768, 12, 12, 240, **_FLEXI),
+    "flexivit_large": _arch(16, 1024, 24, 16, 240, **_FLEXI),
+    "vit_small_patch14_dinov2": _arch(14, 384, 12, 6, 518, **_DINOV2),
+    "vit_base_patch14_dinov2": _arch(14, 768, 12, 12, 518, **_DINOV2),
+    "vit_large_patch14_dinov2": _arch(14, 1024, 24, 16, 518, **_DINOV2),
+    "vit_small_patch14_reg4_dinov2": _arch(14, 384, 12, 6, 518, **_DINOV2_REG),
+    "vit_base_patch14_reg4_dinov2": _arch(14, 768, 12, 12, 518, **_DINOV2_REG),
+    "vit_large_patch14_reg4_dinov2": _arch(14, 1024, 24, 16, 518, **_DINOV2_REG),
+    "vit_base_patch32_siglip_256": _arch(32, 768, 12, 12, 256, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_base_patch16_siglip_224": _arch(16, 768, 12, 12, 224, **_SIGLIP),
+    "vit_base_patch16_siglip_256": _arch(16, 768, 12, 12, 256, **_SIGLIP),
+    "vit_base_patch16_siglip_384": _arch(16, 768, 12, 12, 384, **_SIGLIP),
+    "vit_base_patch16_siglip_512": _arch(16, 768, 12, 12, 512, **_SIGLIP),
+    "vit_large_patch16_siglip_256": _arch(16, 1024, 24, 16, 256, **_SIGLIP),
+    "vit_large_patch16_siglip_384": _arch(16, 1024, 24, 16, 384, **_SIGLIP),
+    "vit_large_patch16_siglip_512": _arch(16, 1024, 24, 16, 512, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_so400m_patch14_siglip_224": _arch(14, 1152, 27, 16, 224, **_SIGLIP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_378": _arch(14, 1152, 27, 16, 378, **_SIGLIP, mlp_ratio=3.7362),
+    "vit_so400m_patch16_siglip_256": _arch(16, 1152, 27, 16, 256, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_so400m_patch16_siglip_384": _arch(16, 1152, 27, 16, 384, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_so400m_patch16_siglip_512": _arch(16, 1152, 27, 16, 512, **_SIGLIP, mlp_ratio=3.7362, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_256": _arch(16, 1536, 40, 16, 256, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_384": _arch(16, 1536, 40, 16, 384, **_SIGLIP, act_layer="gelu_tanh"),
+    "vit_base_patch32_siglip_gap_256": _arch(32, 768, 12, 12, 256, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_base_patch16_siglip_gap_224": _arch(16, 768, 12, 12, 224, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_256": _arch(16, 768, 12, 12, 256, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_384": _arch(16, 768, 12, 12, 384, **_SIGLIP_GAP),
+    "vit_base_patch16_siglip_gap_512": _arch(16, 768, 12, 12, 512, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_256": _arch(16, 1024, 24, 16, 256, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_384": _arch(16, 1024, 24, 16, 384, **_SIGLIP_GAP),
+    "vit_large_patch16_siglip_gap_512": _arch(16, 1024, 24, 16, 512, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_so400m_patch14_siglip_gap_224": _arch(14, 1152, 27, 16, 224, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_378": _arch(14, 1152, 27, 16, 378, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_448": _arch(14, 1152, 27, 16, 448, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch14_siglip_gap_896": _arch(14, 1152, 27, 16, 896, **_SIGLIP_GAP, mlp_ratio=3.7362),
+    "vit_so400m_patch16_siglip_gap_256": _arch(
+        16, 1152, 27, 16, 256, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_so400m_patch16_siglip_gap_384": _arch(
+        16, 1152, 27, 16, 384, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_so400m_patch16_siglip_gap_512": _arch(
+        16, 1152, 27, 16, 512, **_SIGLIP_GAP, mlp_ratio=3.7362, act_layer="gelu_tanh"
+    ),
+    "vit_giantopt_patch16_siglip_gap_256": _arch(16, 1536, 40, 16, 256, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_giantopt_patch16_siglip_gap_384": _arch(16, 1536, 40, 16, 384, **_SIGLIP_GAP, act_layer="gelu_tanh"),
+    "vit_wee_patch16_reg1_gap_256": _arch(
+        16, 256, 14, 4, 256, **_GAP, init_values=1e-05, mlp_ratio=5, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_little_patch16_reg1_gap_256": _arch(
+        16, 320, 14, 5, 256, **_GAP, init_values=1e-05, mlp_ratio=5.6, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_little_patch16_reg4_gap_256": _arch(
+        16, 320, 14, 5, 256, **_GAP, init_values=1e-05, mlp_ratio=5.6, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_medium_patch16_reg1_gap_256": _arch(
+        16, 512, 12, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_medium_patch16_reg4_gap_256": _arch(
+        16, 512, 12, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_mediumd_patch16_reg4_gap_256": _arch(
+        16, 512, 20, 8, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_mediumd_patch16_reg4_gap_384": _arch(
+        16, 512, 20, 8, 384, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_betwixt_patch16_reg1_gap_256": _arch(
+        16, 640, 12, 10, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=1
+    ),
+    "vit_betwixt_patch16_reg4_gap_256": _arch(
+        16, 640, 12, 10, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_betwixt_patch16_reg4_gap_384": _arch(
+        16, 640, 12, 10, 384, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_base_patch16_reg4_gap_256": _arch(16, 768, 12, 12, 256, **_GAP, no_embed_class=True, reg_tokens=4),
+    "vit_so150m_patch16_reg4_gap_256": _arch(
+        16, 896, 18, 14, 256, **_GAP, mlp_ratio=2.572, reg_tokens=4, fc_norm=False
+    ),
+    "vit_so150m_patch16_reg4_gap_384": _arch(
+        16, 896, 18, 14, 384, **_GAP, mlp_ratio=2.572, reg_tokens=4, fc_norm=False
+    ),
+    "vit_so150m2_patch16_reg1_gap_256": _arch(
+        16, 832, 21, 13, 256, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
+    "vit_so150m2_patch16_reg1_gap_384": _arch(
+        16, 832, 21, 13, 384, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
+    "vit_so150m2_patch16_reg1_gap_448": _arch(
+        16, 832, 21, 13, 448, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
+    ),
+}

@@ -1,0 +1,94 @@
+"""A decomposed relative bias that depends on the query's content: SAM's image encoder, ViTDet (MViTv2's rule).
+
+``bias[q, k] = q . R_h[row(q) - row(k)] + q . R_w[col(q) - col(k)]``: each block learns one table of offset
+embeddings per axis and the query's dot product with them is added to the logits. Unlike a bias table it differs
+from image to image, so every view here is computed for the clicked query of *this* image, from the two factors
+the block used (``BlockTrace.position["rel_h"]`` and ``["rel_w"]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from posenc import viz
+from posenc.mechanisms import Mechanism, ViewSpec
+from posenc.views import Patch, Seen, View, ViewUnavailable, _block_patch, _window_keys, describe_block, window_row_to_grid
+
+_DEPENDS = "computed from this query's content: it changes with the image"
+
+
+def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, Patch]:
+    """The clicked query's row and column terms over the keys it attends to, on the block's grid.
+
+    Returns:
+        (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` (NaN for keys
+        outside the query's window), and the query on the block's grid.
+    """
+    trace = seen.inspection.blocks[block]
+    if "rel_h" not in trace.position:
+        raise ViewUnavailable(
+            f"{seen.name} block {block} adds no decomposed relative bias (none in this model, or position terms off); "
+            "pick a SAM or ViTDet model with relative positions")
+    rel_h, rel_w = trace.position["rel_h"][0].float(), trace.position["rel_w"][0].float()  # [nW,] heads, N, kh / kw
+    query = _block_patch(seen, trace, patch)
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key's row inside the attended map
+    cols = torch.arange(kw).repeat(kh)  # kh*kw
+    if trace.window is None:
+        index = query[0] * trace.grid[1] + query[1]
+        fh, fw = rel_h[:, index], rel_w[:, index]  # heads, kh / heads, kw
+        row_term, col_term = fh[:, rows].reshape(-1, *trace.grid), fw[:, cols].reshape(-1, *trace.grid)  # heads, gh, gw
+        return row_term.numpy(), col_term.numpy(), query
+    keys = _window_keys(seen, trace, patch)
+    fh = rel_h[keys.window_index, :, keys.query_index]  # heads, Wh
+    fw = rel_w[keys.window_index, :, keys.query_index]  # heads, Ww
+    return window_row_to_grid(trace, keys, fh[:, rows]), window_row_to_grid(trace, keys, fw[:, cols]), query
+
+
+def query_bias(seen: Seen, block: int, patch: Patch) -> View:
+    """Each head's decomposed bias from the clicked query to every key it attends to, on the photo."""
+    row_term, col_term, query = query_factors(seen, block, patch)
+    bias = row_term + col_term  # heads, gh, gw
+    sheet = viz.query_bias_overlays(
+        seen.photo, bias, query,
+        title=f"{seen.name}: decomposed bias from patch {query} to the keys it attends to ({_DEPENDS})\n"
+              f"{describe_block(seen, block)}")  # fmt: skip
+    return View(sheet.image, {"decomposed_bias": bias, "block_patch": np.array(query)})
+
+
+def factors(seen: Seen, block: int, patch: Patch) -> View:
+    """The two terms of the clicked query's bias: along rows (``q . R_h``) and along columns (``q . R_w``)."""
+    row_term, col_term, query = query_factors(seen, block, patch)
+    sheet = viz.signed_head_overlays(
+        seen.photo, np.stack([row_term, col_term]), query,
+        row_labels=("row term q\u00b7R_h[\u0394row]", "column term q\u00b7R_w[\u0394col]"),
+        title=f"{seen.name}: the two factors of the bias from patch {query} ({_DEPENDS})\n{describe_block(seen, block)}",
+        colorbar_label="added to the attention logits (their sum is the bias)")  # fmt: skip
+    return View(sheet.image, {"bias_row_term": row_term, "bias_column_term": col_term})
+
+
+MECHANISMS = (
+    Mechanism(
+        "decomposed",
+        "decomposed relative bias (query-dependent)",
+        "a relative bias computed from each query's content and two learned tables of row and column offsets "
+        "(SAM, ViTDet).",
+        "relative",
+        "The bias is q\u00b7R_h[\u0394row] + q\u00b7R_w[\u0394col]: the query's dot product with learned embeddings of the "
+        "row and column offsets. It depends on the image, so it is drawn for the clicked patch of this image, per "
+        "head, over the keys it attends to (its window in windowed blocks; the grid is padded at the bottom and right "
+        "to whole windows and the padded keys are not drawn). Below: its two terms, along rows and along columns.",
+        {
+            "rel_h": "BlockTrace.position: (B, [nW,] heads, N, h) each query's dot product with its row offsets",
+            "rel_w": "BlockTrace.position: (B, [nW,] heads, N, w) each query's dot product with its column offsets",
+            "rel_pos_h": "BlockTrace.position: (h, h, head_dim) the row offset embeddings used (resized table)",
+            "rel_pos_w": "BlockTrace.position: (w, w, head_dim) the column offset embeddings used",
+        },
+        (
+            ViewSpec("decomposed_bias", "Decomposed bias of the clicked query (depends on the image)", query_bias,
+                     per_block=True, compare=True),
+            ViewSpec("decomposed_factors", "Its row and column terms (depend on the image)", factors, per_block=True),
+        ),
+    ),
+)

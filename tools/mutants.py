@@ -39,7 +39,8 @@ class Mutant(NamedTuple):
 
 
 ENC = ("tests/test_encodings.py", "tests/test_views_values.py", "tests/test_models.py")
-ATT = ("tests/test_models.py", "tests/test_views_values.py", "tests/test_encodings.py")
+ATT = ("tests/test_models.py", "tests/test_views_values.py", "tests/test_encodings.py",
+       "tests/test_parity.py::test_timm_checkpoint_gives_reference_logits")
 VIEWS = ("tests/test_views_values.py", "tests/test_viz.py")
 CONV = ("tests/test_parity.py", "tests/test_hub.py")
 

@@ -290,8 +290,10 @@ def _checked_tuple(name: str, value: Any, args: tuple[Any, ...], f: Field) -> tu
 def _bounds(f: Field, default: tuple[Any, Any]) -> tuple[Any, Any]:
     """A number field's [min, max]: its metadata, else ``default`` widened to include the field's own default."""
     low, high = default
-    if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) and math.isfinite(f.default):
-        low, high = min(low, f.default), max(high, f.default)
+    own = f.default if isinstance(f.default, tuple) else (f.default,)  # a tuple field's items share its bounds
+    for value in own:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            low, high = min(low, value), max(high, value)
     return f.metadata.get("min", low), f.metadata.get("max", high)
 
 

@@ -264,7 +264,7 @@ class SamViT(PosencModel):
             self.pos_embed = nn.Parameter(torch.randn(1, *config.pos_embed_grid, dim) * 0.02)  # 1, h, w, C
         else:
             self.pos_embed = None
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(SamBlock(config, i, rate) for i, rate in enumerate(rates))
         self.num_features = dim
         if not config.neck:

@@ -268,7 +268,7 @@ class TinyViT(PosencModel):
         self.config = config = config if isinstance(config, TinyViTConfig) else TinyViTConfig.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.in_chans, config.embed_dims[0])
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         stages: list[nn.Module] = []
         start = 0
         for i, depth in enumerate(config.depths):

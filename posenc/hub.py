@@ -523,6 +523,7 @@ def _check_inspection_cost(model: PosencModel, source: str) -> None:
     model.eval()  # as it will run: batch norms (LeViT) use their running statistics
     size = tuple(model.config.preprocess.input_size)
     pixels = torch.empty(1, model.config.in_chans, *size, device="meta")  # 1, 3, h, w
+    model.eval()  # as it will run (batch norms use their running statistics)
     try:
         with torch.inference_mode():
             needed = _tensor_bytes(model.inspect(pixels)) + _tensor_bytes(pixels)

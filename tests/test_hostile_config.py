@@ -12,7 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import posenc.hub
 from hostile_configs import edited, edits_for, numeric_paths
 from posenc.hub import HubLoadError, load
 from posenc.models import ARCHITECTURES, SwinConfig, ViTConfig, build_model
+from posenc.models.layers import normalise_config
 from posenc.preprocess import Preprocess
 
 pytestmark = pytest.mark.timeout(300)
@@ -229,3 +231,32 @@ def test_cli_reports_a_hostile_config_as_one_line_and_exit_status(folders, tmp_p
     Image.new("RGB", (32, 32)).save(image)
     assert main(["predict", "--model", str(folder), str(image)]) != 0
     assert "depth must be an integer from 1 to 65536, got 100000" in capsys.readouterr().err
+
+
+def test_a_new_config_dataclass_is_validated_from_its_annotations_without_new_code():
+    @dataclass(frozen=True)
+    class NewConfig:
+        grid: tuple[int, int] = (14, 14)
+        stages: tuple[int, ...] = field(default=(2, 2), metadata={"min_items": 1})
+        registers: int = 0  # 0 is allowed because it is the default
+        scale: float = field(default=1.0, metadata={"max": 10.0})
+        mode: Literal["a", "b"] = "a"
+        act: str = field(default="gelu", metadata={"choices": ("gelu", "relu")})
+
+        def __post_init__(self) -> None:
+            normalise_config(self)
+
+    assert NewConfig(grid=[7, 7], stages=[1]).grid == (7, 7)
+    assert NewConfig(grid=7).grid == (7, 7)
+    cases = {
+        "grid": ([7, 7, 7], "grid must be a list of 2 items, got [7, 7, 7]"),
+        "stages": ([], "stages must be a list of 1 to 65536 items, got 0 items"),
+        "registers": (-1, "registers must be an integer from 0 to 65536, got -1"),
+        "scale": (math.inf, "scale must be a finite number from 0.0 to 10.0, got inf"),
+        "mode": ("c", "mode must be one of 'a', 'b', got 'c'"),
+        "act": ("swish", "act must be one of 'gelu', 'relu', got 'swish'"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ValueError) as caught:
+            NewConfig(**{name: value})
+        assert str(caught.value) == message

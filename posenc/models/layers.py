@@ -173,7 +173,8 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 #: Bounds of config numbers that declare none in ``dataclasses.field(metadata=...)``: integers are sizes and
-#: counts in [1, 2**16] (or from 0 when the field's default is 0), floats are finite and in [0, 1e6].
+#: counts in [1, 2**16], floats are finite and in [0, 1e6]; either range is widened to hold the field's default
+#: (so a count that defaults to 0 may be 0).
 INT_RANGE = (1, 2**16)
 FLOAT_RANGE = (0.0, 1e6)
 #: Longest sequence a tuple field may hold (e.g. class labels).
@@ -183,14 +184,15 @@ MAX_ITEMS = 2**16
 def normalise_config(config: Any, prefix: str = "") -> None:
     """Validate every field of a config from its annotation, turning JSON lists into tuples, in ``__post_init__``.
 
-    The rules come from each field's type and its optional ``metadata`` (``min``, ``max``, ``choices``), so a
+    The rules come from each field's type and its optional ``metadata`` (``min``, ``max``, ``choices``, ``min_items``), so a
     new config dataclass is covered by calling this first in its ``__post_init__``:
 
     - ``int``: an integer (not a bool, float or string) in [min, max] (default :data:`INT_RANGE`);
     - ``float``: a finite number in [min, max] (default :data:`FLOAT_RANGE`);
     - ``bool``: true or false; ``str``: a string, one of ``choices`` when declared;
     - ``tuple[T, T]``: exactly that many items (a single number is repeated), each checked as T;
-      ``tuple[T, ...]``: 1 to :data:`MAX_ITEMS` items; ``X | None``: None or an X; ``X | Y``: either;
+      ``tuple[T, ...]``: ``min_items`` (default 0) to :data:`MAX_ITEMS` items; ``X | None``: None or an X;
+      ``X | Y``: either; ``Literal[...]``: one of the listed values;
     - a dataclass field (e.g. :class:`~posenc.preprocess.Preprocess`): built from a JSON dict, then checked the same way.
 
     Raises:
@@ -225,6 +227,10 @@ def _checked(name: str, value: Any, tp: Any, f: Field) -> Any:
         raise ValueError(" or ".join(problems) if len(problems) > 1 else problems[0])
     if origin is tuple:
         return _checked_tuple(name, value, args, f)
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in args)}, got {_short(value)}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {_short(value)}")
@@ -272,8 +278,9 @@ def _checked_tuple(name: str, value: Any, args: tuple[Any, ...], f: Field) -> tu
             raise ValueError(f"{name} must be a list{'' if variadic else f' of {len(args)} items'}, got {_short(value)}")
         value = (value,) * len(args)  # a single number for a square size
     if variadic:
-        if not 1 <= len(value) <= MAX_ITEMS:
-            raise ValueError(f"{name} must be a list of 1 to {MAX_ITEMS} items, got {len(value)} items")
+        low = f.metadata.get("min_items", 0)
+        if not low <= len(value) <= MAX_ITEMS:
+            raise ValueError(f"{name} must be a list of {low} to {MAX_ITEMS} items, got {len(value)} items")
         args = (args[0],) * len(value)
     elif len(value) != len(args):
         raise ValueError(f"{name} must be a list of {len(args)} items, got {_short(list(value))}")
@@ -281,9 +288,13 @@ def _checked_tuple(name: str, value: Any, args: tuple[Any, ...], f: Field) -> tu
 
 
 def _bounds(f: Field, default: tuple[Any, Any]) -> tuple[Any, Any]:
-    """A number field's [min, max]: its metadata, else ``default`` (from 0 when the field defaults to 0)."""
-    low = 0 if f.default == 0 and f.default is not False else default[0]
-    return f.metadata.get("min", low), f.metadata.get("max", default[1])
+    """A number field's [min, max]: its metadata, else ``default`` widened to include the field's own default."""
+    low, high = default
+    own = f.default if isinstance(f.default, tuple) else (f.default,)  # a tuple field's items share its bounds
+    for value in own:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            low, high = min(low, value), max(high, value)
+    return f.metadata.get("min", low), f.metadata.get("max", high)
 
 
 def _one_of(choices: Any) -> str:

@@ -51,8 +51,8 @@ class SwinConfig:
     in_chans: int = 3
     num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 96  # width of stage 0; doubles at every patch merging
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    depths: tuple[int, ...] = field(default=(2, 2, 6, 2), metadata={"min_items": 1})  # blocks per stage
+    num_heads: tuple[int, ...] = field(default=(3, 6, 12, 24), metadata={"min_items": 1})
     window_size: tuple[int, int] = (7, 7)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True

@@ -1056,14 +1056,14 @@ def create_demo(
         shown = gr.State(None)
         grid_a_state = gr.State(None)
         with gr.Tab("Explore", id="explore"):
+            with gr.Row(equal_height=True):  # the model's full label needs the page's width
+                model = gr.Dropdown(choices, value=default_model, label="Model", allow_custom_value=True,
+                                    elem_id="model", scale=3, min_width=420)
+                repo = gr.Textbox(label="Or a Hub repo id", placeholder="timm/deit_tiny_patch16_224.fb_in1k",
+                                  scale=2, min_width=260, elem_id="repo")
+                load_button = gr.Button("Load", scale=0, min_width=80)
             with gr.Row():
                 with gr.Column(scale=2, min_width=360):
-                    model = gr.Dropdown(choices, value=default_model, label="Model", allow_custom_value=True,
-                                        elem_id="model")
-                    with gr.Row():
-                        repo = gr.Textbox(label="Or a Hub repo id", placeholder="timm/deit_tiny_patch16_224.fb_in1k",
-                                          scale=3, elem_id="repo")
-                        load_button = gr.Button("Load", scale=1, min_width=80)
                     info = gr.Markdown(elem_id="model-info")
                     image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
                                      height=280, elem_id="image")

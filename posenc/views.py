@@ -39,8 +39,9 @@ Patch = tuple[int, int]
 
 #: Factors of the native input side offered by the resolution control.
 SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-#: Offered sizes keep the attention maps of one inspection below this many bytes (float32, all blocks).
-MAX_TRACE_BYTES = 512 * 2**20
+#: Offered sizes keep the attention maps of one inspection below this many bytes (float32, all blocks); 640 MiB
+#: lets DINOv2-S/14 run at its own 518x518 (544 MiB).
+MAX_TRACE_BYTES = 640 * 2**20
 #: No input side may exceed this multiple of the native side (bounds the work of one request).
 MAX_SIZE_FACTOR = 4
 #: Human names of the position-encoding families.

@@ -57,7 +57,7 @@ class EvaConfig:
     img_size: tuple[int, int] = (224, 224)  # (H, W) the model is built for; any multiple of the patch runs
     patch_size: int = 16
     in_chans: int = 3
-    num_classes: int = 1000  # 0: headless, the model returns pooled features
+    num_classes: int = field(default=1000, metadata={"min": 0})  # 0: headless, the model returns pooled features
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12

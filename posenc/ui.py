@@ -475,9 +475,9 @@ def _clamp_block(seen: views.Seen, block: Any) -> int:
 
 
 def _predictions(seen: views.Seen) -> dict[str, float] | str:
-    """The top-5 as {label: probability}, or "no classifier" for a headless model (it returns features)."""
+    """The top-5 as {label: probability}, or for a headless model (it returns features) the words saying so."""
     if seen.loaded.model.headless:
-        return "no classifier"
+        return views.NO_CLASSIFIER
     return views.predictions(seen)
 
 
@@ -890,7 +890,7 @@ class Handlers:
     def predict(
         self, image: Any, model: str, size: Any = None, progress: gr.Progress = gr.Progress()
     ) -> dict[str, float] | str:
-        """Top-5 classes of the image as {label: probability} ("no classifier" for a model without one)."""
+        """Top-5 classes of the image as {label: probability} (:data:`posenc.views.NO_CLASSIFIER` for a model without one)."""
         return _predictions(self._see(image, model, size, progress))
 
     @_user_errors

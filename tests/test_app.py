@@ -587,9 +587,9 @@ def test_headless_model_says_no_classifier(tmp_path: Path) -> None:
     status = HubStatus(lambda: False)
     h = Handlers(cache=ModelCache(load), catalog=Catalog.build(folder.parent, (), []), hub=status)
     image = {"path": str(EXAMPLES / "red_car.png")}
-    assert h.predict(image, "headless", progress=_no_progress) == "no classifier"
+    assert h.predict(image, "headless", progress=_no_progress) == views.NO_CLASSIFIER
     result = _explore(h, None, "headless")
-    assert result["label"] == "no classifier" and result["view:rope_axial/rope"] and result["attention"]
+    assert result["label"] == views.NO_CLASSIFIER and result["view:rope_axial/rope"] and result["attention"]
     assert "no classifier" in result["info"]
 
 

@@ -84,9 +84,9 @@ class ViTConfig:
         if self.act_layer not in ACTIVATIONS:
             raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {self.act_layer!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
         if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
+            raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size[0]}x{self.img_size[1]}")
         if self.num_classes < 0 or self.reg_tokens < 0:
             raise ValueError(f"num_classes={self.num_classes} and reg_tokens={self.reg_tokens} must be >= 0")
         if self.rope and (self.embed_dim // self.num_heads) % 4:

@@ -520,7 +520,7 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     block_patch = _block_patch(seen, trace, patch)
     sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
-        no_pos_label="without RoPE" if seen.family == "rope" else "without position bias",
+        no_pos_label="without the position term",
         title=f"{seen.name}: attention from patch {block_patch}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
@@ -573,17 +573,6 @@ def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
         footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
         mark_row=block)  # fmt: skip
     return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
-
-
-def position_view(seen: Seen, block: int, patch: Patch) -> View | None:
-    """The model family's main per-patch position view (for side-by-side comparison), or None without one."""
-    if seen.family in _ABSOLUTE:
-        return absolute_views(seen, patch)[1]
-    if seen.family in _RELATIVE:
-        return relative_views(seen, block, patch)[1]
-    if seen.family == "rope":
-        return rope_view(seen, patch)
-    return None
 
 
 def try_view(make: Callable[[], View | tuple[View, ...]]) -> tuple[View | tuple[View, ...] | None, str]:

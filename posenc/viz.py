@@ -1111,7 +1111,7 @@ def attention_overlays(
     attn_no_pos: Array | None = None,
     prefix_attn: Array | None = None,
     shared_scale: bool = False,
-    no_pos_label: str = "without position bias",
+    no_pos_label: str = "without the position term",
     cmap: str = "inferno",
     alpha: float = 0.8,
 ) -> Sheet:
@@ -1130,7 +1130,7 @@ def attention_overlays(
         attn_no_pos: optional (heads, gh, gw) attention without the position term.
         prefix_attn: optional (heads,) or (heads, P) attention to prefix tokens (cls, dist), printed in titles.
         shared_scale: one scale for all heads instead of one per head.
-        no_pos_label: row label for ``attn_no_pos`` (e.g. "without RoPE" for rotary models).
+        no_pos_label: row label for ``attn_no_pos``.
         cmap: colormap name.
         alpha: weight of the colour over the photo at the head's maximum (it falls with the value).
 

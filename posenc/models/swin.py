@@ -243,7 +243,27 @@ class SwinStage(nn.Module):
         )
 
 
-class SwinTransformer(PosencModel):
+class WindowedStages:
+    """Sizes and costs of a hierarchical windowed model (Swin, Swin V2), from its config's stage geometry."""
+
+    config: Any
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.config.depths)
+
+    def size_step(self) -> Size2:
+        return tuple(self.config.size_step())
+
+    def fits(self, size: Size2) -> bool:
+        return self.config.fits(size)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
+        return windowed_trace_bytes(self.config, size)
+
+
+class SwinTransformer(WindowedStages, PosencModel):
     """Swin classifier; ``model(x)`` gives logits, ``model.inspect(x)`` also every block's window attention and bias."""
 
     architecture = "swin"
@@ -281,20 +301,6 @@ class SwinTransformer(PosencModel):
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(self.config.depths)
-
-    def size_step(self) -> Size2:
-        return tuple(self.config.size_step())
-
-    def fits(self, size: Size2) -> bool:
-        return self.config.fits(size)
-
-    def trace_bytes(self, size: Size2) -> int:
-        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
-        return windowed_trace_bytes(self.config, size)
-
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every relative bias out."""
         return self._run(x, need_weights=False, position=position)[0]
@@ -309,19 +315,20 @@ class SwinTransformer(PosencModel):
 
 # ------------------------------------------------------------------------------------------- timm presets
 
-_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+#: Widths, depths and heads of the Swin sizes, shared with Swin V2 (timm registers the same ones).
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+SWIN_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+SWIN_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+SWIN_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 
 #: timm architecture name (no pretrained tag) -> the SwinConfig fields its registration fixes; the checkpoint's
 #: ``model_args`` apply on top (see posenc.convert).
 TIMM_PRESETS: dict[str, dict[str, Any]] = {
-    "swin_tiny_patch4_window7_224": {**_T, "window_size": 7, "img_size": 224},
-    "swin_small_patch4_window7_224": {**_S, "window_size": 7, "img_size": 224},
-    "swin_base_patch4_window7_224": {**_B, "window_size": 7, "img_size": 224},
-    "swin_base_patch4_window12_384": {**_B, "window_size": 12, "img_size": 384},
-    "swin_large_patch4_window7_224": {**_L, "window_size": 7, "img_size": 224},
-    "swin_large_patch4_window12_384": {**_L, "window_size": 12, "img_size": 384},
+    "swin_tiny_patch4_window7_224": {**SWIN_T, "window_size": 7, "img_size": 224},
+    "swin_small_patch4_window7_224": {**SWIN_S, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window7_224": {**SWIN_B, "window_size": 7, "img_size": 224},
+    "swin_base_patch4_window12_384": {**SWIN_B, "window_size": 12, "img_size": 384},
+    "swin_large_patch4_window7_224": {**SWIN_L, "window_size": 7, "img_size": 224},
+    "swin_large_patch4_window12_384": {**SWIN_L, "window_size": 12, "img_size": 384},
 }
 

@@ -54,7 +54,7 @@ from posenc.models.layers import (
     init_weights,
     normalise_config,
 )
-from posenc.models.swin import PatchMerging, windowed_trace_bytes
+from posenc.models.swin import SWIN_B, SWIN_L, SWIN_S, SWIN_T, PatchMerging, WindowedStages
 from posenc.preprocess import Preprocess
 
 #: Upper clamp of ``logit_scale``: the cosine-attention temperature never exceeds 100.
@@ -358,7 +358,7 @@ class SwinV2Stage(nn.Module):
         )
 
 
-class SwinTransformerV2(PosencModel):
+class SwinTransformerV2(WindowedStages, PosencModel):
     """Swin V2 classifier; ``model(x)`` gives logits, ``model.inspect(x)`` also every block's attention and bias."""
 
     architecture = "swinv2"
@@ -398,20 +398,6 @@ class SwinTransformerV2(PosencModel):
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(self.config.depths)
-
-    def size_step(self) -> Size2:
-        return tuple(self.config.size_step())
-
-    def fits(self, size: Size2) -> bool:
-        return self.config.fits(size)
-
-    def trace_bytes(self, size: Size2) -> int:
-        """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
-        return windowed_trace_bytes(self.config, size)
-
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits (pooled features when headless); ``position=False`` drops every bias."""
         return self._run(x, need_weights=False, position=position)[0]
@@ -426,10 +412,6 @@ class SwinTransformerV2(PosencModel):
 
 # ------------------------------------------------------------------------------------------- timm presets
 
-_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 _FT = dict(pretrained_window_sizes=(12, 12, 12, 6))  # fine-tuned from window 12 at 192 px
 # swinv2_cr: natural-log offsets, bias as is, norm-first merging, norm3 ends the last stage; window = grid / 8
 _CR = dict(qkv_bias=True, cpb_style="ln", cpb_hidden=384, merge_norm_after=False, final_norm=False)
@@ -440,30 +422,30 @@ _CR_G = dict(embed_dim=512, depths=(2, 2, 42, 2), num_heads=(16, 32, 64, 128), e
 #: timm architecture name (no pretrained tag) -> the SwinV2Config fields its registration fixes; the checkpoint's
 #: ``model_args`` apply on top (see posenc.convert).
 TIMM_PRESETS: dict[str, dict[str, Any]] = {
-    "swinv2_tiny_window8_256": {**_T, "window_size": 8, "img_size": 256},
-    "swinv2_tiny_window16_256": {**_T, "window_size": 16, "img_size": 256},
-    "swinv2_small_window8_256": {**_S, "window_size": 8, "img_size": 256},
-    "swinv2_small_window16_256": {**_S, "window_size": 16, "img_size": 256},
-    "swinv2_base_window8_256": {**_B, "window_size": 8, "img_size": 256},
-    "swinv2_base_window16_256": {**_B, "window_size": 16, "img_size": 256},
-    "swinv2_base_window12_192": {**_B, "window_size": 12, "img_size": 192},
-    "swinv2_base_window12to16_192to256": {**_B, **_FT, "window_size": 16, "img_size": 256},
-    "swinv2_base_window12to24_192to384": {**_B, **_FT, "window_size": 24, "img_size": 384},
-    "swinv2_large_window12_192": {**_L, "window_size": 12, "img_size": 192},
-    "swinv2_large_window12to16_192to256": {**_L, **_FT, "window_size": 16, "img_size": 256},
-    "swinv2_large_window12to24_192to384": {**_L, **_FT, "window_size": 24, "img_size": 384},
-    "swinv2_cr_tiny_224": {**_CR, **_T, "window_size": 7, "img_size": 224},
-    "swinv2_cr_tiny_384": {**_CR, **_T, "window_size": 12, "img_size": 384},
-    "swinv2_cr_tiny_ns_224": {**_CR_NS, **_T, "window_size": 7, "img_size": 224},
-    "swinv2_cr_small_224": {**_CR, **_S, "window_size": 7, "img_size": 224},
-    "swinv2_cr_small_384": {**_CR, **_S, "window_size": 12, "img_size": 384},
-    "swinv2_cr_small_ns_224": {**_CR_NS, **_S, "window_size": 7, "img_size": 224},
-    "swinv2_cr_small_ns_256": {**_CR_NS, **_S, "window_size": 8, "img_size": 256},
-    "swinv2_cr_base_224": {**_CR, **_B, "window_size": 7, "img_size": 224},
-    "swinv2_cr_base_384": {**_CR, **_B, "window_size": 12, "img_size": 384},
-    "swinv2_cr_base_ns_224": {**_CR_NS, **_B, "window_size": 7, "img_size": 224},
-    "swinv2_cr_large_224": {**_CR, **_L, "window_size": 7, "img_size": 224},
-    "swinv2_cr_large_384": {**_CR, **_L, "window_size": 12, "img_size": 384},
+    "swinv2_tiny_window8_256": {**SWIN_T, "window_size": 8, "img_size": 256},
+    "swinv2_tiny_window16_256": {**SWIN_T, "window_size": 16, "img_size": 256},
+    "swinv2_small_window8_256": {**SWIN_S, "window_size": 8, "img_size": 256},
+    "swinv2_small_window16_256": {**SWIN_S, "window_size": 16, "img_size": 256},
+    "swinv2_base_window8_256": {**SWIN_B, "window_size": 8, "img_size": 256},
+    "swinv2_base_window16_256": {**SWIN_B, "window_size": 16, "img_size": 256},
+    "swinv2_base_window12_192": {**SWIN_B, "window_size": 12, "img_size": 192},
+    "swinv2_base_window12to16_192to256": {**SWIN_B, **_FT, "window_size": 16, "img_size": 256},
+    "swinv2_base_window12to24_192to384": {**SWIN_B, **_FT, "window_size": 24, "img_size": 384},
+    "swinv2_large_window12_192": {**SWIN_L, "window_size": 12, "img_size": 192},
+    "swinv2_large_window12to16_192to256": {**SWIN_L, **_FT, "window_size": 16, "img_size": 256},
+    "swinv2_large_window12to24_192to384": {**SWIN_L, **_FT, "window_size": 24, "img_size": 384},
+    "swinv2_cr_tiny_224": {**_CR, **SWIN_T, "window_size": 7, "img_size": 224},
+    "swinv2_cr_tiny_384": {**_CR, **SWIN_T, "window_size": 12, "img_size": 384},
+    "swinv2_cr_tiny_ns_224": {**_CR_NS, **SWIN_T, "window_size": 7, "img_size": 224},
+    "swinv2_cr_small_224": {**_CR, **SWIN_S, "window_size": 7, "img_size": 224},
+    "swinv2_cr_small_384": {**_CR, **SWIN_S, "window_size": 12, "img_size": 384},
+    "swinv2_cr_small_ns_224": {**_CR_NS, **SWIN_S, "window_size": 7, "img_size": 224},
+    "swinv2_cr_small_ns_256": {**_CR_NS, **SWIN_S, "window_size": 8, "img_size": 256},
+    "swinv2_cr_base_224": {**_CR, **SWIN_B, "window_size": 7, "img_size": 224},
+    "swinv2_cr_base_384": {**_CR, **SWIN_B, "window_size": 12, "img_size": 384},
+    "swinv2_cr_base_ns_224": {**_CR_NS, **SWIN_B, "window_size": 7, "img_size": 224},
+    "swinv2_cr_large_224": {**_CR, **SWIN_L, "window_size": 7, "img_size": 224},
+    "swinv2_cr_large_384": {**_CR, **SWIN_L, "window_size": 12, "img_size": 384},
     "swinv2_cr_huge_224": {**_CR, **_CR_H, "num_heads": (8, 16, 32, 64), "window_size": 7, "img_size": 224},
     "swinv2_cr_huge_384": {**_CR, **_CR_H, "window_size": 12, "img_size": 384},
     "swinv2_cr_giant_224": {**_CR, **_CR_G, "window_size": 7, "img_size": 224},

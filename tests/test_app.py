@@ -703,3 +703,18 @@ def test_cli_predicts_with_a_public_name_from_another_directory(checkpoints: Pat
     assert run.returncode == 0, run.stderr
     expected = load(str(checkpoints / "cifar10-rope")).predict(EXAMPLES / "red_car.png", top_k=5)
     assert [p["label"] for p in json.loads(run.stdout)] == [p.label for p in expected]
+
+
+@pytest.mark.parametrize("model, prefix", [("cifar10-learned", True), ("cifar10-windowed", False)])
+def test_attention_tab_shows_prefix_shares_only_for_models_with_prefix_tokens(
+    handlers: Handlers, checkpoints: Path, model: str, prefix: bool
+) -> None:
+    result = _explore(handlers, None, model, block=1)
+    assert result["prefix_attention"].visible is prefix and bool(result["prefix_attention"].value) is prefix
+    with np.load(result["npz"]) as arrays:
+        assert ("prefix_attention_share" in arrays) is prefix
+        if prefix:
+            seen = views.inspect_image(load(str(checkpoints / model)), EXAMPLES / "red_car.png")
+            expected, _ = views.prefix_attention_shares(seen)
+            np.testing.assert_allclose(arrays["prefix_attention_share"], expected, atol=1e-6)
+            np.testing.assert_allclose(arrays["prefix_attention_share"].sum(-1), 1.0, atol=1e-5)

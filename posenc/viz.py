@@ -970,6 +970,56 @@ def query_bias_overlays(
     )  # fmt: skip
 
 
+def frequency_planes(
+    freqs: Array, *, title: str = "Learned RoPE frequencies", cmap: str = "viridis", side: int = 200
+) -> Sheet:
+    """Every head's 2D frequency vectors as arrows from the origin, drawn in image orientation (x right, y down).
+
+    An arrow points along the direction in which that channel pair's phase grows on the image; its length and
+    colour give the magnitude (radians per patch). One scale, fitted to the longest vector, serves all heads.
+
+    Args:
+        freqs: (heads, K, 2) frequency vectors ``(f_x, f_y)`` per head and rotated pair.
+        title: sheet title.
+        cmap: colormap for the magnitude.
+        side: panel side in pixels.
+
+    Returns:
+        A :class:`Sheet` with one square panel per head; the colour bar is the magnitude.
+    """
+    f = _to_numpy(freqs, "freqs").astype(np.float64)
+    if f.ndim != 3 or f.shape[-1] != 2:
+        raise ValueError(f"freqs must be (heads, K, 2), got {f.shape}")
+    heads = f.shape[0]
+    mag = np.hypot(f[..., 0], f[..., 1])  # heads, K
+    norm = _norm(mag, 0.0, None)
+    reach = float(mag.max()) if mag.size and mag.max() > 0 else 1.0
+    colours = colorize(mag, cmap, norm)  # heads, K, 3
+    centre, radius = side / 2, side / 2 - 10
+    panels = []
+    for h in range(heads):
+        img = Image.new("RGB", (side, side), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((centre - radius, centre - radius, centre + radius, centre + radius), outline=(215, 215, 215))
+        draw.line((centre - radius, centre, centre + radius, centre), fill=(190, 190, 190))
+        draw.line((centre, centre - radius, centre, centre + radius), fill=(190, 190, 190))
+        for k in np.argsort(-mag[h]):  # long arrows first, so short ones stay visible on top
+            x = centre + f[h, k, 0] / reach * radius
+            y = centre + f[h, k, 1] / reach * radius
+            colour = tuple(int(c) for c in colours[h, k])
+            draw.line((centre, centre, x, y), fill=colour, width=2)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour, outline=(0, 0, 0))
+        _paste_label(img, "x\u2192", (side - 3, centre - 3), "rb", size=10, colour=(90, 90, 90))
+        _paste_label(img, "y\u2193", (centre + 3, side - 3), "lb", size=10, colour=(90, 90, 90))
+        panels.append(img)
+    return _compose(
+        panels, [f"head {h}" for h in range(heads)], ncols=_head_layout(heads)[1], title=title, cmap=cmap, norm=norm,
+        colorbar_label="frequency magnitude (radians per patch)",
+        footer=f"outer circle: {_fmt(reach)} radians per patch; one arrow per rotated channel pair",
+    )  # fmt: skip
+
+
+
 def head_map_overlays(
     image: Image.Image | np.ndarray,
     maps: Array,

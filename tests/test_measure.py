@@ -375,6 +375,16 @@ def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour()
         assert 30 * heads < hits.sum() - 121 < 60 * heads
 
 
+
+@pytest.mark.parametrize("heads", [[105.0, 130.0], [126.0, 130.0], [0.0, 130.0]])
+def test_attention_distance_plot_keeps_the_farthest_dot_whole_inside_the_frame(heads):
+    from posenc import plots
+
+    img = np.asarray(plots.attention_distance({"a": [heads, [110.0]]}))
+    rows = np.nonzero(np.all(img == np.asarray(plots.COLOURS[0], dtype=np.uint8), axis=-1).any(axis=1))[0]
+    frame_top = plots._TOP
+    assert rows.min() > frame_top + 4, "the highest dot touches the top of the frame"
+
 #: a tiny config per architecture (TinyViT's smallest preset is not tiny enough for a fast test: left out)
 TINY_KWARGS = {
     "posenc_vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),

@@ -1007,7 +1007,8 @@ def _mechanism_tabs() -> dict[str, Any]:
                 with gr.Group(visible=False, elem_id=f"group-{m.name}") as group:
                     gr.Markdown(f"**{m.title[0].upper() + m.title[1:]}.** {m.help}", padding=True)
                     specs = list(m.views)
-                    rows = [specs[:1], specs[1:]] if len(specs) > 1 else [specs]
+                    # the first view alone and wide; two more side by side; more than two would be too narrow
+                    rows = [specs[:1], specs[1:]] if len(specs) == 3 else [[spec] for spec in specs]
                     for row_specs in rows:
                         with gr.Row(equal_height=False):
                             for spec in row_specs:

@@ -718,3 +718,15 @@ def test_attention_tab_shows_prefix_shares_only_for_models_with_prefix_tokens(
             expected, _ = views.prefix_attention_shares(seen)
             np.testing.assert_allclose(arrays["prefix_attention_share"], expected, atol=1e-6)
             np.testing.assert_allclose(arrays["prefix_attention_share"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_mechanism_views_are_wide_unless_two_share_a_row() -> None:
+    from posenc.ui import _mechanism_tabs
+
+    with gr.Blocks():
+        named = _mechanism_tabs()
+    wide = {key: "posenc-wide" in named[key].elem_classes for key in named if key.startswith("view:")}
+    # Swin V2's four views: each per-head sheet keeps its own scrolling row instead of a third of one
+    assert all(wide[f"view:cpb/{key}"] for key in ("cpb_table", "cpb_extrapolation", "cpb_temperature",
+                                                   "cpb_query_bias"))
+    assert wide["view:learned/similarity_grid"] and not wide["view:learned/similarity"] and not wide["view:learned/pca"]

@@ -154,12 +154,13 @@ def format_size(size: Size2) -> str:
 
 
 def max_square_size(loaded: LoadedModel) -> int:
-    """The largest square side (a multiple of the size step) that :func:`parse_size` accepts."""
+    """The largest square side (a multiple of the size step) that :func:`parse_size` accepts.
+
+    Every multiple up to the side limit is tried: Swin V2 takes 512 but not 384, so the first gap is not the end.
+    """
     step = max(size_step(loaded))
-    side = step
-    while _fits(loaded, (side + step, side + step)):
-        side += step
-    return side
+    limit = MAX_SIZE_FACTOR * max(native_size(loaded))
+    return max((side for side in range(step, limit + 1, step) if _fits(loaded, (side, side))), default=step)
 
 
 def _fits(loaded: LoadedModel, size: Size2) -> bool:

@@ -653,6 +653,7 @@ class Sheet:
 
 _GAP = 8  # pixels between panels
 _MARGIN = 12  # pixels around the sheet
+_MIN_SHEET_WIDTH = 480  # narrower sheets (a few thin panels) are widened, so title and colour bar stay legible
 
 
 def _compose(
@@ -673,7 +674,9 @@ def _compose(
     Everything is placed first and pasted once onto one canvas.
     """
     pw, ph = next(p for p in panels if p is not None).size
-    width = 2 * _MARGIN + ncols * pw + (ncols - 1) * _GAP
+    content = ncols * pw + (ncols - 1) * _GAP
+    width = max(2 * _MARGIN + content, _MIN_SHEET_WIDTH)
+    left = (width - content) // 2  # the panels are centred
     size = int(np.clip(round(pw / 16), 10, 15))
     title_lines = max(t.count("\n") + 1 for t in titles)
     placed: list[tuple[Image.Image, int, int]] = []  # (image, x, y)
@@ -691,7 +694,7 @@ def _compose(
         strips = {k: _text_strip(titles[k], pw, size, lines=title_lines) for k in ks}
         strip_h = max((s.height for s in strips.values()), default=0)
         for k in ks:
-            x = _MARGIN + (k - r * ncols) * (pw + _GAP)
+            x = left + (k - r * ncols) * (pw + _GAP)
             place(strips[k], y, x)
             place(panels[k], y + strip_h, x)
             boxes.append(Panel(titles[k], (x, y + strip_h, x + pw, y + strip_h + ph)))

@@ -464,3 +464,14 @@ def test_views_never_import_pyplot():
         [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_sheet_of_thin_panels_is_widened_with_the_panels_centred():
+    # the prefix-attention view of a small ConViT: 2 panels of 12 blocks x 4 heads were a 136-pixel-wide sheet
+    sheet = viz.matrix_heatmaps(np.random.default_rng(0).random((2, 12, 4)), ["to cls", "to patches"],
+                                title="convit_tiny: share of attention to prefix tokens and patches",
+                                colorbar_label="attention share (sums to 1 over the panels)")
+    width = sheet.image.width
+    assert width >= 480
+    left, right = sheet.panels[0].box[0], sheet.panels[-1].box[2]
+    assert abs(left - (width - right)) <= 1

@@ -143,6 +143,8 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
         if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
+    if not sizes and _fits(loaded, (side := max_square_size(loaded), side)):
+        sizes.add((side, side))  # none near the native size fits (SAM-B at 1024x1024): the largest square that does
     if native not in sizes and (not sizes or loaded.model.trace_bytes(native) <= MAX_TRACE_BYTES):
         sizes.add(native)
     return sorted(sizes)

@@ -277,3 +277,15 @@ def test_size_rule_names_the_largest_square_that_fits_past_a_gap() -> None:
     loaded = SimpleNamespace(model=model, preprocess=SimpleNamespace(input_size=(256, 256)))
     assert views.max_square_size(loaded) == 512
     assert "up to 512x512" in views.size_rule(loaded)
+
+
+def test_a_model_too_large_at_every_offered_size_runs_at_the_largest_square_that_fits() -> None:
+    from types import SimpleNamespace
+
+    # SAM-B's encoder: native 1024x1024, and even 512x512 needs more than MAX_TRACE_BYTES of attention maps
+    model = SimpleNamespace(size_step=lambda: (16, 16), fits=lambda size: True,
+                            trace_bytes=lambda size: 0 if max(size) <= 448 else views.MAX_TRACE_BYTES + 1)
+    loaded = SimpleNamespace(model=model, preprocess=SimpleNamespace(input_size=(1024, 1024)))
+    assert views.input_sizes(loaded) == [(448, 448)]
+    assert views.default_size(loaded) == (448, 448)
+    assert views.parse_size("448x448", loaded) == (448, 448)  # the next request at the shown size is accepted

@@ -421,3 +421,17 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
     assert len(record["mean_attention_distance"]) == len(record["position_decodability"]["r2"])
     measured = [v for heads in record["mean_attention_distance"] for v in heads if v is not None]
     assert measured and all(0 < v < size * math.sqrt(2) for v in measured)
+
+
+def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_tabs_default(tmp_path, monkeypatch):
+    from posenc.ui_measure import MeasureHandlers
+
+    loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-learned"))
+    native = views.native_size(loaded)
+    # as SAM-B at 1024x1024: the native size needs more attention maps than the app allows, a smaller one does not
+    monkeypatch.setattr(views, "MAX_TRACE_BYTES", loaded.model.trace_bytes(native) - 1)
+    size = views.default_size(loaded)
+    assert size != native
+    h = MeasureHandlers(lambda source, progress: ("learned", loaded))
+    _, _, _, seen = h._run(str(_photo(tmp_path / "photo.png", 3)), "learned", _noop_progress)
+    assert tuple(seen.size) == size

@@ -253,6 +253,7 @@ def measure_tab(*, load: Loader, image: gr.components.Component, model: gr.compo
 
 
 def _image(label: str, elem_id: str) -> gr.Image:
-    """An output PNG with download and full-screen buttons (the plot draws its own title)."""
+    """An output PNG with download and full-screen buttons above the plot's own title (the app's posenc-view style;
+    over the title they hid its end)."""
     return gr.Image(label=label, show_label=False, format="png", interactive=False, type="filepath",
-                    buttons=["download", "fullscreen"], elem_id=elem_id)
+                    buttons=["download", "fullscreen"], elem_id=elem_id, elem_classes=["posenc-view"])

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -435,3 +436,11 @@ def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_ta
     h = MeasureHandlers(lambda source, progress: ("learned", loaded))
     _, _, _, seen = h._run(str(_photo(tmp_path / "photo.png", 3)), "learned", _noop_progress)
     assert tuple(seen.size) == size
+
+
+def test_measure_plots_keep_their_buttons_above_the_title():
+    from posenc.ui_measure import _image
+
+    with gr.Blocks():
+        image = _image("distance", "measure-distance")
+    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.ui.CSS)

@@ -108,7 +108,7 @@ def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: s
     depth = max(len(blocks) for blocks in series.values())
     values = [v for blocks in series.values() for heads in blocks for v in heads if v is not None and math.isfinite(v)]
     ax = _Axes(title or "Mean attention distance per head", "block (network depth)",
-               "mean attention distance (pixels)", (-0.5, depth - 0.5), (0.0, _range(values)[1]))
+               "mean attention distance (pixels)", (-0.5, depth - 0.5), (0.0, _range([0.0, *values])[1]))
     ax.xticks(list(range(depth)), [str(b) for b in range(depth)])
     offsets = np.linspace(-0.12, 0.12, len(series)) if len(series) > 1 else [0.0]
     for k, (blocks, dx) in enumerate(zip(series.values(), offsets)):

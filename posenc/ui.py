@@ -80,7 +80,8 @@ the model used for that image (absolute embeddings, relative position bias, RoPE
 without the position term."""
 ATTENTION_HELP = (
     "Attention from the clicked patch in the chosen block, one panel per head, each scaled to its own maximum. "
-    "For models with a relative bias or RoPE the second row leaves the position term out."
+    "For models with a relative bias or RoPE the second row leaves the position term out. Below, for models with "
+    "prefix tokens (cls, registers), the share of attention each head gives them and the patches, block by block."
 )
 
 
@@ -709,8 +710,9 @@ class Handlers:
         progress(0.6, desc="Drawing the views")
         out = self._mechanism_outputs(seen, b, patch)
         attention = views.attention_view(seen, b, patch)
+        prefix = views.prefix_attention_view(seen, b, patch) if seen.inspection.num_prefix_tokens else None
         files = self._downloads(seen, patch, b)
-        out["npz"] = files.npz(seen, patch, b, [*out.pop("_views"), attention])
+        out["npz"] = files.npz(seen, patch, b, [*out.pop("_views"), attention, prefix])
         for name in [n for n in out if n.startswith("view:")]:
             out[name] = files.png(name.split(":", 1)[1].replace("/", "_"), out[name])
         summary = (f"**{key}** at {views.format_size(seen.size)} ({seen.grid[0]}x{seen.grid[1]} patches) · "
@@ -736,6 +738,7 @@ class Handlers:
             "picker": files.png("input", views.patch_picker(seen, patch)),
             "label": _predictions(seen),
             "attention": files.png("attention", attention.image),
+            "prefix_attention": gr.Image(files.png("prefix_attention", prefix.image if prefix else None), visible=bool(prefix)),
         }
 
     def _mechanism_outputs(self, seen: views.Seen, block: int, patch: views.Patch) -> dict[str, Any]:
@@ -1004,7 +1007,8 @@ def _mechanism_tabs() -> dict[str, Any]:
                 with gr.Group(visible=False, elem_id=f"group-{m.name}") as group:
                     gr.Markdown(f"**{m.title[0].upper() + m.title[1:]}.** {m.help}", padding=True)
                     specs = list(m.views)
-                    rows = [specs[:1], specs[1:]] if len(specs) > 1 else [specs]
+                    # the first view alone and wide; two more side by side; more than two would be too narrow
+                    rows = [specs[:1], specs[1:]] if len(specs) == 3 else [[spec] for spec in specs]
                     for row_specs in rows:
                         with gr.Row(equal_height=False):
                             for spec in row_specs:
@@ -1089,6 +1093,8 @@ def create_demo(
                             gr.Markdown(ATTENTION_HELP)
                             attention = _view_image("Attention per head", elem_id="attention",
                                                     elem_classes=["posenc-wide"])
+                            prefix_attention = _view_image("Attention to prefix tokens", elem_id="prefix-attention",
+                                                           elem_classes=["posenc-wide"], visible=False)
                     npz = gr.File(label="Raw tensors behind the views (.npz)", elem_id="npz")
 
         with gr.Tab("Compare", id="compare") as compare_tab:
@@ -1142,7 +1148,7 @@ def create_demo(
         explore = _Outputs({
             "status": status, "summary": summary, "info": info, "model": model, "size": size, "block": block,
             "row": row, "col": col, "shown": shown, "picker": picker, "label": label, "attention": attention,
-            "npz": npz, **mechanism_named,
+            "prefix_attention": prefix_attention, "npz": npz, **mechanism_named,
         })
         run = dict(fn=explore.wrap(h.explore), inputs=[image, model, size, block, row, col, shown],
                    outputs=explore.components, preprocess=False, api_visibility="private", trigger_mode="always_last",

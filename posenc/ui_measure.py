@@ -70,11 +70,12 @@ class MeasureHandlers:
         return folder
 
     def _run(self, image: Any, model: str, progress: Callable[..., Any]) -> tuple[str, LoadedModel, str, views.Seen]:
-        """Load the model and inspect the image at the native size: (name, loaded, image path, seen)."""
+        """Load the model and inspect the image at its default size (the native one, unless that needs more than
+        ``views.MAX_TRACE_BYTES`` of attention maps, as SAM-B's 1024x1024): (name, loaded, image path, seen)."""
         path = _image_path(image)
         name, loaded = self.load(model, progress)
         progress(0.3, desc=f"Running {name}")
-        return name, loaded, path, views.inspect_image(loaded, path, name=name)
+        return name, loaded, path, views.inspect_image(loaded, path, views.default_size(loaded), name=name)
 
     @staticmethod
     def _distance(seen: views.Seen, other: views.Seen | None = None) -> tuple[Image.Image, dict[str, np.ndarray]]:
@@ -252,6 +253,7 @@ def measure_tab(*, load: Loader, image: gr.components.Component, model: gr.compo
 
 
 def _image(label: str, elem_id: str) -> gr.Image:
-    """An output PNG with download and full-screen buttons (the plot draws its own title)."""
+    """An output PNG with download and full-screen buttons above the plot's own title (the app's posenc-view style;
+    over the title they hid its end)."""
     return gr.Image(label=label, show_label=False, format="png", interactive=False, type="filepath",
-                    buttons=["download", "fullscreen"], elem_id=elem_id)
+                    buttons=["download", "fullscreen"], elem_id=elem_id, elem_classes=["posenc-view"])

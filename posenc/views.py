@@ -144,6 +144,8 @@ def input_sizes(loaded: LoadedModel) -> list[Size2]:
         size = tuple(max(s, round(n * factor / s) * s) for n, s in zip(native, step))
         if loaded.model.fits(size) and loaded.model.trace_bytes(size) <= MAX_TRACE_BYTES:
             sizes.add(size)
+    if not sizes and _fits(loaded, (side := max_square_size(loaded), side)):
+        sizes.add((side, side))  # none near the native size fits (SAM-B at 1024x1024): the largest square that does
     if native not in sizes and (not sizes or loaded.model.trace_bytes(native) <= MAX_TRACE_BYTES):
         sizes.add(native)
     return sorted(sizes)
@@ -155,12 +157,13 @@ def format_size(size: Size2) -> str:
 
 
 def max_square_size(loaded: LoadedModel) -> int:
-    """The largest square side (a multiple of the size step) that :func:`parse_size` accepts."""
+    """The largest square side (a multiple of the size step) that :func:`parse_size` accepts.
+
+    Every multiple up to the side limit is tried: Swin V2 takes 512 but not 384, so the first gap is not the end.
+    """
     step = max(size_step(loaded))
-    side = step
-    while _fits(loaded, (side + step, side + step)):
-        side += step
-    return side
+    limit = MAX_SIZE_FACTOR * max(native_size(loaded))
+    return max((side for side in range(step, limit + 1, step) if _fits(loaded, (side, side))), default=step)
 
 
 def _fits(loaded: LoadedModel, size: Size2) -> bool:

@@ -653,6 +653,9 @@ class Sheet:
 
 _GAP = 8  # pixels between panels
 _MARGIN = 12  # pixels around the sheet
+_MIN_SHEET_WIDTH = 480  # narrower sheets (a few thin panels) are widened, so title and colour bar stay legible
+_HEAD_WIDTH = 560  # a wider sheet's title, row labels, colour bar and footer sit over its left 560 px, which the
+# app's sideways-scrolling box shows first (centred, they were scrolled out of sight)
 
 
 def _compose(
@@ -673,33 +676,37 @@ def _compose(
     Everything is placed first and pasted once onto one canvas.
     """
     pw, ph = next(p for p in panels if p is not None).size
-    width = 2 * _MARGIN + ncols * pw + (ncols - 1) * _GAP
+    content = ncols * pw + (ncols - 1) * _GAP
+    width = max(2 * _MARGIN + content, _MIN_SHEET_WIDTH)
+    left = (width - content) // 2  # the panels are centred
     size = int(np.clip(round(pw / 16), 10, 15))
     title_lines = max(t.count("\n") + 1 for t in titles)
     placed: list[tuple[Image.Image, int, int]] = []  # (image, x, y)
     boxes: list[Panel] = []
 
+    head = min(width, _HEAD_WIDTH)  # the width texts and the colour bar are centred in, from the left edge
+
     def place(img: Image.Image, y: int, x: int | None = None) -> int:
-        placed.append((img, (width - img.width) // 2 if x is None else x, y))
+        placed.append((img, (head - img.width) // 2 if x is None else x, y))
         return y + img.height
 
-    y = place(_text_strip(title, width, size + 3), 0)
+    y = place(_text_strip(title, head, size + 3), 0)
     for r in range(math.ceil(len(panels) / ncols)):
         if row_labels is not None:
-            y = place(_text_strip(row_labels[r], width, size + 1), y)
+            y = place(_text_strip(row_labels[r], head, size + 1), y)
         ks = [k for k in range(r * ncols, min((r + 1) * ncols, len(panels))) if panels[k] is not None]
         strips = {k: _text_strip(titles[k], pw, size, lines=title_lines) for k in ks}
         strip_h = max((s.height for s in strips.values()), default=0)
         for k in ks:
-            x = _MARGIN + (k - r * ncols) * (pw + _GAP)
+            x = left + (k - r * ncols) * (pw + _GAP)
             place(strips[k], y, x)
             place(panels[k], y + strip_h, x)
             boxes.append(Panel(titles[k], (x, y + strip_h, x + pw, y + strip_h + ph)))
         y += strip_h + ph + _GAP
-    bar_w = min(width - 2 * _MARGIN, max(320, 2 * pw))
+    bar_w = min(head - 2 * _MARGIN, max(320, 2 * pw))
     y = place(_colorbar_strip(cmap, float(norm.vmin), float(norm.vmax), bar_w, size, colorbar_label), y)
     if footer:
-        y = place(_text_strip(footer, width, size), y)
+        y = place(_text_strip(footer, head, size), y)
     canvas = Image.new("RGB", (width, y), (255, 255, 255))
     for img, x, top in placed:
         canvas.paste(img, (x, top))

@@ -703,3 +703,30 @@ def test_cli_predicts_with_a_public_name_from_another_directory(checkpoints: Pat
     assert run.returncode == 0, run.stderr
     expected = load(str(checkpoints / "cifar10-rope")).predict(EXAMPLES / "red_car.png", top_k=5)
     assert [p["label"] for p in json.loads(run.stdout)] == [p.label for p in expected]
+
+
+@pytest.mark.parametrize("model, prefix", [("cifar10-learned", True), ("cifar10-windowed", False)])
+def test_attention_tab_shows_prefix_shares_only_for_models_with_prefix_tokens(
+    handlers: Handlers, checkpoints: Path, model: str, prefix: bool
+) -> None:
+    result = _explore(handlers, None, model, block=1)
+    assert result["prefix_attention"].visible is prefix and bool(result["prefix_attention"].value) is prefix
+    with np.load(result["npz"]) as arrays:
+        assert ("prefix_attention_share" in arrays) is prefix
+        if prefix:
+            seen = views.inspect_image(load(str(checkpoints / model)), EXAMPLES / "red_car.png")
+            expected, _ = views.prefix_attention_shares(seen)
+            np.testing.assert_allclose(arrays["prefix_attention_share"], expected, atol=1e-6)
+            np.testing.assert_allclose(arrays["prefix_attention_share"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_mechanism_views_are_wide_unless_two_share_a_row() -> None:
+    from posenc.ui import _mechanism_tabs
+
+    with gr.Blocks():
+        named = _mechanism_tabs()
+    wide = {key: "posenc-wide" in named[key].elem_classes for key in named if key.startswith("view:")}
+    # Swin V2's four views: each per-head sheet keeps its own scrolling row instead of a third of one
+    assert all(wide[f"view:cpb/{key}"] for key in ("cpb_table", "cpb_extrapolation", "cpb_temperature",
+                                                   "cpb_query_bias"))
+    assert wide["view:learned/similarity_grid"] and not wide["view:learned/similarity"] and not wide["view:learned/pca"]

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -375,6 +376,16 @@ def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour()
         assert 30 * heads < hits.sum() - 121 < 60 * heads
 
 
+
+@pytest.mark.parametrize("heads", [[105.0, 130.0], [126.0, 130.0], [0.0, 130.0]])
+def test_attention_distance_plot_keeps_the_farthest_dot_whole_inside_the_frame(heads):
+    from posenc import plots
+
+    img = np.asarray(plots.attention_distance({"a": [heads, [110.0]]}))
+    rows = np.nonzero(np.all(img == np.asarray(plots.COLOURS[0], dtype=np.uint8), axis=-1).any(axis=1))[0]
+    frame_top = plots._TOP
+    assert rows.min() > frame_top + 4, "the highest dot touches the top of the frame"
+
 #: a tiny config per architecture (TinyViT's smallest preset is not tiny enough for a fast test: left out)
 TINY_KWARGS = {
     "posenc_vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
@@ -411,3 +422,25 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
     assert len(record["mean_attention_distance"]) == len(record["position_decodability"]["r2"])
     measured = [v for heads in record["mean_attention_distance"] for v in heads if v is not None]
     assert measured and all(0 < v < size * math.sqrt(2) for v in measured)
+
+
+def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_tabs_default(tmp_path, monkeypatch):
+    from posenc.ui_measure import MeasureHandlers
+
+    loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-learned"))
+    native = views.native_size(loaded)
+    # as SAM-B at 1024x1024: the native size needs more attention maps than the app allows, a smaller one does not
+    monkeypatch.setattr(views, "MAX_TRACE_BYTES", loaded.model.trace_bytes(native) - 1)
+    size = views.default_size(loaded)
+    assert size != native
+    h = MeasureHandlers(lambda source, progress: ("learned", loaded))
+    _, _, _, seen = h._run(str(_photo(tmp_path / "photo.png", 3)), "learned", _noop_progress)
+    assert tuple(seen.size) == size
+
+
+def test_measure_plots_keep_their_buttons_above_the_title():
+    from posenc.ui_measure import _image
+
+    with gr.Blocks():
+        image = _image("distance", "measure-distance")
+    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.ui.CSS)

@@ -266,3 +266,26 @@ def test_patch_picker_outlines_the_clicked_row_and_column():
     y1, x1 = white.max(axis=0)
     assert abs(y0 - PATCH[0] * cell_h) <= 1 and abs(y1 - (PATCH[0] + 1) * cell_h) <= 2
     assert abs(x0 - PATCH[1] * cell_w) <= 1 and abs(x1 - (PATCH[1] + 1) * cell_w) <= 2
+
+
+def test_size_rule_names_the_largest_square_that_fits_past_a_gap() -> None:
+    from types import SimpleNamespace
+
+    # a Swin V2-like model: step 32, native 256, takes 128, 256 and 512 but not the multiples between
+    model = SimpleNamespace(size_step=lambda: (32, 32), fits=lambda size: size[0] == size[1] in (128, 256, 512),
+                            trace_bytes=lambda size: 0)
+    loaded = SimpleNamespace(model=model, preprocess=SimpleNamespace(input_size=(256, 256)))
+    assert views.max_square_size(loaded) == 512
+    assert "up to 512x512" in views.size_rule(loaded)
+
+
+def test_a_model_too_large_at_every_offered_size_runs_at_the_largest_square_that_fits() -> None:
+    from types import SimpleNamespace
+
+    # SAM-B's encoder: native 1024x1024, and even 512x512 needs more than MAX_TRACE_BYTES of attention maps
+    model = SimpleNamespace(size_step=lambda: (16, 16), fits=lambda size: True,
+                            trace_bytes=lambda size: 0 if max(size) <= 448 else views.MAX_TRACE_BYTES + 1)
+    loaded = SimpleNamespace(model=model, preprocess=SimpleNamespace(input_size=(1024, 1024)))
+    assert views.input_sizes(loaded) == [(448, 448)]
+    assert views.default_size(loaded) == (448, 448)
+    assert views.parse_size("448x448", loaded) == (448, 448)  # the next request at the shown size is accepted

@@ -464,3 +464,27 @@ def test_views_never_import_pyplot():
         [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_sheet_of_thin_panels_is_widened_with_the_panels_centred():
+    # the prefix-attention view of a small ConViT: 2 panels of 12 blocks x 4 heads were a 136-pixel-wide sheet
+    sheet = viz.matrix_heatmaps(np.random.default_rng(0).random((2, 12, 4)), ["to cls", "to patches"],
+                                title="convit_tiny: share of attention to prefix tokens and patches",
+                                colorbar_label="attention share (sums to 1 over the panels)")
+    width = sheet.image.width
+    assert width >= 480
+    left, right = sheet.panels[0].box[0], sheet.panels[-1].box[2]
+    assert abs(left - (width - right)) <= 1
+
+
+def test_a_wide_sheet_keeps_its_title_and_colour_bar_in_the_left_part_a_scrolling_box_shows_first():
+    maps = np.random.default_rng(0).random((6, 14, 14))
+    sheet = viz.head_map_overlays(np.zeros((224, 224, 3), np.uint8), maps, (3, 3), title="a title that must be seen",
+                                  colorbar_label="cosine")
+    rgb = np.asarray(sheet.image).astype(int)
+    assert sheet.image.width > 1000
+    ink = np.nonzero((rgb[:16].max(-1) < 128).any(axis=0))[0]  # the title's dark pixels, in its first line
+    assert ink.size and ink.max() < 560
+    below = rgb[sheet.panels[-1].box[3]:]
+    coloured = np.nonzero(((below.max(-1) - below.min(-1)) > 40).any(axis=0))[0]  # the colour bar's colours
+    assert coloured.size and coloured.max() < 560

@@ -244,9 +244,14 @@ class SwinStage(nn.Module):
 
 
 class WindowedStages:
-    """Sizes and costs of a hierarchical windowed model (Swin, Swin V2), from its config's stage geometry."""
+    """What Swin and Swin V2 share: sizes and costs from the config's stage geometry, and the run over the stages
+    (``patch_embed``, ``layers`` of ``downsample`` + ``blocks``, ``norm``, ``head``)."""
 
     config: Any
+    patch_embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Module
 
     @property
     def num_blocks(self) -> int:
@@ -261,6 +266,34 @@ class WindowedStages:
     def trace_bytes(self, size: Size2) -> int:
         """Bytes of the window attention maps one inspection at ``size`` keeps (with and without the bias)."""
         return windowed_trace_bytes(self.config, size)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Raise a ValueError naming the sizes that work for an input the model cannot take (the blocks check too)."""
+
+    def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
+        self._check_input(x)
+        x = self.patch_embed(x)  # B, h, w, C
+        grid = tuple(x.shape[1:3])
+        traces = []
+        for stage, layer in enumerate(self.layers):
+            x = layer.downsample(x)  # B, H, W, C
+            for block in layer.blocks:
+                x, trace = block(x, need_weights, position)
+                if trace is not None:
+                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
+        x = self.norm(x).mean(dim=(1, 2))  # B, C
+        return self.head(x), grid, traces
+
+    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits (pooled features when headless); ``position=False`` drops every bias."""
+        return self._run(x, need_weights=False, position=position)[0]
+
+    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
+        """Logits plus, per block, the window attention, the relative bias (and what computed it), and the geometry."""
+        logits, grid, traces = self._run(x, need_weights=True, position=position)
+        return Inspection(
+            logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
+        )
 
 
 class SwinTransformer(WindowedStages, PosencModel):
@@ -288,29 +321,6 @@ class SwinTransformer(WindowedStages, PosencModel):
     def position_encoding(self) -> str:
         return "windowed"
 
-    def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
-        x = self.patch_embed(x)  # B, h, w, C
-        grid = tuple(x.shape[1:3])
-        traces = []
-        for stage, layer in enumerate(self.layers):
-            x = layer.downsample(x)  # B, H, W, C
-            for block in layer.blocks:
-                x, trace = block(x, need_weights, position)
-                if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
-        x = self.norm(x).mean(dim=(1, 2))  # B, C
-        return self.head(x), grid, traces
-
-    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every relative bias out."""
-        return self._run(x, need_weights=False, position=position)[0]
-
-    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
-        """Logits plus, per block, the window attention, the relative bias, the shift mask and the geometry."""
-        logits, grid, traces = self._run(x, need_weights=True, position=position)
-        return Inspection(
-            logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
-        )
 
 
 # ------------------------------------------------------------------------------------------- timm presets

@@ -46,7 +46,6 @@ from posenc.encodings import (
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
-    Inspection,
     Mlp,
     PatchEmbed,
     PosencModel,
@@ -383,31 +382,9 @@ class SwinTransformerV2(WindowedStages, PosencModel):
     def position_encoding(self) -> str:
         return "cpb"
 
-    def _run(self, x: Tensor, need_weights: bool, position: bool = True) -> tuple[Tensor, Size2, list[BlockTrace]]:
+    def _check_input(self, x: Tensor) -> None:
         self.patch_embed.grid(tuple(x.shape[-2:]))  # a size the patch does not divide: its own message
         self.config.check_size(tuple(x.shape[-2:]))
-        x = self.patch_embed(x)  # B, h, w, C
-        grid = tuple(x.shape[1:3])
-        traces = []
-        for stage, layer in enumerate(self.layers):
-            x = layer.downsample(x)  # B, H, W, C
-            for block in layer.blocks:
-                x, trace = block(x, need_weights, position)
-                if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
-        x = self.norm(x).mean(dim=(1, 2))  # B, C
-        return self.head(x), grid, traces
-
-    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits (pooled features when headless); ``position=False`` drops every bias."""
-        return self._run(x, need_weights=False, position=position)[0]
-
-    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
-        """Logits plus, per block, the window attention, the computed bias and its table, the temperatures, the geometry."""
-        logits, grid, traces = self._run(x, need_weights=True, position=position)
-        return Inspection(
-            logits=logits, grid=grid, num_prefix_tokens=0, pos_embed=None, pos_embed_prefix=0, rope_angles=None, blocks=traces
-        )
 
 
 # ------------------------------------------------------------------------------------------- timm presets

@@ -33,6 +33,7 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    drop_path_rates,
     init_weights,
     normalise_config,
 )
@@ -193,7 +194,7 @@ class ConViT(PosencModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         h, w = config.grid
         self.pos_embed = nn.Parameter(torch.randn(1, h * w, dim) * 0.02) if config.use_pos_embed else None  # 1, h*w, C
-        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(Block(config, i < config.local_up_to_layer, rate) for i, rate in enumerate(rates))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else nn.Identity()

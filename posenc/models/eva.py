@@ -41,6 +41,7 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    drop_path_rates,
     init_weights,
     normalise_config,
 )
@@ -282,8 +283,7 @@ class Eva(PosencModel):
         self.rope = MixedRope(config) if config.use_rot_pos_emb and config.rope_type == "mixed" else None
         if config.use_rot_pos_emb and config.rope_type != "mixed":
             self.register_buffer("rope_angles", self._fixed_rope(config.grid), persistent=False)  # h*w, hd/2
-        steps = max(config.depth - 1, 1)
-        rates = [config.drop_path_rate * i / steps for i in range(config.depth)]  # stochastic depth, linear in depth
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(EvaBlock(config, rate) for rate in rates)
         fc_norm = config.global_pool == "avg" if config.use_fc_norm is None else config.use_fc_norm
         post_norm = not fc_norm if config.use_post_transformer_norm is None else config.use_post_transformer_norm

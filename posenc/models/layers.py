@@ -88,6 +88,14 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def drop_path_rates(rate: float, count: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over ``count`` blocks (timm's rule).
+
+    Computed on the CPU, so a model built under ``torch.device("meta")`` (hub's pre-allocation check) gets them too.
+    """
+    return torch.linspace(0, rate, count, device="cpu").tolist()
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop whole residual branches per sample while training."""
 

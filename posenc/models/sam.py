@@ -46,6 +46,7 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    drop_path_rates,
     init_weights,
     normalise_config,
 )
@@ -264,7 +265,7 @@ class SamViT(PosencModel):
             self.pos_embed = nn.Parameter(torch.randn(1, *config.pos_embed_grid, dim) * 0.02)  # 1, h, w, C
         else:
             self.pos_embed = None
-        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(SamBlock(config, i, rate) for i, rate in enumerate(rates))
         self.num_features = dim
         if not config.neck:

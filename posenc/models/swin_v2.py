@@ -50,6 +50,7 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    drop_path_rates,
     init_weights,
     normalise_config,
 )
@@ -367,7 +368,7 @@ class SwinTransformerV2(WindowedStages, PosencModel):
         self.config = config = config if isinstance(config, SwinV2Config) else SwinV2Config.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True, eps=config.norm_eps)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
         stages, start = [], 0
         for stage, depth in enumerate(config.depths):
             stages.append(SwinV2Stage(stage, config.embed_dim * 2**stage, config, rates[start : start + depth]))

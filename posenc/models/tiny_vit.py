@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, to_2tuple, window_partition, window_reverse
-from posenc.models.layers import BlockTrace, DropPath, Inspection, PosencModel, config_from_dict, normalise_config
+from posenc.models.layers import (
+    BlockTrace,
+    DropPath,
+    Inspection,
+    PosencModel,
+    config_from_dict,
+    drop_path_rates,
+    normalise_config,
+)
 from posenc.preprocess import Preprocess
 
 
@@ -268,7 +276,7 @@ class TinyViT(PosencModel):
         self.config = config = config if isinstance(config, TinyViTConfig) else TinyViTConfig.from_dict(config)
         self._hub_mixin_config = config
         self.patch_embed = PatchEmbed(config.in_chans, config.embed_dims[0])
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
         stages: list[nn.Module] = []
         start = 0
         for i, depth in enumerate(config.depths):

@@ -31,6 +31,7 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    drop_path_rates,
     init_weights,
     normalise_config,
 )
@@ -232,7 +233,7 @@ class VisionTransformer(PosencModel):
                 "rope_angles", rope_2d_angles(config.grid, dim // config.num_heads, config.rope_base), persistent=False
             )  # h*w, hd/2
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
-        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         use_fc_norm = config.global_pool == "avg" if config.fc_norm is None else config.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=config.norm_eps)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from posenc.registry import HUB_MODELS, checkpoints_dir
-from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
+from posenc.app import QUEUE_OPTIONS, create_demo, launch_options
 
 EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
 

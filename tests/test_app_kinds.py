@@ -21,6 +21,7 @@ import posenc
 from posenc import measure
 from posenc.app import QUEUE_OPTIONS, create_demo, launch_options
 from posenc.app.api import KIND_ENDPOINTS, kind_views
+from posenc.app.common import block_number
 from posenc.app.measure import MEASUREMENTS, MeasureHandlers
 from posenc.mechanisms import MECHANISMS
 from posenc.models import LeViTConfig, SamConfig, SwinV2Config, build_model
@@ -176,3 +177,15 @@ def test_measure_tab_on_a_model_that_cannot_load_says_so_once(photo: Path) -> No
     h = MeasureHandlers(refuse)
     page = h.page(str(photo), "nonsense", None, progress=_no_progress)
     assert set(page) == {"summary"} and page["summary"].startswith("**Not run.**") and "nonsense" in page["summary"]
+
+
+@pytest.mark.parametrize(("block", "expected"), [(None, 0), ("", 0), ("first", 0), ("middle", 2), (" Last ", 5),
+                                                 (3, 3), (3.0, 3), ("4", 4), (40, 5), (-2, 0)])
+def test_one_block_parser_for_every_tab_and_endpoint(block, expected) -> None:
+    assert block_number(block, 6) == expected
+
+
+@pytest.mark.parametrize("block", [1.5, "1.5", "second", float("nan")])
+def test_block_parser_refuses_what_is_not_a_block(block) -> None:
+    with pytest.raises(ValueError, match="block"):
+        block_number(block, 6)

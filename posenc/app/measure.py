@@ -87,7 +87,9 @@ class Measured:
         try:
             image, arrays, *rest = make()
         except measure.NotApplicable as error:
-            self.notes[what] = f"{MEASUREMENTS[what]} does not apply to {self.name}: {sentence(str(error))}"
+            reason = sentence(str(error))
+            named = reason.lower().startswith(MEASUREMENTS[what].lower())  # the reason may name it already
+            self.notes[what] = reason if named else f"{MEASUREMENTS[what]} does not apply to {self.name}: {reason}"
             return None
         except Exception as error:  # one measurement's failure must not take the others down
             self.notes[what] = f"{MEASUREMENTS[what]} could not be measured: {sentence(user_message(error))}"

@@ -213,7 +213,8 @@ class MeasureHandlers:
         try:
             found = self.measure_all(image, model, compare_with, progress)
         except Exception as error:
-            return {"summary": f"**Not run.** {sentence(user_message(error))}"}
+            return {"summary": f"**Not run.** {sentence(user_message(error))} The plots below, if any, are those of "
+                               "the previous measurement."}
         pngs, npz = self._saved(found)
         out: dict[str, Any] = {"npz": npz, "summary": _summary(found)}
         for what in MEASUREMENTS:

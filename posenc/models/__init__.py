@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
+from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, twins, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
@@ -13,6 +13,7 @@ from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
+from posenc.models.twins import Twins, TwinsConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
 
 #: config ``model_type`` -> (config class, model class)
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
     "posenc_levit": (LeViTConfig, LeViT),
     "posenc_tiny_vit": (TinyViTConfig, TinyViT),
+    "posenc_twins": (TwinsConfig, Twins),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -38,6 +40,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
     **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
+    **{name: (TwinsConfig, args) for name, args in twins.TIMM_PRESETS.items()},
 }
 
 
@@ -73,6 +76,8 @@ __all__ = [
     "TIMM_PRESETS",
     "TinyViT",
     "TinyViTConfig",
+    "Twins",
+    "TwinsConfig",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

@@ -32,6 +32,7 @@ from posenc.labels import id2label_list
 from posenc.models import (
     ARCHITECTURES,
     TIMM_PRESETS,
+    CoaTConfig,
     ConViTConfig,
     EvaConfig,
     LeViTConfig,
@@ -40,6 +41,7 @@ from posenc.models import (
     SwinV2Config,
     TinyViTConfig,
     ViTConfig,
+    coat,
 )
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -134,6 +136,7 @@ _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     ConViTConfig: [],
     LeViTConfig: [],
     TinyViTConfig: [],
+    CoaTConfig: coat.TIMM_RULES,  # CoaT keeps shared modules once (see posenc.models.coat)
 }  # fmt: skip
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {
     "vitdet": [

@@ -167,8 +167,8 @@ def crpe_heads(seen: Seen, block: int, patch: Patch) -> View:
     bottom = viz.head_map_overlays(blank_photo(seen), flat, mark, title=f"{_BLANK}: position alone",
                                    colorbar_label=label, cmap="magma").image
     title = (f"{seen.name}: the convolutional relative position term each head adds to its attention output\n"
-             "heads are split into groups with 3x3, 5x5 and 7x7 kernels over the values; the blank image shows "
-             "the zero-padding border, a band as wide as half the head's kernel")
+             "each group of heads has its own kernel size (CoaT: 3x3, 5x5, 7x7); on the blank image the border band "
+             "that reads zero padding is as wide as half the head's kernel (plus the CPE's one row)")
     canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), (255, 255, 255))
     canvas.paste(top, (0, 0))
     canvas.paste(bottom, (0, top.height))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, twins, vit
+from posenc.models import coat, convit, eva, levit, sam, swin, swin_v2, tiny_vit, twins, vit
+from posenc.models.coat import CoaT, CoaTConfig
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_levit": (LeViTConfig, LeViT),
     "posenc_tiny_vit": (TinyViTConfig, TinyViT),
     "posenc_twins": (TwinsConfig, Twins),
+    "posenc_coat": (CoaTConfig, CoaT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -41,6 +43,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
     **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
     **{name: (TwinsConfig, args) for name, args in twins.TIMM_PRESETS.items()},
+    **{name: (CoaTConfig, args) for name, args in coat.TIMM_PRESETS.items()},
 }
 
 
@@ -59,6 +62,8 @@ __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
     "BlockTrace",
+    "CoaT",
+    "CoaTConfig",
     "ConViT",
     "ConViTConfig",
     "Eva",

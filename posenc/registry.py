@@ -93,6 +93,9 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", "gpsa", 5_710_512, 73.112, "ImageNet-1k"),
     ModelEntry("LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", "offset", 7_777_058, 76.526, "ImageNet-1k"),
     ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", "offset", 5_392_764, None, "ImageNet-1k"),
+    # Convolutional position (zero padding read by depthwise convs). Top-1 from timm's results-imagenet.csv.
+    ModelEntry("Twins-SVT-S", "timm/twins_svt_small.in1k", "twins", "conv_pos", 24_060_776, 81.678, "ImageNet-1k"),
+    ModelEntry("CoaT-Ti", "timm/coat_tiny.in1k", "coat", "conv_pos", 5_498_540, 78.426, "ImageNet-1k"),
     # Today's absolute-embedding ViTs (parameters counted from timm 1.0.31 builds, pretrained=False). Headless ones
     # have no top-1. results-imagenet.csv as indexed has no row for the sbb register models (timm's README gives
     # 84.930 for this one, but not that table), so its figure is left out.

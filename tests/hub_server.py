@@ -202,11 +202,13 @@ class UploadedRepo:
 class _WriteError(Exception):
     """An upload request the server refuses: sent as a Hub-style error."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None,
+                 extra_body: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_code = error_code
+        self.extra_body = extra_body
 
 
 @dataclass(frozen=True)
@@ -810,7 +812,7 @@ class HubServer:
             else:
                 raise _WriteError(404, f"No such route: {method} {split.path}")
         except _WriteError as error:
-            _send_error(handler, method, error.status, error.error_code, error.message)
+            _send_error(handler, method, error.status, error.error_code, error.message, extra_body=error.extra_body)
 
     def _create_repo(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """``POST /api/repos/create``: make an empty repo (409 when it exists)."""
@@ -827,7 +829,7 @@ class HubServer:
         url = f"{self.endpoint}/{_LFS_PREFIXES[repo_type]}{repo_id}"
         with self._lock:
             if (repo_type, repo_id) in self._uploads:
-                raise _WriteError(409, f"You already created this {repo_type} repo: {url}")
+                raise _WriteError(409, f"You already created this {repo_type} repo: {url}", extra_body={"url": url})
             folder = self._upload_dir / f"{repo_type}s" / repo_id
             folder.mkdir(parents=True)
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
@@ -1136,9 +1138,10 @@ def _send_error(
     error_code: str | None,
     message: str,
     extra_headers: Mapping[str, str] | None = None,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> None:
     """Send a Hub-style error: ``X-Error-Code``/``X-Error-Message`` headers and a JSON body."""
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message, **(extra_body or {})}).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json; charset=utf-8")
     handler.send_header("Content-Length", str(len(body)))

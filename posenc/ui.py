@@ -45,6 +45,7 @@ from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 
 from posenc import mechanisms, views, viz
+from posenc.first_model import FirstModel, ready_notes
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source, load
 from posenc.mechanisms import MECHANISMS, Mechanism, ViewSpec
 from posenc.preprocess import ImageError
@@ -334,13 +335,14 @@ class Catalog:
             return False
         return True
 
-    def choices(self, unavailable: Iterable[str] = ()) -> list[tuple[str, str]]:
-        """(label, public name) pairs for the dropdowns; models in ``unavailable`` are marked so."""
+    def choices(self, unavailable: Iterable[str] = (), notes: dict[str, str] | None = None) -> list[tuple[str, str]]:
+        """(label, public name) pairs for the dropdowns; models in ``unavailable`` are marked so, others by ``notes``."""
         unavailable = set(unavailable)
-        return [(self.label(item, item.key in unavailable), item.key) for item in self.listed]
+        return [(self.label(item, item.key in unavailable, (notes or {}).get(item.key, "")), item.key)
+                for item in self.listed]
 
     @staticmethod
-    def label(item: Listed, unavailable: bool = False) -> str:
+    def label(item: Listed, unavailable: bool = False, note: str = "") -> str:
         """"cifar10-rope · rope · 0.8M · CIFAR-10 71.3% · bundled" (shortened to stay readable in a dropdown)."""
         entry = item.entry
         parts = [entry.name]
@@ -350,7 +352,7 @@ class Catalog:
             parts.append(f"{entry.num_params / 1e6:.1f}M")
         if entry.accuracy is not None:
             parts.append(f"{entry.dataset} {entry.accuracy:.1f}%")
-        parts.append(f"{item.kind}: unavailable offline" if unavailable else item.kind)
+        parts.append(f"{item.kind}: unavailable offline" if unavailable else f"{item.kind}: {note}" if note else item.kind)
         return " \u00b7 ".join(parts)
 
     def default(self, prefer: str = DEFAULT_MODEL) -> str | None:
@@ -490,10 +492,13 @@ class Handlers:
         catalog: the listed models and which sources are allowed.
         hub: the Hub reachability status.
         examples: the example images a visitor may pick by number.
+        first_model: the model fetched at start-up for first visits (None: first visits show the bundled default).
     """
 
-    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus, examples: Sequence[str] = ()) -> None:
+    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus, examples: Sequence[str] = (),
+                 first_model: FirstModel | None = None) -> None:
         self.cache = cache
+        self.first_model = first_model
         self.catalog = catalog
         self.hub = hub
         self.examples = list(examples)
@@ -570,18 +575,23 @@ class Handlers:
     # ---------------------------------------------------------------- page start
 
     def first_visit(self) -> tuple[Any, ...]:
-        """The Hub banner, the model lists (uncached Hub models marked while offline) and the first example."""
+        """The Hub banner, the model lists (which Hub models are ready) and the first example; the fetched first model
+        is picked once it is ready."""
         offline = self.hub.online(wait=4.0) is False
-        unavailable = self.catalog.uncached_hub() if offline else []
+        uncached = self.catalog.uncached_hub()
+        unavailable = uncached if offline else []
+        notes = ready_notes([item.key for item in self.catalog.listed if item.kind == "Hub"], uncached, self.first_model)
+        first_model = self.first_model.pick(None) if self.first_model is not None else None
         banner = gr.Markdown(visible=False)
         if offline:
             banner = gr.Markdown(
                 "**Hub models are unavailable**: the Hugging Face Hub cannot be reached from this server. "
                 "The bundled CIFAR-10 models work; Hub models load only if this server already stored them "
                 "(the others are marked *unavailable offline* in the list).", visible=True)
-        choices = self.catalog.choices(unavailable)
+        choices = self.catalog.choices(unavailable, notes)
         first = self.examples[0] if self.examples else None
-        return (banner, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
+        model = gr.Dropdown(choices=choices, value=first_model) if first_model else gr.Dropdown(choices=choices)
+        return (banner, model, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
                 first, [(p, Path(p).stem.replace("_", " ")) for p in self.examples])
 
     def banner(self) -> Any:
@@ -1028,6 +1038,7 @@ def create_demo(
     extra_models: Sequence[str | Path] = (),
     loader: Callable[[str], LoadedModel] | None = None,
     hub_probe: Callable[[], bool] = probe_hub,
+    first_model: str | None = None,
 ) -> gr.Blocks:
     """Build the app. Nothing is loaded until a page or an API call asks for a model.
 
@@ -1039,6 +1050,8 @@ def create_demo(
         extra_models: further local model folders to list (e.g. a downloaded DeiT-Tiny), under their folder names.
         loader: source -> loaded model; default :func:`posenc.hub.load` (cache only while the Hub is unreachable).
         hub_probe: returns whether the Hub is reachable; run once in a background thread.
+        first_model: a model to fetch in the background at start-up when the Hub is reachable; first visits show it
+            once it is ready (see :mod:`posenc.first_model`). None: first visits show the bundled default.
 
     Returns:
         The ``gr.Blocks``; call ``demo.queue(**QUEUE_OPTIONS).launch(**launch_options(examples_dir))``.
@@ -1049,7 +1062,16 @@ def create_demo(
     if loader is None:
         loader = lambda source: load(source, local_files_only=hub.online() is False)  # noqa: E731
     examples = example_images(examples_dir)
-    h = Handlers(cache=ModelCache(loader, size=cache_size), catalog=catalog, hub=hub, examples=examples)
+    cache = ModelCache(loader, size=cache_size)
+
+    def fetch_first(name: str) -> LoadedModel:
+        key, source = catalog.resolve(name)
+        return cache.get(key, source=source)
+
+    first = None if first_model is None else FirstModel(first_model, fetch=fetch_first, online=lambda s: hub.online(s))
+    h = Handlers(cache=cache, catalog=catalog, hub=hub, examples=examples, first_model=first)
+    if first is not None:
+        first.start()
     default_model = catalog.default()
     choices = catalog.choices()
     view_keys = [view_key(m, s) for m, s in _views_of()]

@@ -15,9 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from posenc.first_model import first_model_from_env
 from posenc.registry import HUB_MODELS, checkpoints_dir
-from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
+from posenc.app import QUEUE_OPTIONS, create_demo, first_model_from_env, launch_options
 
 EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
 

@@ -15,9 +15,9 @@ import pytest
 from safetensors.torch import save_file
 
 from hub_server import HubServer, hub_client_env, patched_hub_client
-from posenc.first_model import FIRST_MODEL, FirstModel, first_model_from_env, ready_notes
+from posenc.app import create_demo
+from posenc.app.state import DEFAULT_MODEL, FIRST_MODEL, FirstModel, first_model_from_env, ready_notes
 from posenc.registry import HUB_MODELS
-from posenc.ui import DEFAULT_MODEL, create_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"

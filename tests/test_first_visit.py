@@ -119,14 +119,14 @@ def test_hub_reachable_first_visit_shows_deit_once_fetched_and_the_bundled_model
         h = demo.posenc_handlers
         try:
             started = time.monotonic()
-            banner, model, *_ = h.first_visit()
+            banner, model, *_ = h.explore.first_visit()
             assert time.monotonic() - started < 3, "the first visit does not wait for the download"
             assert model.value != FIRST_MODEL  # the bundled default stays
             assert _labels(model)[FIRST_MODEL].endswith("Hub: downloading")
             assert not banner.visible
-            assert h.first_model.wait(60), "the background fetch did not finish"
-            assert h.first_model.state == "ready"
-            banner, model, *_ = h.first_visit()
+            assert h.models.first_model.wait(60), "the background fetch did not finish"
+            assert h.models.first_model.state == "ready"
+            banner, model, *_ = h.explore.first_visit()
         finally:
             h.close()
     assert model.value == FIRST_MODEL
@@ -145,11 +145,11 @@ def test_hub_unreachable_first_visit_stays_on_the_bundled_model(hub, tmp_path, o
                            first_model=FIRST_MODEL)
         h = demo.posenc_handlers
         try:
-            assert h.first_model.wait(30)
-            banner, model, *_ = h.first_visit()
+            assert h.models.first_model.wait(30)
+            banner, model, *_ = h.explore.first_visit()
         finally:
             h.close()
-    assert h.first_model.state == "offline"
+    assert h.models.first_model.state == "offline"
     assert model.value != FIRST_MODEL and banner.visible
     assert _labels(model)[FIRST_MODEL].endswith("Hub: unavailable offline")
     assert h.cache.sources() == [] and hub.request_count == 0

@@ -436,15 +436,15 @@ def ready_notes(hub_models: Iterable[str], uncached: Collection[str], first: Fir
     Args:
         hub_models: the listed Hub models' public names.
         uncached: those with nothing stored on this server.
-        first: the start-up fetch, if any: its model is "downloading" while it runs, and "ready" only once it is done.
+        first: the start-up fetch, if any: its model is "downloading" while the fetch runs.
     """
     notes = {}
     for key in hub_models:
-        if first is not None and key == first.name and first.state in ("waiting", "downloading"):
-            notes[key] = "downloading" if first.state == "downloading" else ""
+        if first is not None and key == first.name and first.state == "downloading":
+            notes[key] = "downloading"  # its config.json may be stored already, its weights not yet
         elif key not in uncached:
             notes[key] = "ready"
-    return {key: note for key, note in notes.items() if note}
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------- models

@@ -341,11 +341,11 @@ class Catalog:
 
     @staticmethod
     def label(item: Listed, unavailable: bool = False) -> str:
-        """"cifar10-rope · rope · 0.8M · CIFAR-10 71.3% · bundled" (shortened to stay readable in a dropdown)."""
+        """"cifar10-rope · rope_axial · 0.8M · CIFAR-10 71.3% · bundled" (shortened to stay readable in a dropdown)."""
         entry = item.entry
         parts = [entry.name]
-        if entry.family:
-            parts.append(entry.family)
+        if entry.mechanisms:
+            parts.append(" + ".join(entry.mechanisms))
         if entry.num_params:
             parts.append(f"{entry.num_params / 1e6:.1f}M")
         if entry.accuracy is not None:
@@ -360,8 +360,9 @@ class Catalog:
         return first[0] if first else None
 
     def second(self, first: str | None) -> str | None:
-        """Another model for the Compare tab (a relative-bias one when bundled)."""
-        ordered = sorted(self.listed, key=lambda item: item.entry.family not in ("windowed", "relative"))
+        """Another model for the Compare tab (one with a relative mechanism when there is one)."""
+        ordered = sorted(self.listed, key=lambda item: not any(
+            m.kind == "relative" for m in mechanisms.of(item.entry.mechanisms)))
         return next((item.key for item in ordered if item.key != first), first)
 
     def uncached_hub(self) -> list[str]:

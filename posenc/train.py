@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from posenc.labels import CIFAR10_LABELS
 from posenc import mechanisms
+from posenc.labels import CIFAR10_LABELS
 from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
 from posenc.preprocess import Preprocess, load_image
 

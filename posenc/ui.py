@@ -249,7 +249,7 @@ class Catalog:
     ) -> Catalog:
         """List the bundled models found in ``checkpoints_dir``, the extra folders and the registry."""
         local = tuple(
-            ModelEntry(Path(p).name, str(Path(p).resolve()), "", "", None, None, "")
+            ModelEntry(Path(p).name, str(Path(p).resolve()), "", (), None, None, "")
             for p in extra_models
             if Path(p).is_dir()
         )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from posenc.encodings import Size2
 
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a strided conv, then an optional LayerNorm.
 

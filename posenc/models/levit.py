@@ -18,8 +18,8 @@ index. Sizes must be multiples of the stem's stride (16, or 8 for the ``_s8`` st
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from posenc.labels import id2label_list
 from posenc.models import ARCHITECTURES, TIMM_PRESETS, TRANSFORMERS_TYPES
-from posenc.models.declare import Rule, UnsupportedModelError
+from posenc.models.declare import Architecture, Rule, UnsupportedModelError
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def config_from_timm(config: dict[str, Any]) -> Any:
         raise UnsupportedModelError(f"timm model {name!r} cannot be rebuilt: {error}") from error
 
 
-def _timm_arg(name: str, key: str, value: Any, arch: Any, model_args: dict[str, Any]) -> dict[str, Any]:
+def _timm_arg(name: str, key: str, value: Any, arch: Architecture, model_args: dict[str, Any]) -> dict[str, Any]:
     """One recorded timm constructor argument as posenc config fields (see ``Architecture.timm_args``); anything
     posenc cannot rebuild is refused."""
     fields = {f.name for f in dataclasses.fields(arch.config)}

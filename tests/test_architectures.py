@@ -98,6 +98,32 @@ def test_registry_entries_name_the_architecture_their_declaration_builds(tmp_pat
         assert entries[model_type].mechanisms == arch.config().mechanisms
 
 
+def test_one_vocabulary_a_model_is_its_mechanisms():
+    from posenc import hub, mechanisms, models
+
+    assert not hasattr(models, "FAMILIES")
+    assert "family" not in {f.name for f in dataclasses.fields(hub.LoadedModel)}
+    assert "family" not in {f.name for f in dataclasses.fields(registry.ModelEntry)}
+    for arch in ARCHITECTURES.values():
+        assert not hasattr(arch.config, "position_encoding") and not hasattr(arch.model, "position_encoding")
+        for preset in arch.timm_presets.values():
+            assert set(arch.config(**preset).mechanisms) <= set(mechanisms.MECHANISMS)
+    for entry in registry.HUB_MODELS:
+        assert entry.mechanisms and set(entry.mechanisms) <= set(mechanisms.MECHANISMS), entry.name
+
+
+def test_model_cards_describe_the_mechanisms_with_their_titles():
+    from posenc import mechanisms
+    from posenc.models import ViTConfig
+
+    model = build_model(ViTConfig(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=2, rope=True))
+    card = str(model.generate_model_card(position=mechanisms.card_position(model.mechanisms)))
+    for mechanism in mechanisms.of(("learned", "rope_axial")):
+        assert f"{mechanism.title}: {mechanism.description}" in card
+    assert "| position mechanisms | learned, rope_axial |" in card
+    assert "learned + rope_axial" in str(model.generate_model_card())  # without the titles, the names
+
+
 # --------------------------------------------------------------------------- a new architecture is one declaration
 
 

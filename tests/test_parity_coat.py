@@ -144,7 +144,7 @@ def test_coat_without_position_leaves_cpe_and_crpe_out(tmp_path):
 
 def test_every_timm_coat_name_has_a_preset_with_its_sizes():
     names = set(timm.list_models("coat_*"))
-    assert names == {n for n, (cls, _) in TIMM_PRESETS.items() if cls is CoaTConfig}
+    assert names == {n for n, (arch, _) in TIMM_PRESETS.items() if arch.config is CoaTConfig}
     for name in names:
         with torch.device("meta"):  # sizes only
             ref = timm.create_model(name, pretrained=False)

@@ -126,7 +126,7 @@ def test_twins_without_position_leaves_every_peg_out(tmp_path):
 
 def test_every_timm_twins_name_has_a_preset_with_its_sizes():
     names = {n for n in timm.list_models("twins_*")}
-    assert names == {n for n, (cls, _) in TIMM_PRESETS.items() if cls is TwinsConfig}
+    assert names == {n for n, (arch, _) in TIMM_PRESETS.items() if arch.config is TwinsConfig}
     for name in names:
         with torch.device("meta"):  # sizes only: no weights are initialised
             ref = timm.create_model(name, pretrained=False)

@@ -7,7 +7,8 @@ state shared between requests) and draws every view with :mod:`posenc.views` and
 
 Modules, each importing only those above it:
 
-* :mod:`~posenc.app.state`: the model cache, the Hub status, the catalogue of listed models, and
+* :mod:`~posenc.app.state`: the model cache, the Hub status, the catalogue of listed models, the model
+  fetched at start-up for first visits (:class:`~posenc.app.state.FirstModel`), and
   :class:`~posenc.app.state.Models`, through which every tab loads a model.
 * :mod:`~posenc.app.common`: what the tabs share: one user-error mapping, one request-file store, one block
   parser, one summary line, the mechanism views of a request, output components.
@@ -27,21 +28,33 @@ Modules, each importing only those above it:
 
 from posenc.app.common import EXPORT_MAX_AGE_S, EXPORT_MAX_FOLDERS, KIND_TITLES
 from posenc.app.demo import MAX_FILE_SIZE, QUEUE_OPTIONS, Handlers, create_demo, example_images, launch_options
-from posenc.app.state import Catalog, HubStatus, ModelCache, Models, probe_hub
+from posenc.app.state import (
+    FIRST_MODEL,
+    Catalog,
+    FirstModel,
+    HubStatus,
+    ModelCache,
+    Models,
+    first_model_from_env,
+    probe_hub,
+)
 
 __all__ = [
+    "FIRST_MODEL",
     "EXPORT_MAX_AGE_S",
     "EXPORT_MAX_FOLDERS",
     "KIND_TITLES",
     "MAX_FILE_SIZE",
     "QUEUE_OPTIONS",
     "Catalog",
+    "FirstModel",
     "Handlers",
     "HubStatus",
     "ModelCache",
     "Models",
     "create_demo",
     "example_images",
+    "first_model_from_env",
     "launch_options",
     "probe_hub",
 ]

@@ -13,7 +13,7 @@ from posenc.app.common import RequestFiles
 from posenc.app.compare import CompareHandlers, compare_tab
 from posenc.app.explore import ExploreHandlers, explore_tab, run_event
 from posenc.app.measure import MeasureHandlers, measure_tab
-from posenc.app.state import Catalog, HubStatus, ModelCache, Models, probe_hub
+from posenc.app.state import Catalog, FirstModel, HubStatus, ModelCache, Models, probe_hub
 from posenc.hub import LoadedModel, load
 from posenc.registry import ModelEntry
 
@@ -48,8 +48,9 @@ class Handlers:
             Explore views' named endpoints.
     """
 
-    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus, examples: Sequence[str] = ()) -> None:
-        self.models = Models(cache=cache, catalog=catalog, hub=hub)
+    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus, examples: Sequence[str] = (),
+                 first_model: FirstModel | None = None) -> None:
+        self.models = Models(cache=cache, catalog=catalog, hub=hub, first_model=first_model)
         self.files = RequestFiles()
         self.explore = ExploreHandlers(self.models, self.files, examples)
         self.compare = CompareHandlers(self.models, self.files)
@@ -90,6 +91,7 @@ def create_demo(
     extra_models: Sequence[str | Path] = (),
     loader: Callable[[str], LoadedModel] | None = None,
     hub_probe: Callable[[], bool] = probe_hub,
+    first_model: str | None = None,
 ) -> gr.Blocks:
     """Build the app. Nothing is loaded until a page or an API call asks for a model.
 
@@ -101,6 +103,8 @@ def create_demo(
         extra_models: further local model folders to list (e.g. a downloaded DeiT-Tiny), under their folder names.
         loader: source -> loaded model; default :func:`posenc.hub.load` (cache only while the Hub is unreachable).
         hub_probe: returns whether the Hub is reachable; run once in a background thread.
+        first_model: a model to fetch in the background at start-up when the Hub is reachable; first visits show it
+            once it is ready (:class:`~posenc.app.state.FirstModel`). None: first visits show the bundled default.
 
     Returns:
         The ``gr.Blocks``; call ``demo.queue(**QUEUE_OPTIONS).launch(**launch_options(examples_dir))``.
@@ -111,8 +115,16 @@ def create_demo(
     hub.start()
     if loader is None:
         loader = lambda source: load(source, local_files_only=hub.online() is False)  # noqa: E731
-    h = Handlers(cache=ModelCache(loader, size=cache_size), catalog=catalog, hub=hub,
-                 examples=example_images(examples_dir))
+    cache = ModelCache(loader, size=cache_size)
+
+    def fetch_first(name: str) -> LoadedModel:
+        key, source = catalog.resolve(name)
+        return cache.get(key, source=source)
+
+    first = None if first_model is None else FirstModel(first_model, fetch=fetch_first, online=lambda s: hub.online(s))
+    h = Handlers(cache=cache, catalog=catalog, hub=hub, examples=example_images(examples_dir), first_model=first)
+    if first is not None:
+        first.start()
     default_model = catalog.default()
 
     with gr.Blocks(title="posenc: how Vision Transformers encode position", delete_cache=(1800, 3600)) as demo:

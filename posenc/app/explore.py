@@ -36,7 +36,7 @@ from posenc.app.common import (
     view_image,
     view_key,
 )
-from posenc.app.state import Models
+from posenc.app.state import Models, ready_notes
 from posenc.hub import LoadedModel
 from posenc.mechanisms import MECHANISMS
 
@@ -64,18 +64,24 @@ class ExploreHandlers:
     # ---------------------------------------------------------------- page start
 
     def first_visit(self) -> tuple[Any, ...]:
-        """The Hub banner, three model lists (uncached Hub models marked while offline) and the first example."""
+        """The Hub banner, three model lists (which Hub models are ready, uncached ones marked while offline) and
+        the first example; the Explore list picks the model fetched at start-up once it is ready."""
         offline = self.models.hub.online(wait=4.0) is False
         catalog = self.models.catalog
+        first_model = self.models.first_model
+        uncached = catalog.uncached_hub()
+        notes = ready_notes([item.key for item in catalog.listed if item.kind == "Hub"], uncached, first_model)
+        pick = first_model.pick(None) if first_model is not None else None
         banner = gr.Markdown(visible=False)
         if offline:
             banner = gr.Markdown(
                 "**Hub models are unavailable**: the Hugging Face Hub cannot be reached from this server. "
                 "The bundled CIFAR-10 models work; Hub models load only if this server already stored them "
                 "(the others are marked *unavailable offline* in the list).", visible=True)
-        choices = catalog.choices(catalog.uncached_hub() if offline else [])
+        choices = catalog.choices(uncached if offline else [], notes)
         first = self.examples[0] if self.examples else None
-        return (banner, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
+        model = gr.Dropdown(choices=choices, value=pick) if pick else gr.Dropdown(choices=choices)
+        return (banner, model, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
                 first, [(p, Path(p).stem.replace("_", " ")) for p in self.examples])
 
     def banner(self) -> Any:

@@ -1,4 +1,5 @@
-"""The app's state: the loaded-model cache, the Hub's reachability and the catalogue of listed models.
+"""The app's state: the loaded-model cache, the Hub's reachability, the catalogue of listed models, and the
+model fetched at start-up for first visits.
 
 These are the only things the app shares between requests. :class:`Models` puts them together: every tab
 loads a model through :meth:`Models.load`, which resolves what a user typed or picked to a public name
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
-from posenc import views
+from posenc import mechanisms, views
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source
 from posenc.registry import ModelEntry, bundled_models
 
@@ -198,7 +201,7 @@ class Catalog:
     ) -> Catalog:
         """List the bundled models found in ``checkpoints_dir``, the extra folders and the registry."""
         local = tuple(
-            ModelEntry(Path(p).name, str(Path(p).resolve()), "", "", None, None, "")
+            ModelEntry(Path(p).name, str(Path(p).resolve()), "", (), None, None, "")
             for p in extra_models
             if Path(p).is_dir()
         )
@@ -283,23 +286,27 @@ class Catalog:
             return False
         return True
 
-    def choices(self, unavailable: Iterable[str] = ()) -> list[tuple[str, str]]:
-        """(label, public name) pairs for the dropdowns; models in ``unavailable`` are marked so."""
+    def choices(self, unavailable: Iterable[str] = (), notes: Mapping[str, str] | None = None
+                ) -> list[tuple[str, str]]:
+        """(label, public name) pairs for the dropdowns; models in ``unavailable`` are marked so, others by ``notes``
+        (e.g. "ready", see :func:`ready_notes`)."""
         unavailable = set(unavailable)
-        return [(self.label(item, item.key in unavailable), item.key) for item in self.listed]
+        return [(self.label(item, item.key in unavailable, (notes or {}).get(item.key, "")), item.key)
+                for item in self.listed]
 
     @staticmethod
-    def label(item: Listed, unavailable: bool = False) -> str:
-        """"cifar10-rope · rope · 0.8M · CIFAR-10 71.3% · bundled" (shortened to stay readable in a dropdown)."""
+    def label(item: Listed, unavailable: bool = False, note: str = "") -> str:
+        """"cifar10-rope · 2D axial rotary embedding (RoPE) · 0.8M · CIFAR-10 71.3% · bundled": the mechanisms by
+        their titles."""
         entry = item.entry
         parts = [entry.name]
-        if entry.family:
-            parts.append(entry.family)
+        if entry.mechanisms:
+            parts.append(mechanisms.describe(entry.mechanisms))
         if entry.num_params:
             parts.append(f"{entry.num_params / 1e6:.1f}M")
         if entry.accuracy is not None:
             parts.append(f"{entry.dataset} {entry.accuracy:.1f}%")
-        parts.append(f"{item.kind}: unavailable offline" if unavailable else item.kind)
+        parts.append(f"{item.kind}: unavailable offline" if unavailable else f"{item.kind}: {note}" if note else item.kind)
         return " \u00b7 ".join(parts)
 
     def default(self, prefer: str = DEFAULT_MODEL) -> str | None:
@@ -309,8 +316,9 @@ class Catalog:
         return first[0] if first else None
 
     def second(self, first: str | None) -> str | None:
-        """Another model for the Compare tab (a relative-bias one when bundled)."""
-        ordered = sorted(self.listed, key=lambda item: item.entry.family not in ("windowed", "relative"))
+        """Another model for the Compare tab (one with a relative mechanism when there is one)."""
+        ordered = sorted(self.listed, key=lambda item: not any(
+            m.kind == "relative" for m in mechanisms.of(item.entry.mechanisms)))
         return next((item.key for item in ordered if item.key != first), first)
 
     def uncached_hub(self) -> list[str]:
@@ -324,6 +332,123 @@ class Catalog:
 
 
 
+# --------------------------------------------------------------------------------------------------- first model
+#
+# On a server that reaches the Hugging Face Hub (a Space), the app fetches FIRST_MODEL (DeiT-Tiny, 22 MB) in a
+# background thread as it starts, so no page waits for it. Until it is ready (and always when the Hub cannot be
+# reached, or the fetch failed) a first visit shows the bundled default model; once it is ready, first visits show
+# it. The model list says which Hub models are ready on this server and which one is downloading.
+# POSENC_FIRST_MODEL chooses the model (a Hub repo id, or any name the app accepts); "off" (or "none", "0",
+# "false", empty) turns the fetch off.
+
+FIRST_MODEL = "timm/deit_tiny_patch16_224.fb_in1k"
+"""The model first visits show once it is ready, unless ``POSENC_FIRST_MODEL`` says otherwise."""
+
+ENV_VAR = "POSENC_FIRST_MODEL"
+OFF_VALUES = ("", "off", "none", "0", "false", "no")
+PROBE_WAIT_S = 30.0
+"""How long the fetch waits for the start-up Hub probe before giving up on the Hub."""
+
+
+def first_model_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The model to fetch at start-up: ``POSENC_FIRST_MODEL``, :data:`FIRST_MODEL` when unset, None when off."""
+    value = environ.get(ENV_VAR)
+    if value is None:
+        return FIRST_MODEL
+    value = value.strip()
+    return None if value.lower() in OFF_VALUES else value
+
+
+class FirstModel:
+    """Fetches one model in a background thread, once the Hub is known to be reachable.
+
+    ``state`` is one of:
+
+    * ``"waiting"``: started, waiting for the Hub probe;
+    * ``"downloading"``: the Hub answered and the fetch runs;
+    * ``"ready"``: fetched: first visits show it;
+    * ``"offline"``: the Hub cannot be reached: nothing is fetched;
+    * ``"failed"``: the fetch raised (logged); first visits stay on the bundled model.
+
+    Args:
+        name: the model to fetch (its public name, e.g. a Hub repo id).
+        fetch: name -> anything; downloads and loads the model (e.g. into the app's model cache).
+        online: wait seconds -> whether the Hub is reachable (None when still unknown).
+        probe_wait: seconds to wait for ``online`` to know.
+    """
+
+    def __init__(self, name: str, *, fetch: Callable[[str], Any], online: Callable[[float], bool | None],
+                 probe_wait: float = PROBE_WAIT_S) -> None:
+        self.name = name
+        self._fetch = fetch
+        self._online = online
+        self._probe_wait = probe_wait
+        self._state = "waiting"
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> str:
+        """See the class docstring."""
+        with self._lock:
+            return self._state
+
+    def start(self) -> None:
+        """Start the background fetch (once); returns at once."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="posenc-first-model", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the fetch has finished one way or another; whether it has."""
+        return self._done.wait(timeout)
+
+    def pick(self, fallback: str | None) -> str | None:
+        """The model a first visit shows now: this one when ready, else ``fallback``."""
+        return self.name if self.state == "ready" else fallback
+
+    def _set(self, state: str) -> None:
+        with self._lock:
+            self._state = state
+
+    def _run(self) -> None:
+        try:
+            if not self._online(self._probe_wait):
+                self._set("offline")
+                logger.info("first model %s: the Hub cannot be reached, first visits show the bundled model", self.name)
+                return
+            self._set("downloading")
+            logger.info("first model %s: fetching in the background", self.name)
+            self._fetch(self.name)
+            self._set("ready")
+            logger.info("first model %s: ready, first visits show it", self.name)
+        except Exception:  # a failed fetch must never take the app down
+            self._set("failed")
+            logger.exception("first model %s: the fetch failed, first visits stay on the bundled model", self.name)
+        finally:
+            self._done.set()
+
+
+def ready_notes(hub_models: Iterable[str], uncached: Collection[str], first: FirstModel | None) -> dict[str, str]:
+    """What the model list adds after "Hub" for each Hub model: "ready" or "downloading" (nothing otherwise).
+
+    Args:
+        hub_models: the listed Hub models' public names.
+        uncached: those with nothing stored on this server.
+        first: the start-up fetch, if any: its model is "downloading" while the fetch runs.
+    """
+    notes = {}
+    for key in hub_models:
+        if first is not None and key == first.name and first.state == "downloading":
+            notes[key] = "downloading"  # its config.json may be stored already, its weights not yet
+        elif key not in uncached:
+            notes[key] = "ready"
+    return notes
+
+
 # --------------------------------------------------------------------------------------------------- models
 
 
@@ -334,12 +459,15 @@ class Models:
         cache: the loaded-model cache, keyed by public name.
         catalog: the listed models and which sources are allowed.
         hub: the Hub reachability status.
+        first_model: the model fetched at start-up for first visits (None: first visits show the bundled default).
     """
 
-    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus) -> None:
+    def __init__(self, *, cache: ModelCache, catalog: Catalog, hub: HubStatus,
+                 first_model: FirstModel | None = None) -> None:
         self.cache = cache
         self.catalog = catalog
         self.hub = hub
+        self.first_model = first_model
 
     def load(self, model: str | None, progress: Callable[..., object]) -> tuple[str, LoadedModel]:
         """The public name and the loaded model (its ``source`` is the public name); refused names raise.

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, to_2tuple
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     Inspection,
@@ -112,10 +113,6 @@ class CoaTConfig:
     def depth(self) -> int:
         """Entries of an inspection: the serial blocks, then each parallel block once per scale 2-4."""
         return sum(self.serial_depths) + 3 * self.parallel_depth
-
-    @property
-    def position_encoding(self) -> str:
-        return "conv_pos"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -282,10 +279,6 @@ class CoaT(PosencModel):
             nn.init.trunc_normal_(getattr(self, f"cls_token{i}"), std=0.02)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         return self.config.depth
 
@@ -399,3 +392,5 @@ TIMM_RULES: list[tuple[str, str]] = [
     (r"^parallel_blocks\.\d+\.factoratt_crpe(\d)\.crpe\.", r"crpe\1."),
     (r"^(parallel_blocks\.\d+)\.mlp[34]\.", r"\1.mlp2."),
 ]
+
+ARCHITECTURE = Architecture(model_type="posenc_coat", config=CoaTConfig, model=CoaT, timm_presets=TIMM_PRESETS, timm_rules=TIMM_RULES)

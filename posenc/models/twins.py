@@ -36,6 +36,7 @@ from posenc.encodings import (
     window_partition,
     window_reverse,
 )
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -104,10 +105,6 @@ class TwinsConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 0
-
-    @property
-    def position_encoding(self) -> str:
-        return "conv_pos"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -242,10 +239,6 @@ class Twins(PosencModel):
         self.apply(init_weights)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         return sum(self.config.depths)
 
@@ -329,3 +322,5 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "twins_svt_large": {**_SVT, "embed_dims": (128, 256, 512, 1024), "num_heads": (4, 8, 16, 32),
                         "depths": (2, 2, 18, 2)},
 }
+
+ARCHITECTURE = Architecture(model_type="posenc_twins", config=TwinsConfig, model=Twins, timm_presets=TIMM_PRESETS)

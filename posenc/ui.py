@@ -905,7 +905,8 @@ class Handlers:
         seen = self._see(image, model, size, progress)
         patch = views.check_patch(row, col, seen.grid)
         files = self._downloads(seen, patch, 0)
-        return tuple(files.pngs(("similarity_grid", "similarity", "pca"), views.absolute_views(seen, patch)))
+        drawn = [k.view for k in mechanisms.kind_views(seen, "absolute", 0, patch)][:3]
+        return tuple(files.pngs(("similarity_grid", "similarity", "pca"), drawn))
 
     @_user_errors
     def relative_bias(
@@ -917,7 +918,11 @@ class Handlers:
         patch = views.check_patch(row, col, seen.grid)
         b = _clamp_block(seen, block)
         files = self._downloads(seen, patch, b)
-        return tuple(files.pngs(("bias_table", "query_bias"), views.relative_views(seen, b, patch)))
+        drawn = mechanisms.kind_views(seen, "relative", b, patch)
+        table = next((k.view for k in drawn if k.view is not None), None)
+        compare = {f"{m.name}/{v.key}" for m in mechanisms.of(seen.loaded.model.mechanisms) for v in m.views if v.compare}
+        query = next((k.view for k in drawn if k.key in compare and k.view is not None), None)
+        return tuple(files.pngs(("bias_table", "query_bias"), (table, query)))
 
     @_user_errors
     def rope(
@@ -927,7 +932,11 @@ class Handlers:
         """RoPE relative-phase similarity between the clicked patch and every other."""
         seen = self._see(image, model, size, progress)
         patch = views.check_patch(row, col, seen.grid)
-        return self._downloads(seen, patch, 0).png("rope", views.rope_view(seen, patch).image)
+        drawn = mechanisms.kind_views(seen, "rotary", 0, patch)
+        view = next((k.view for k in drawn if k.view is not None), None)
+        if view is None:
+            raise views.ViewUnavailable(drawn[0].note)
+        return self._downloads(seen, patch, 0).png("rope", view.image)
 
     @_user_errors
     def attention(

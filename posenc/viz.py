@@ -721,23 +721,27 @@ def _heads_maps(maps: Array, name: str) -> np.ndarray:
     return m
 
 
-def similarity_mosaic(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
+def similarity_mosaic(pos_embed: Array, grid: Sequence[int], *, similarity: Array | None = None) -> np.ndarray:
     """ViT Figure 7's mosaic: tile (i, j) is the cosine similarity of patch (i, j)'s embedding to every patch.
 
-    Tiles are (gh, gw) and separated by NaN gaps one cell wide.
+    Tiles are (gh, gw) and separated by NaN gaps one cell wide. ``similarity``, the (N, N)
+    :func:`cosine_similarity_matrix` when already computed, is used as it is.
 
     Returns:
         (gh*(gh+1)-1, gw*(gw+1)-1) float32 array: tile (i, j) occupies rows ``i*(gh+1) + [0, gh)`` and
         columns ``j*(gw+1) + [0, gw)``.
     """
     gh, gw = _check_grid(grid)
-    sims = torch.from_numpy(cosine_similarity_matrix(pos_embed, (gh, gw))).reshape(gh, gw, gh, gw)  # i, j, a, b
+    if similarity is None:
+        similarity = cosine_similarity_matrix(pos_embed, (gh, gw))  # N, N
+    sims = torch.as_tensor(_to_numpy(similarity, "similarity")).reshape(gh, gw, gh, gw)  # i, j, a, b
     padded = F.pad(sims, (0, 1, 0, 1), value=float("nan"))  # i, j, a+1, b+1
     return rearrange(padded, "i j a b -> (i a) (j b)")[:-1, :-1].numpy()  # gh*(gh+1)-1, gw*(gw+1)-1
 
 
 def pos_embed_similarity_grid(
-    pos_embed: Array, grid: Sequence[int], *, title: str = "Position embedding similarity", cmap: str = "viridis"
+    pos_embed: Array, grid: Sequence[int], *, title: str = "Position embedding similarity", cmap: str = "viridis",
+    similarity: Array | None = None,
 ) -> Sheet:
     """ViT Figure 7 style: one tile per patch, holding its embedding's cosine similarity to every patch.
 
@@ -750,12 +754,13 @@ def pos_embed_similarity_grid(
         grid: ``(gh, gw)``.
         title: sheet title.
         cmap: matplotlib colormap name.
+        similarity: the (N, N) :func:`cosine_similarity_matrix` when already computed.
 
     Returns:
         A :class:`Sheet` with one panel: the mosaic, ``cell`` pixels per mosaic entry.
     """
     gh, gw = _check_grid(grid)
-    mosaic = similarity_mosaic(pos_embed, (gh, gw))  # gh*(gh+1)-1, gw*(gw+1)-1
+    mosaic = similarity_mosaic(pos_embed, (gh, gw), similarity=similarity)  # gh*(gh+1)-1, gw*(gw+1)-1
     cell = max(2, math.ceil(_MOSAIC_SIDE / max(mosaic.shape)))
     norm = Normalize(float(np.nanmin(mosaic)), 1.0) if np.nanmin(mosaic) < 1.0 else Normalize(0.0, 1.0)
     cm = matplotlib.colormaps[cmap]

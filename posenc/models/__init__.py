@@ -8,7 +8,7 @@ from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
-from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
+from posenc.models.layers import FAMILIES, BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -63,6 +63,7 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "NoTokenLayout",
     "PosencModel",
     "SamConfig",
     "SamViT",
@@ -73,6 +74,7 @@ __all__ = [
     "TIMM_PRESETS",
     "TinyViT",
     "TinyViTConfig",
+    "TokenLayout",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

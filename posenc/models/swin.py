@@ -12,7 +12,7 @@ grid is no larger than the window uses the whole grid as its window and does not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,8 +37,10 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    grid_pixels,
     init_weights,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -281,7 +283,9 @@ class WindowedStages:
             for block in layer.blocks:
                 x, trace = block(x, need_weights, position)
                 if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
+                    stride = self.config.patch_size * 2**stage  # patch merging pools 2x2 tokens per stage
+                    layout = windowed_layout(trace.grid, trace.window, grid_pixels(trace.grid, stride), trace.shift)
+                    traces.append(replace(trace, stage=stage, layout=layout))
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 

@@ -710,7 +710,7 @@ class Handlers:
         progress(0.6, desc="Drawing the views")
         out = self._mechanism_outputs(seen, b, patch)
         attention = views.attention_view(seen, b, patch)
-        prefix = views.prefix_attention_view(seen, b, patch) if seen.inspection.num_prefix_tokens else None
+        prefix, _ = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))  # None without prefix keys
         files = self._downloads(seen, patch, b)
         out["npz"] = files.npz(seen, patch, b, [*out.pop("_views"), attention, prefix])
         for name in [n for n in out if n.startswith("view:")]:

@@ -1,14 +1,17 @@
-"""Model-aware glue between loaded models and the pure views of :mod:`posenc.viz`, for the app.
+"""What every view shares, between loaded models and the pure views of :mod:`posenc.viz`, for the app.
 
 A request runs one inspection (:func:`inspect_image`) and every view is a function of that
 :class:`Seen` record, a patch and a block: it picks the tensors the view needs from the
 :class:`~posenc.models.Inspection`, calls :mod:`posenc.viz` and returns the picture together with the
-raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download.
+raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download. This module holds the generic
+parts (sizes, patches, blocks, the attention and prefix-share views); each position mechanism's views live in
+its module of :mod:`posenc.mechanisms`.
 
 Conventions:
 
 * Sizes are ``(h, w)`` in pixels, grids ``(h, w)`` in patches, patches ``(row, col)`` on the input patch
-  grid (stage 0 for Swin); a Swin block of a later stage maps the patch onto its coarser grid.
+  grid. In a block, the clicked patch is the block's patch query nearest its centre, and rows are drawn on the
+  block's key grid, all read from the block's token layout (:mod:`posenc.queries`).
 * Nothing is stored between calls and no module hooks are used, so concurrent requests cannot mix.
 * Errors a user can cause raise ``ValueError`` (:class:`ViewUnavailable` when a view does not apply to
   the model) with a message that says what to do.

@@ -87,17 +87,18 @@ def block_attention_distance(trace: BlockTrace) -> Tensor:
     Raises:
         NotApplicable: the block's attention is not between image tokens, or it has no patch queries.
     """
+    note = _distance_note(trace)
+    if note:
+        raise NotApplicable(note)
+    layout = trace.layout
     try:
-        layout = trace.tokens()
         attn = layout.grouped(trace.attn.float())  # B, G, heads, nq, nk
-    except ValueError as error:  # NoTokenLayout, or attention that does not match its layout
+    except ValueError as error:  # attention that does not match its layout
         raise NotApplicable(str(error)) from None
     queries, keys = layout.query_is_patch, layout.key_is_patch  # G, nq / G, nk
-    if not queries.any():
-        raise NotApplicable("this block has no patch queries (class attention): it has no attention distance")
     q_pix = layout.query_pixels[layout.query_tokens.clamp(min=0)]  # G, nq, 2
     k_pix = layout.key_pixels[layout.key_tokens.clamp(min=0)]  # G, nk, 2
-    dist = torch.cdist(q_pix, k_pix).masked_fill(~(queries[:, :, None] & keys[:, None, :]), 0.0)  # G, nq, nk
+    dist = torch.cdist(q_pix, k_pix).masked_fill_(~(queries[:, :, None] & keys[:, None, :]), 0.0)  # G, nq, nk
     dist = dist.to(device=attn.device, dtype=attn.dtype)
     per_query = torch.einsum("bghqk,gqk->bghq", attn, dist)  # B, G, heads, nq
     weight = (queries.double() / queries.sum()).to(attn.device)  # G, nq
@@ -120,15 +121,16 @@ def mean_attention_distance(inspection: Inspection) -> list[Tensor]:
 
 def attention_distance_notes(inspection: Inspection) -> list[str]:
     """Per block, why it has no attention distance ("" where it has one), without computing the distances."""
-    notes = []
-    for trace in inspection.blocks:
-        if trace.layout is None:
-            notes.append(trace.no_layout)
-        elif not trace.layout.query_is_patch.any():
-            notes.append("this block has no patch queries (class attention): it has no attention distance")
-        else:
-            notes.append("")
-    return notes
+    return [_distance_note(trace) for trace in inspection.blocks]
+
+
+def _distance_note(trace: BlockTrace) -> str:
+    """Why a block has no attention distance, or ""."""
+    if trace.layout is None:
+        return trace.no_layout
+    if not trace.layout.query_is_patch.any():
+        return "this block has no patch queries (class attention): it has no attention distance"
+    return ""
 
 
 # ------------------------------------------------------------------------------------ 2. patch-embedding filters

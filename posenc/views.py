@@ -32,7 +32,6 @@ from posenc import queries, viz
 from posenc.encodings import Size2
 from posenc.hub import LoadedModel
 from posenc.models import Inspection
-from posenc.models.layers import NoTokenLayout
 from posenc.preprocess import ImageSource, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -368,21 +367,21 @@ def block_query(seen: Seen, block: int, patch: Patch) -> queries.Query:
     """The chosen block's query nearest the clicked input patch (:func:`posenc.queries.block_query`).
 
     Raises:
-        ViewUnavailable: the block's attention is not between image tokens.
+        ViewUnavailable: the block's attention is not between image tokens, or it has no patch queries.
     """
     try:
         return queries.block_query(seen.inspection.blocks[block], patch, seen.grid, seen.size)
-    except NoTokenLayout as error:
+    except ValueError as error:  # NoTokenLayout, or a block without patch queries
         raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
 
 
 def query_row(seen: Seen, block: int, per_pair: torch.Tensor, patch: Patch
               ) -> tuple[np.ndarray, np.ndarray | None, queries.Query]:
     """:func:`posenc.queries.query_row` for the chosen block of a :class:`Seen`; ViewUnavailable for a block without
-    token attention."""
+    token attention or without patch queries, or a tensor that does not match the block's layout."""
     try:
         return queries.query_row(seen.inspection.blocks[block], per_pair, patch, seen.grid, seen.size)
-    except NoTokenLayout as error:
+    except ValueError as error:  # NoTokenLayout, no patch queries, a tensor that does not match the layout
         raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
 
 

@@ -126,7 +126,7 @@ class MeasureHandlers:
         for key, one in (("", seen), ("compared_", other)):
             if one is None:
                 continue
-            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection, one.size)]
+            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection)]
             series[one.name if one.name not in series else f"{one.name} (2)"] = heads
             arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
         title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"

@@ -110,6 +110,7 @@ def test_inspection_gives_timm_cpe_and_crpe_terms(tmp_path):
     assert [t.stage for t in seen.blocks] == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3]
     assert [t.grid for t in seen.blocks[4:7]] == [(8, 12), (4, 6), (2, 3)]
     assert all(set(t.position) == {"conv_pos", "conv_rel_pos"} for t in seen.blocks)
+    assert all(t.layout is None and "no token-to-token map" in t.no_layout for t in seen.blocks)
 
 
 def test_crpe_gives_each_head_group_its_window(tmp_path):

@@ -187,7 +187,7 @@ def test_peg_views_say_why_without_position(twins_seen, tmp_path):
         mechanisms.get("conv_pos").views[0].draw(off, 0, (0, 0))
 
 
-def test_twins_folder_measurement_measures_windowed_blocks_and_reports_sub_sampled_ones(tmp_path):
+def test_twins_folder_measurement_measures_windowed_and_sub_sampled_blocks(tmp_path):
     ref = _reference(tmp_path / "model", "twins_svt_small")
     del ref
     loaded = load(str(tmp_path / "model"))
@@ -198,5 +198,14 @@ def test_twins_folder_measurement_measures_windowed_blocks_and_reports_sub_sampl
     found = measure.measure_folder(loaded, sorted(images.iterdir()), batch=3, sizes=[(64, 64)], seeds=(0,))
     distances = found.to_json()["mean_attention_distance"]
     assert len(distances) == 8
-    assert all(v is not None for v in distances[0])  # 4x4 windows tile the 16x16 grid
-    assert all(v is None for v in distances[1])  # keys on the reduced grid: not measured today
+    # windows (padded in the last stage) and keys on the reduced grid: every block is measured through its layout
+    assert all(v is not None and 0 < v < 64 * 2**0.5 for heads in distances for v in heads)
+
+
+def test_twins_layout_puts_sub_sampled_keys_at_the_centre_of_what_they_pool(twins_seen):
+    _, seen = twins_seen
+    local, sub = seen.inspection.blocks[0].layout, seen.inspection.blocks[1].layout
+    assert local.window == (4, 4) and local.query_grid == local.key_grid == (16, 24)
+    assert sub.window is None and sub.query_grid == (16, 24) and sub.key_grid == (2, 3)
+    assert sub.key_pixels[0].tolist() == [16.0, 16.0]  # the first key pools 8x8 tokens of 4 px: centre (16, 16)
+    assert sub.query_pixels[0].tolist() == [2.0, 2.0]

@@ -16,7 +16,7 @@ from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
-from posenc.models.layers import BlockTrace, Inspection, PosencModel
+from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -80,6 +80,7 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "NoTokenLayout",
     "PosencModel",
     "SamConfig",
     "SamViT",
@@ -93,6 +94,7 @@ __all__ = [
     "TransformersType",
     "TinyViT",
     "TinyViTConfig",
+    "TokenLayout",
     "Twins",
     "TwinsConfig",
     "ViTConfig",

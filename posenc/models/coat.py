@@ -124,6 +124,11 @@ class CoaTConfig:
         return config_from_dict(cls, data)
 
 
+#: Why a CoaT block has no token layout (its ``BlockTrace.no_layout``).
+NO_TOKEN_MAP = ("CoaT's factorised attention has no token-to-token map: keys are normalised over the tokens and folded "
+                "with the values into a head_dim x head_dim context per head (channels over channels)")
+
+
 class ConvPosEnc(nn.Module):
     """CoaT's CPE: a depthwise conv with zero padding adds conv(x) to the patch tokens (timm name ``proj``)."""
 
@@ -352,7 +357,7 @@ class CoaT(PosencModel):
         """A block's record: its (B, heads, hd, hd) context as ``attn`` (no token map) and its position terms."""
         position = {k: parts[k] for k in ("conv_pos", "conv_rel_pos") if k in parts}
         return BlockTrace(attn=parts["context"], attn_no_pos=None, pos_bias=None, mask=None, grid=tuple(grid),
-                          stage=stage, position=position)  # fmt: skip
+                          stage=stage, position=position, layout=None, no_layout=NO_TOKEN_MAP)  # fmt: skip
 
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every CPE and CRPE out."""

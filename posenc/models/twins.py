@@ -44,10 +44,14 @@ from posenc.models.layers import (
     Mlp,
     PatchEmbed,
     PosencModel,
+    TokenLayout,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -285,12 +289,25 @@ class Twins(PosencModel):
                     traces.append(BlockTrace(
                         attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=grid, stage=stage,
                         window=None if ws is None else (ws, ws), shift=None if ws is None else (0, 0),
-                        position={} if delta is None else {"conv_pos": delta},
+                        position={} if delta is None else {"conv_pos": delta}, layout=self._layout(block, grid, stage),
                     ))  # fmt: skip
             if stage < len(self.blocks) - 1:
                 x = x.transpose(1, 2).reshape(b, c, h, w)  # B, C, h, w
         pooled = self.norm(x).mean(dim=1)  # B, C
         return self.head(pooled), first_grid, traces
+
+    def _layout(self, block: Block, grid: Size2, stage: int) -> TokenLayout:
+        """Where a block's queries and keys sit: windows of the stage grid, or every token over the reduced key grid
+        (each key at the centre of the sr x sr tokens its conv pooled)."""
+        stride = self.config.patch_size * 2**stage  # input pixels per token of this stage
+        pixels = grid_pixels(grid, stride)  # h*w, 2
+        if block.ws is not None:
+            return windowed_layout(grid, (block.ws, block.ws), pixels)
+        sr = block.attn.sr_ratio
+        if sr == 1:
+            return global_layout(grid, pixels)
+        keys = block.attn.key_grid(grid)
+        return global_layout(keys, grid_pixels(keys, stride * sr), query_grid=grid, query_pixels=pixels)
 
     def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits; ``position=False`` leaves every PEG out."""

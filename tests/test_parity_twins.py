@@ -19,13 +19,14 @@ from posenc.hub import load
 from posenc.models import TIMM_PRESETS, TwinsConfig
 from tests.test_parity import load_posenc, perturb
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+TOL = {"atol": 1e-4, "rtol": 1e-4}
 #: tiny Twins: four stages of 2 blocks, widths 16..64; SVT windows of 4 and 2 tokens. At 64 px the stage grids are
 #: 16, 8, 4, 2; at 64x96 the last stage (2x3) is padded to whole windows.
 TINY = {
-    "twins_svt_small": dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 2, 4), depths=(2, 2, 2, 2), wss=(4, 4, 2, 2),
-                            img_size=64),
-    "twins_pcpvt_small": dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 2, 4), depths=(2, 1, 1, 2), img_size=64),
+    "twins_svt_small": {"embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4), "depths": (2, 2, 2, 2),
+                        "wss": (4, 4, 2, 2), "img_size": 64},
+    "twins_pcpvt_small": {"embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4), "depths": (2, 1, 1, 2),
+                          "img_size": 64},
 }  # fmt: skip
 NAMES = sorted(TINY)
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))

@@ -109,9 +109,9 @@ def kernel_counts(model: torch.nn.Module, x: torch.Tensor) -> Counter[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x)
     skip = ("view", "reshape", "as_strided", "transpose", "permute", "unsqueeze", "squeeze", "expand", "t",
-            "select", "slice", "split", "unbind", "flatten", "empty", "empty_like", "empty_strided", "detach",
-            "alias", "_unsafe_view", "contiguous", "lift", "resolve_conj", "resolve_neg",
-            "dropout", "to")  # eval-mode dropout returns its input; a real conversion shows as _to_copy
+            "select", "slice", "split", "chunk", "narrow", "unbind", "flatten", "empty", "empty_like",
+            "empty_strided", "detach", "alias", "_unsafe_view", "contiguous", "lift", "resolve_conj", "resolve_neg",
+            "dropout", "to", "type_as")  # eval-mode dropout returns its input; a real conversion shows as _to_copy
     counts: Counter[str] = Counter()
     for event in prof.events():
         name = event.name

@@ -18,7 +18,7 @@ from conftest import ROOT
 ENVIRONMENT_KEYS = {"benchmark", "timestamp", "hardware", "threads", "versions", "settings"}
 HEADINGS = {
     "forward_cpu": "| deit_tiny | 2 |",
-    "app_request": "| cifar10-learned",
+    "app_request": "| levit_128s | `timm/levit_128s.fb_dist_in1k` | offset_bias | 7.8M |",
     "model_load": "models in turn through the app's cache",
     "gpu": "| swin_tiny | 2 |",
 }
@@ -38,9 +38,16 @@ CASES = [
     ),
     (
         "app_request",
-        ["--families", "learned", "windowed"],
+        ["--families", "learned", "windowed", "--architectures", "levit_128s", "tiny_vit_5m"],
         lambda r: {"cifar10-learned", "cifar10-windowed"} <= r["models"].keys()
-        and all(m["request"]["median_ms"] > 0 and "attention_view" in m["stages"] for m in r["models"].values()),
+        and all(m["request"]["median_ms"] > 0 and "attention" in m["views"] for m in r["models"].values())
+        # the curated rows: the real model sizes, every view of each mechanism timed, a budget by size class
+        and list(r["architectures"]) == ["levit_128s", "tiny_vit_5m"]
+        and r["architectures"]["levit_128s"]["params"] == 7_777_058
+        and r["architectures"]["tiny_vit_5m"]["params"] == 5_392_764
+        and all({"forward_inspect", "views", "png_encode"} <= m["stages"].keys()
+                and any(k.startswith("offset_bias/") for k in m["views"]) and m["request_target_ms"] == 1000.0
+                for m in r["architectures"].values()),
     ),
     (
         "model_load",

@@ -61,9 +61,19 @@ def _ratio_short(r: dict[str, Any]) -> str:
     return f"{r['pair_median']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def _runs(row: dict[str, Any]) -> str:
+    """Every run's posenc / timm ratio with its A/A ratio and the 1-minute load average, in the order they ran."""
+    return "; ".join(f"{r['ratio']:.3f} (A/A {r['control']:.3f}, load {r['load_average_1min']:.1f})"
+                     for r in row["runs"])  # fmt: skip
+
+
 def forward_cpu(record: dict[str, Any]) -> list[str]:
+    runs = record.get("runs", 1)
+    title = "Forward latency on the CPU: posenc fast path vs timm"
+    if record["benchmark"] != "forward_cpu":
+        title += f" ({', '.join(record['models'])}; `--name {record['benchmark']}`)"
     lines = [
-        *_section("Forward latency on the CPU: posenc fast path vs timm", record),
+        *_section(title, record),
         "Ratios are medians of per-pair ratios with their 95 % interval. **A/A** times timm against an identical "
         "copy of itself the same way: the noise floor of the moment. **Same kernels**: each forward calls the same "
         "aten operators the same number of times (torch.profiler).",
@@ -71,6 +81,9 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
         "| model | batch | posenc ms | timm ms | posenc / timm | A/A: timm / timm | same kernels | target | met |",
         "|---|---:|---:|---:|---|---|---|---:|---|",
     ]
+    if runs > 1:
+        lines[-4] += (f" {runs} runs, the models taking turns; each row is the run with the median ratio, and the "
+                      "table below it lists every run.")
     for name, m in record["models"].items():
         for row in m["forward"]:
             posenc, timm = _ms(row["posenc"]["median_ms"]), _ms(row["timm"]["median_ms"])
@@ -90,6 +103,10 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
         i = m["inspect"]
         inspect, fast = _ms(i["inspect"]["median_ms"]), _ms(i["fast"]["median_ms"])
         lines.append(f"| {name} | {i['batch']} | {inspect} | {fast} | {_ratio_short(i['ratio'])} |")
+    if runs > 1:
+        lines += ["", "| model | batch | every run: posenc / timm (A/A, 1-minute load average) |", "|---|---:|---|"]
+        lines += [f"| {name} | {row['batch']} | {_runs(row)} |" for name, m in record["models"].items()
+                  for row in m["forward"]]  # fmt: skip
     return lines
 
 
@@ -190,8 +207,8 @@ def gpu(record: dict[str, Any]) -> list[str]:
 def targets(records: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's speed targets against the figures that decide them (the worst case where there are several)."""
     rows = []
-    forward = records.get("forward_cpu")
-    if forward is not None:
+    for forward in (r for name, r in records.items() if name.startswith("forward_cpu")):
+        which = "" if forward["benchmark"] == "forward_cpu" else f" (`{forward['benchmark']}`)"
         for key, goal in forward["targets"].items():
             batch = int(key.split("_")[1])
             found = [(row["ratio"]["pair_median"], name, row) for name, m in forward["models"].items()
@@ -201,7 +218,7 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
                 control = row.get("control_timm_timm")
                 noise = f"; A/A {control['pair_median']:.3f}" if control else ""
                 kernels = "; same kernels" if row.get("same_kernels") else ""
-                rows.append((f"posenc / timm forward, batch {batch}", f"<= {goal}",
+                rows.append((f"posenc / timm forward, batch {batch}{which}", f"<= {goal}",
                              f"{worst:.3f} (worst: {name}{noise}{kernels})", _met(worst <= goal)))  # fmt: skip
     app = records.get("app_request")
     if app is not None:
@@ -304,14 +321,16 @@ RENDERERS = {
 
 def render(results: Path) -> str:
     """The Markdown of every result file present in ``results``: the targets first, then each benchmark."""
-    records = {
-        name: json.loads((results / f"{name}.json").read_text())
-        for name in RENDERERS
-        if (results / f"{name}.json").is_file()
-    }
+    names = [n for n in RENDERERS if (results / f"{n}.json").is_file()]
+    extra = sorted(p.stem for p in results.glob("forward_cpu_*.json"))  # further forward runs (``--name``)
+    if "forward_cpu" in names:
+        names[names.index("forward_cpu") + 1 : names.index("forward_cpu") + 1] = extra
+    else:
+        names = extra + names
+    records = {name: json.loads((results / f"{name}.json").read_text()) for name in names}
     if not records:
         raise SystemExit(f"no benchmark results in {results}; run e.g. `python -m bench.forward_cpu` first")
-    parts = [targets(records)] + [RENDERERS[name](record) for name, record in records.items()]
+    parts = [targets(records)] + [RENDERERS.get(name, forward_cpu)(record) for name, record in records.items()]
     return "\n\n".join("\n".join(lines) for lines in parts) + "\n"
 
 

@@ -226,24 +226,8 @@ def request_target_ms(params: int) -> float:
     return ARCHITECTURE_REQUEST_TARGET_MS["large" if params > LARGE_PARAMS else "small"]
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], repeats=10, warmup=2, min_seconds=20.0, extra=_options)
-    with tempfile.TemporaryDirectory(prefix="posenc-bench-") as tmp:
-        tmp = Path(tmp)
-        models: dict[str, Any] = {}
-        for name, folder in sorted(model_folders(args, tmp).items()):  # the CIFAR-10 models, then DeiT-Tiny
-            bundled = name.startswith("cifar10-") and not folder.is_relative_to(tmp)  # stand-ins are written to tmp
-            models[name] = {"bundled": bundled, **bench_model(name, folder, args.image, args, tmp)}
-        architectures: dict[str, Any] = {}
-        for name in args.architectures:  # one at a time: the folder is written, timed and deleted
-            folder = architecture_folders([name], tmp)[name]
-            row = bench_model(name, folder, args.image, args, tmp)
-            timm_name, curated = ARCHITECTURE_MODELS[name]
-            target = request_target_ms(row["params"])
-            architectures[name] = {"timm_name": timm_name, "stands_for": curated, **row, "request_target_ms": target,
-                                   "request_met": row["request"]["median_ms"] < target,
-                                   "views_met": row["views_over_forward_inspect"] <= VIEWS_TARGET}  # fmt: skip
-            shutil.rmtree(folder)
+def write(args: argparse.Namespace, models: dict[str, Any], architectures: dict[str, Any]) -> None:
+    """Write the result file with the models measured so far."""
     cifar_requests = {n: m["request"]["median_ms"] for n, m in models.items() if n.startswith("cifar10-")}
     deit = models.get("deit_tiny_224")
     write_result(args.out, "app_request", args, {
@@ -263,6 +247,28 @@ def main() -> None:
         "models": models,
         "architectures": architectures,
     })  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], repeats=10, warmup=2, min_seconds=20.0, extra=_options)
+    models: dict[str, Any] = {}
+    architectures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="posenc-bench-") as tmp:
+        tmp = Path(tmp)
+        for name, folder in sorted(model_folders(args, tmp).items()):  # the CIFAR-10 models, then DeiT-Tiny
+            bundled = name.startswith("cifar10-") and not folder.is_relative_to(tmp)  # stand-ins are written to tmp
+            models[name] = {"bundled": bundled, **bench_model(name, folder, args.image, args, tmp)}
+        for name in args.architectures:  # one at a time: the folder is written, timed and deleted
+            folder = architecture_folders([name], tmp)[name]
+            row = bench_model(name, folder, args.image, args, tmp)
+            timm_name, curated = ARCHITECTURE_MODELS[name]
+            target = request_target_ms(row["params"])
+            architectures[name] = {"timm_name": timm_name, "stands_for": curated, **row, "request_target_ms": target,
+                                   "request_met": row["request"]["median_ms"] < target,
+                                   "views_met": row["views_over_forward_inspect"] <= VIEWS_TARGET}  # fmt: skip
+            shutil.rmtree(folder)
+            write(args, models, architectures)  # after every model, so a long session keeps what it has measured
+    write(args, models, architectures)
 
 
 if __name__ == "__main__":

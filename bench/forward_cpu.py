@@ -202,6 +202,21 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inspect-batch", type=int, default=1, help="batch of the inspection figure (the app's)")
 
 
+def write_runs(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], done: int) -> None:
+    """Write the result file with the ``done`` runs measured so far."""
+    models = {name: median_run(figures) for name, figures in runs.items()}
+    write_result(args.out, args.name, args, {
+        "method": "interleaved pairs (posenc, timm alternate which runs first), torch.inference_mode, random input; "
+                  "a target is met when the median of the per-pair ratios is at most the target; "
+                  "control_timm_timm times timm against an identical copy the same way (the noise floor); "
+                  "same_kernels compares the aten operators each forward calls (torch.profiler); "
+                  "with several runs, each row is the run with the median ratio and 'runs' lists them all",
+        "runs": done,
+        "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
+        "models": models,
+    })  # fmt: skip
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], repeats=20, warmup=3, min_seconds=40.0, extra=_options)
     if args.runs < 1 or not args.name.startswith("forward_cpu"):
@@ -211,17 +226,7 @@ def main() -> None:
         for name in args.models:
             logger.info("run %d of %d: %s", run + 1, args.runs, name)
             runs[name].append(bench_model(name, args.batch_sizes, args.inspect_batch, args))
-    models = {name: median_run(figures) for name, figures in runs.items()}
-    write_result(args.out, args.name, args, {
-        "method": "interleaved pairs (posenc, timm alternate which runs first), torch.inference_mode, random input; "
-                  "a target is met when the median of the per-pair ratios is at most the target; "
-                  "control_timm_timm times timm against an identical copy the same way (the noise floor); "
-                  "same_kernels compares the aten operators each forward calls (torch.profiler); "
-                  "with several runs, each row is the run with the median ratio and 'runs' lists them all",
-        "runs": args.runs,
-        "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
-        "models": models,
-    })  # fmt: skip
+        write_runs(args, runs, run + 1)  # after every run, so a long session keeps what it has measured
 
 
 if __name__ == "__main__":

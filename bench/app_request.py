@@ -16,6 +16,7 @@ Two sets of models:
 
     python -m bench.app_request                     # writes bench/results/app_request.json
     python -m bench.app_request --quick --out /tmp  # one iteration of each figure
+    python -m bench.app_request --families --deit none --architectures levit_128s sam_base --name app_request_more
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architectures", nargs="*", choices=list(ARCHITECTURE_MODELS),
                         default=list(ARCHITECTURE_MODELS),
                         help="curated models to time, one per architecture (random weights of the real size)")  # fmt: skip
+    parser.add_argument("--name", default="app_request", help="result file name (bench/results/<name>.json)")
 
 
 def request_target_ms(params: int) -> float:
@@ -230,7 +232,7 @@ def write(args: argparse.Namespace, models: dict[str, Any], architectures: dict[
     """Write the result file with the models measured so far."""
     cifar_requests = {n: m["request"]["median_ms"] for n, m in models.items() if n.startswith("cifar10-")}
     deit = models.get("deit_tiny_224")
-    write_result(args.out, "app_request", args, {
+    write_result(args.out, args.name, args, {
         "method": "stages timed one by one in the handler's order; 'request' is Handlers.analyse with the model "
                   "cached, which writes every view as PNG; medians over repeated requests; 'architectures': one "
                   "curated model per architecture, built by timm with random weights (pretrained=False) and saved "
@@ -251,6 +253,8 @@ def write(args: argparse.Namespace, models: dict[str, Any], architectures: dict[
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], repeats=10, warmup=2, min_seconds=20.0, extra=_options)
+    if not args.name.startswith("app_request"):
+        raise SystemExit("--name must start with 'app_request' (the report finds it so)")
     models: dict[str, Any] = {}
     architectures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="posenc-bench-") as tmp:

@@ -117,11 +117,15 @@ def _slowest_views(m: dict[str, Any], count: int = 2) -> str:
 
 
 def app_request(record: dict[str, Any]) -> list[str]:
-    lines = [
-        *_section("End-to-end app request (Explore tab, model cached)", record),
-        "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    title = "End-to-end app request (Explore tab, model cached)"
+    if record["benchmark"] != "app_request":
+        title += f" (`--name {record['benchmark']}`)"
+    lines = _section(title, record)
+    if record["models"]:
+        lines += [
+            "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for name, m in record["models"].items():
         s = {k: v["median_ms"] for k, v in m["stages"].items()}
         label = name if m["bundled"] or name.startswith("deit") else f"{name} (stand-in)"
@@ -139,8 +143,8 @@ def app_request(record: dict[str, Any]) -> list[str]:
                       f"(views / fast forward {deit['views_over_forward_fast']:.2f})."]
     architectures = record.get("architectures")
     if architectures:
+        lines += [""] if record["models"] else []
         lines += [
-            "",
             "One curated model of every architecture, built by timm with random weights of the real size "
             "(`pretrained=False`), loaded from the timm Hub layout and run at the app's default size; block 0, "
             "the default patch. Budget: 1 s for the ViT-S class and smaller, 2 s for the ViT-B class and SAM.",
@@ -220,6 +224,8 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
                 kernels = "; same kernels" if row.get("same_kernels") else ""
                 rows.append((f"posenc / timm forward, batch {batch}{which}", f"<= {goal}",
                              f"{worst:.3f} (worst: {name}{noise}{kernels})", _met(worst <= goal)))  # fmt: skip
+    apps = [r for name, r in records.items() if name.startswith("app_request")]
+    architectures = {n: m for r in apps for n, m in (r.get("architectures") or {}).items()}
     app = records.get("app_request")
     if app is not None:
         deit = app["models"].get("deit_tiny_224")
@@ -228,8 +234,7 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
             value = deit["views_over_forward_inspect"]
             name = "drawing all views / forward, DeiT-Tiny 224"
             rows.append((name, f"<= {goal}", f"{value:.2f}", _met(value <= goal)))
-        architectures = app.get("architectures") or {}
-        if architectures:
+        if architectures:  # from every app_request*.json
             over = [n for n, m in architectures.items() if not m["views_met"]]
             value, name = max((m["views_over_forward_inspect"], n) for n, m in architectures.items())
             rows.append(("drawing all views / forward, one curated model per architecture", f"<= {goal}",
@@ -319,18 +324,22 @@ RENDERERS = {
 }
 
 
+def _renderer(name: str) -> Any:
+    """The renderer of a result file: by its name, or by the benchmark it was saved from with ``--name``."""
+    return next(fn for base, fn in RENDERERS.items() if name == base or name.startswith(f"{base}_"))
+
+
 def render(results: Path) -> str:
     """The Markdown of every result file present in ``results``: the targets first, then each benchmark."""
     names = [n for n in RENDERERS if (results / f"{n}.json").is_file()]
-    extra = sorted(p.stem for p in results.glob("forward_cpu_*.json"))  # further forward runs (``--name``)
-    if "forward_cpu" in names:
-        names[names.index("forward_cpu") + 1 : names.index("forward_cpu") + 1] = extra
-    else:
-        names = extra + names
+    for base in ("forward_cpu", "app_request"):  # further runs saved with ``--name``, after the main one
+        extra = sorted(p.stem for p in results.glob(f"{base}_*.json"))
+        at = names.index(base) + 1 if base in names else len(names)
+        names[at:at] = extra
     records = {name: json.loads((results / f"{name}.json").read_text()) for name in names}
     if not records:
         raise SystemExit(f"no benchmark results in {results}; run e.g. `python -m bench.forward_cpu` first")
-    parts = [targets(records)] + [RENDERERS.get(name, forward_cpu)(record) for name, record in records.items()]
+    parts = [targets(records)] + [_renderer(name)(record) for name, record in records.items()]
     return "\n\n".join("\n".join(lines) for lines in parts) + "\n"
 
 

@@ -228,7 +228,9 @@ class OffsetBiasAttention(nn.Module):
             index = self.attention_bias_idxs
         else:
             index = offset_bias_index(grid, self.stride, device=table.device)  # Nq, Nk
-        return table.flatten(1)[:, index], table  # heads, Nq, Nk
+        # index_select on the flattened index: the same values as table[:, index], a fraction of aten::index's time
+        bias = table.flatten(1).index_select(1, index.flatten()).view(self.num_heads, *index.shape)  # heads, Nq, Nk
+        return bias, table
 
     def forward(
         self, x: Tensor, grid: Size2, *, need_weights: bool = False, position: bool = True

@@ -40,6 +40,8 @@ from posenc.models import (
     SwinV2Config,
     TinyViTConfig,
     ViTConfig,
+    XCiTConfig,
+    xcit,
 )
 from posenc.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -134,6 +136,7 @@ _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     ConViTConfig: [],
     LeViTConfig: [],
     TinyViTConfig: [],
+    XCiTConfig: xcit.TIMM_KEY_RULES,
 }  # fmt: skip
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {
     "vitdet": [

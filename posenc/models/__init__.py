@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
+from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit, xcit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
@@ -14,6 +14,7 @@ from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
+from posenc.models.xcit import XCiT, XCiTConfig
 
 #: config ``model_type`` -> (config class, model class)
 ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
     "posenc_levit": (LeViTConfig, LeViT),
     "posenc_tiny_vit": (TinyViTConfig, TinyViT),
+    "posenc_xcit": (XCiTConfig, XCiT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -38,6 +40,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
     **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
+    **{name: (XCiTConfig, args) for name, args in xcit.TIMM_PRESETS.items()},
 }
 
 
@@ -75,5 +78,7 @@ __all__ = [
     "TinyViTConfig",
     "ViTConfig",
     "VisionTransformer",
+    "XCiT",
+    "XCiTConfig",
     "build_model",
 ]

@@ -36,15 +36,17 @@ from posenc.models import (
     SwinConfig,
     SwinV2Config,
     ViTConfig,
+    XCiTConfig,
     build_model,
     vit,
+    xcit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -70,6 +72,7 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**xcit.TIMM_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

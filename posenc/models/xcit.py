@@ -210,14 +210,11 @@ class XCA(nn.Module):
         q, k, v = qkv.unbind(0)  # B, heads, d, N
         q = F.normalize(q, dim=-1) * self.temperature
         k = F.normalize(k, dim=-1)
-        attn = None
-        if need_weights:
-            attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # B, heads, d, d
-            out = attn @ v  # B, heads, d, N
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # B, heads, d, N
-        out = out.permute(0, 3, 1, 2).reshape(b, n, c)  # B, N, C
-        return self.proj(out), attn
+        # explicit on both paths, as timm's default: SDPA takes the N-wide rows for its head dim and falls back to its
+        # slower math kernel
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # B, heads, d, d
+        out = (attn @ v).permute(0, 3, 1, 2).reshape(b, n, c)  # B, heads, d, N -> B, N, C
+        return self.proj(out), attn if need_weights else None
 
 
 class LPI(nn.Module):

@@ -2,32 +2,18 @@
 learned 1x1 conv, added to the patch tokens once.
 
 The embedding as added is an absolute embedding without prefix rows (``Inspection.pos_embed``), so it gets the
-learned embedding's views; one more shows the fixed features before the learned projection, which tells what the
-projection made of them.
+learned embedding's views (the same functions, :mod:`posenc.mechanisms.absolute`); one more shows the fixed features
+before the learned projection, which tells what the projection made of them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posenc import views, viz
+from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable
-
-
-def similarity_grid(seen: Seen, block: int, patch: Patch) -> View:
-    """The ViT-paper similarity grid of the embedding as added: one tile per patch, its cosine similarity to all."""
-    return views.absolute_views(seen, patch)[0]
-
-
-def similarity_to_patch(seen: Seen, block: int, patch: Patch) -> View:
-    """The clicked patch's embedding similarity to every patch, on the photo."""
-    return views.absolute_views(seen, patch)[1]
-
-
-def pca(seen: Seen, block: int, patch: Patch) -> View:
-    """The embeddings' top three principal components as RGB, on the photo."""
-    return views.absolute_views(seen, patch)[2]
+from posenc.mechanisms.absolute import pca, similarity_grid, similarity_to_patch
+from posenc.views import OVERLAY_SIDE, Patch, Seen, View, ViewUnavailable
 
 
 def feature_similarity(seen: Seen, block: int, patch: Patch) -> View:
@@ -35,12 +21,12 @@ def feature_similarity(seen: Seen, block: int, patch: Patch) -> View:
     feats = seen.inspection.position.get("fourier_features")
     if feats is None:
         raise ViewUnavailable(f"{seen.name} added no Fourier features in this inspection (position left out?)")
-    feats = feats.detach().float()  # h*w, 2*fd
+    feats = feats.detach().float().cpu()  # h*w, 2*fd
     with torch.inference_mode():
         sim = viz.similarity_map(feats, seen.grid, patch)  # gh, gw
     img = viz.overlay(seen.photo, sim, vmax=1.0, mark=patch,
                       title=f"Fourier features of patch {patch}, before the 1x1 conv",
-                      colorbar_label="cosine similarity of the fixed features", min_side=views.OVERLAY_SIDE)  # fmt: skip
+                      colorbar_label="cosine similarity of the fixed features", min_side=OVERLAY_SIDE)  # fmt: skip
     return View(img, {"fourier_features": feats.numpy(), "fourier_feature_similarity": sim})
 
 

@@ -135,6 +135,16 @@ def test_xcit_refuses_sizes_off_the_patch_and_patches_other_than_8_or_16():
         XCiTConfig(patch_size=12)
 
 
+@pytest.mark.parametrize(("field", "value", "rule"), [
+    ("fourier_dim", 3, "must be even"), ("fourier_dim", 4096, "from 2 to 1024"),
+    ("fourier_temperature", 0.0, "from 1.0"), ("embed_dim", 36, "multiple of 8"),
+    ("global_pool", "map", "one of 'token', 'avg'"),
+])  # fmt: skip
+def test_xcit_config_refuses_values_that_would_break_or_bloat_the_model(field, value, rule):
+    with pytest.raises(ValueError, match=rf"{field}.*{rule}"):
+        XCiTConfig(**{field: value})
+
+
 def test_xcit_trace_bytes_count_channel_maps_and_cls_rows():
     cfg = XCiTConfig(**TINY)
     # 2 XCA blocks x 4 heads x 8x8 channels, 2 class-attention blocks x 4 heads x (1 + 16) keys, float32

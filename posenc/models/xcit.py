@@ -62,8 +62,8 @@ class XCiTConfig:
     qkv_bias: bool = True
     cls_attn_layers: int = field(default=2, metadata={"min": 0})  # class-attention blocks after the XCA blocks
     use_pos_embed: bool = True  # the Fourier position term
-    fourier_dim: int = 32  # Fourier features per axis (timm's hidden_dim): the 1x1 conv takes 2 * fourier_dim
-    fourier_temperature: float = 10000.0
+    fourier_dim: int = field(default=32, metadata={"min": 2, "max": 1024})  # features per axis (timm's hidden_dim)
+    fourier_temperature: float = field(default=10000.0, metadata={"min": 1.0})  # the frequencies' base
     eta: float = 1.0  # layer-scale initial value; only shapes a fresh model (kept so timm model_args map one-to-one)
     tokens_norm: bool = False  # class attention normalises every token (True) or only the cls token after attention
     global_pool: str = field(default="token", metadata={"choices": ("token", "avg")})

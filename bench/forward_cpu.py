@@ -39,9 +39,9 @@ from posenc.models import (
     XCiTConfig,
     build_model,
     vit,
-    xcit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
+from posenc.models.xcit import TIMM_PRESETS as XCIT_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
-    "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**xcit.TIMM_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
+    "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

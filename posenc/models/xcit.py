@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, to_2tuple
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -100,10 +101,6 @@ class XCiTConfig:
     def num_prefix_tokens(self) -> int:
         """The cls token, which joins in the class-attention blocks."""
         return 1
-
-    @property
-    def position_encoding(self) -> str:
-        return "fourier" if self.use_pos_embed else "none"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -347,10 +344,6 @@ class XCiT(PosencModel):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         """XCA blocks, then class-attention blocks, as :meth:`inspect` lists them."""
         return self.config.depth + self.config.cls_attn_layers
@@ -427,6 +420,7 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     for img in (224, 384)
 }  # fmt: skip
 
-#: Key rules from timm's layout: none, the module names above are timm's (its ``gamma1``..``gamma3`` are not the
-#: ViT layer scales ``gamma_1``/``gamma_2`` that the default rules rename).
-TIMM_KEY_RULES: list[tuple[str, str]] = []
+
+# timm's names are the module names above (its gamma1..gamma3 are not ViT's gamma_1/gamma_2): no key rules; the
+# Fourier embedding is computed, so nothing needs fitting to another grid.
+ARCHITECTURE = Architecture(model_type="posenc_xcit", config=XCiTConfig, model=XCiT, timm_presets=TIMM_PRESETS)

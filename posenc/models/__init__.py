@@ -15,7 +15,7 @@ from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
-from posenc.models.layers import BlockTrace, Inspection, PosencModel
+from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -77,6 +77,7 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "NoTokenLayout",
     "PosencModel",
     "SamConfig",
     "SamViT",
@@ -90,6 +91,7 @@ __all__ = [
     "TransformersType",
     "TinyViT",
     "TinyViTConfig",
+    "TokenLayout",
     "ViTConfig",
     "VisionTransformer",
     "XCiT",

@@ -191,3 +191,32 @@ def test_fourier_feature_view_says_why_without_the_features(seen_xcit):
                      seen.loaded.model.inspect(torch.zeros(1, 3, 48, 80), position=False))  # fmt: skip
     with pytest.raises(views.ViewUnavailable, match="no Fourier features"):
         mechanisms.get("fourier").views[-1].draw(off, 0, (0, 0))
+
+
+def test_xca_blocks_say_why_they_have_no_token_map_and_class_attention_has_one_cls_query(tmp_path):
+    from posenc.models.layers import grid_pixels
+    from posenc.models.xcit import XCA_NO_LAYOUT
+
+    _timm(tmp_path)
+    model = load_posenc(tmp_path)
+    with torch.no_grad():
+        seen = model.inspect(torch.randn(1, 3, 48, 80))
+    for trace in seen.blocks[:2]:
+        assert trace.layout is None and trace.no_layout == XCA_NO_LAYOUT
+    for trace in seen.blocks[2:]:
+        layout = trace.layout
+        assert (layout.query_prefix, layout.query_grid, layout.key_prefix, layout.key_grid) == (("cls",), (0, 0), ("cls",), (3, 5))
+        assert layout.query_tokens.tolist() == [[0]] and layout.key_tokens.shape == (1, 16)
+        assert_close(layout.key_pixels[1:], grid_pixels((3, 5), 16))  # patch centres: (8, 8), (8, 24), ...
+        assert layout.grouped(trace.attn[0]).shape == (1, 4, 1, 16)
+
+
+def test_views_say_why_an_xca_block_has_no_attention_map_and_the_rest_still_draw(seen_xcit):
+    _, seen = seen_xcit
+    with pytest.raises(views.ViewUnavailable, match="block 0 of .*: cross-covariance attention: channels attend to channels"):
+        views.attention_view(seen, 0, (1, 1))
+    assert "channels attend to channels" in views.describe_block(seen, 1)
+    assert all(k.view is not None for k in mechanisms.kind_views(seen, "absolute", 0, (1, 1)))
+    shares, groups = views.prefix_attention_shares(seen)  # blocks, heads, (cls, patches)
+    assert groups == ("cls", "patches") and np.isnan(shares[:2]).all()
+    np.testing.assert_allclose(shares[2:].sum(-1), 1.0, atol=1e-5)

@@ -25,7 +25,7 @@ Without position (``position=False``) the Fourier term is left out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -111,6 +113,9 @@ class XCiTConfig:
     def from_dict(cls, data: dict[str, Any]) -> XCiTConfig:
         return config_from_dict(cls, data)
 
+
+#: Why an XCA block's inspection has no token layout.
+XCA_NO_LAYOUT = "cross-covariance attention: channels attend to channels, no token map"
 
 #: patch size -> the stride-2 convs of the patch embedding, as (output width / C) per conv
 _STEM_CONVS = {16: (8, 4, 2, 1), 8: (4, 2, 1)}
@@ -257,7 +262,8 @@ class XCABlock(nn.Module):
         x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
         if attn is None:
             return x, None
-        return x, BlockTrace(attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=tuple(grid))
+        return x, BlockTrace(attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=tuple(grid), layout=None,
+                             no_layout=XCA_NO_LAYOUT)  # fmt: skip
 
 
 class ClassAttention(nn.Module):
@@ -384,10 +390,15 @@ class XCiT(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits, the Fourier embedding as added, every XCA block's channel attention and every class attention.
 
-        ``blocks`` lists the XCA blocks (``attn``: (B, heads, C/heads, C/heads), channels over channels: no token map),
-        then the class-attention blocks (``attn``: (B, heads, 1, 1 + h*w), the cls query over cls + patches).
+        ``blocks`` lists the XCA blocks (``attn``: (B, heads, C/heads, C/heads), channels over channels: ``layout`` None,
+        ``no_layout`` says so), then the class-attention blocks (``attn``: (B, heads, 1, 1 + h*w), the cls query over
+        cls + patches: a layout with the cls token as the only query).
         """
         logits, grid, pos, feats, traces = self._run(x, need_weights=True, position=position)
+        pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
+        cls_query = global_layout(grid, pixels, ("cls",), query_grid=(0, 0), query_pixels=pixels[:0],
+                                  query_prefix=("cls",))  # one cls query over cls + patches  # fmt: skip
+        traces = traces[: self.config.depth] + [replace(t, layout=cls_query) for t in traces[self.config.depth :]]
         return Inspection(
             logits=logits,
             grid=grid,

@@ -29,15 +29,19 @@ import torch
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
+    CoaTConfig,
     EvaConfig,
     LeViTConfig,
     PosencModel,
     SamConfig,
     SwinConfig,
     SwinV2Config,
+    TwinsConfig,
     ViTConfig,
     XCiTConfig,
     build_model,
+    coat,
+    twins,
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
@@ -72,6 +76,9 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    # convolutional position: Twins' PEG (windowed and sub-sampled attention), CoaT's CPE and CRPE (factorised)
+    "twins_svt_small": ("twins_svt_small", TwinsConfig(**twins.TIMM_PRESETS["twins_svt_small"])),
+    "coat_tiny": ("coat_tiny", CoaTConfig(**coat.TIMM_PRESETS["coat_tiny"])),
     "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)

@@ -107,6 +107,10 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
         "LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", ("offset_bias",), 7_777_058, 76.526, "ImageNet-1k",
     ),
     ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", ("offset_bias",), 5_392_764, None, "ImageNet-1k"),
+    # Convolutional position (zero padding read by depthwise convs). Top-1 from timm's results-imagenet.csv.
+    ModelEntry("Twins-SVT-S", "timm/twins_svt_small.in1k", "twins", ("conv_pos",), 24_060_776, 81.678, "ImageNet-1k"),
+    ModelEntry("CoaT-Ti", "timm/coat_tiny.in1k", "coat", ("conv_pos", "conv_rel_pos"), 5_498_540, 78.426,
+               "ImageNet-1k"),
     # Fourier position embedding and channel (cross-covariance) attention; the tag trained with distillation (72.310,
     # the plain fb_in1k one has 69.962), same weights' shapes, no extra head
     ModelEntry("XCiT-Nano/16", "timm/xcit_nano_12_p16_224.fb_dist_in1k", "xcit", ("fourier",), 3_053_224, 72.310,

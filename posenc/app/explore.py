@@ -196,7 +196,7 @@ class ExploreHandlers:
         seen = views.inspect_image(loaded, path, input_size, name=key)
         progress(0.6, desc="Drawing the views")
         drawn = draw_mechanisms(seen, b, patch)
-        attention = views.attention_view(seen, b, patch)
+        attention, _ = views.try_view(lambda: views.attention_view(seen, b, patch))  # None: no token map (CoaT)
         prefix, _ = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))
         files = self.files.downloads(seen, patch, b)
         summary = summary_line(seen, patch, b)
@@ -221,7 +221,7 @@ class ExploreHandlers:
             "shown": shown,
             "picker": files.png("input", views.patch_picker(seen, patch)),
             "label": predictions(seen),
-            "attention": files.png("attention", attention.image),
+            "attention": files.png("attention", attention.image if attention else None),
             "prefix_attention": gr.Image(files.png("prefix_attention", prefix.image if prefix else None),
                                          visible=bool(prefix)),
         }

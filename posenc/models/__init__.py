@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from posenc.models.coat import CoaT, CoaTConfig
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
@@ -20,11 +21,12 @@ from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
+from posenc.models.twins import Twins, TwinsConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
 from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
-MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "xcit")
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -70,6 +72,8 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "BlockTrace",
+    "CoaT",
+    "CoaTConfig",
     "ConViT",
     "ConViTConfig",
     "Eva",
@@ -92,6 +96,8 @@ __all__ = [
     "TinyViT",
     "TinyViTConfig",
     "TokenLayout",
+    "Twins",
+    "TwinsConfig",
     "ViTConfig",
     "VisionTransformer",
     "XCiT",

@@ -43,17 +43,19 @@ from posenc.models import (
     SwinV2Config,
     TwinsConfig,
     ViTConfig,
+    XCiTConfig,
     build_model,
     coat,
     twins,
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
+from posenc.models.xcit import TIMM_PRESETS as XCIT_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -82,6 +84,7 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     # convolutional position: Twins' PEG (windowed and sub-sampled attention), CoaT's CPE and CRPE (factorised)
     "twins_svt_small": ("twins_svt_small", TwinsConfig(**twins.TIMM_PRESETS["twins_svt_small"])),
     "coat_tiny": ("coat_tiny", CoaTConfig(**coat.TIMM_PRESETS["coat_tiny"])),
+    "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

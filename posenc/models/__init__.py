@@ -23,9 +23,10 @@ from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
 from posenc.models.twins import Twins, TwinsConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
+from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
-MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat")
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -99,5 +100,7 @@ __all__ = [
     "TwinsConfig",
     "ViTConfig",
     "VisionTransformer",
+    "XCiT",
+    "XCiTConfig",
     "build_model",
 ]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
+from posenc.models import convit, eva, levit, mvitv2, sam, swin, swin_v2, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
+from posenc.models.mvitv2 import MViTv2, MViTv2Config
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
     "posenc_levit": (LeViTConfig, LeViT),
     "posenc_tiny_vit": (TinyViTConfig, TinyViT),
+    "posenc_mvitv2": (MViTv2Config, MViTv2),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -38,6 +40,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
     **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
+    **{name: (MViTv2Config, args) for name, args in mvitv2.TIMM_PRESETS.items()},
 }
 
 
@@ -63,6 +66,8 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "MViTv2",
+    "MViTv2Config",
     "PosencModel",
     "SamConfig",
     "SamViT",

@@ -31,6 +31,7 @@ from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
     EvaConfig,
     LeViTConfig,
+    MViTv2Config,
     PosencModel,
     SamConfig,
     SwinConfig,
@@ -40,11 +41,13 @@ from posenc.models import (
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
+from posenc.models.mvitv2 import TIMM_PRESETS as MVITV2_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig
+                         | MViTv2Config]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -70,6 +73,8 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    # pooling attention with the decomposed bias on the pooled key grid (56x56 queries over 14x14 keys in stage 0)
+    "mvitv2_tiny": ("mvitv2_tiny", MViTv2Config(**MVITV2_PRESETS["mvitv2_tiny"])),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

@@ -223,3 +223,13 @@ def test_mvitv2_saved_by_posenc_loads_back_the_same(tmp_path, monkeypatch):
     x = torch.randn(1, 3, 48, 80)
     with torch.no_grad():
         assert_close(again(x), model(x))
+
+
+def test_curated_mvitv2_entry_counts_the_parameters_of_the_model_it_names():
+    from posenc.registry import HUB_MODELS
+
+    entry = next(e for e in HUB_MODELS if e.architecture == "mvitv2")
+    cfg = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
+    with torch.device("meta"):
+        assert MViTv2(cfg).num_params() == entry.num_params
+    assert entry.family == cfg.position_encoding == "decomposed"

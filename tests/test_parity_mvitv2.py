@@ -233,3 +233,18 @@ def test_curated_mvitv2_entry_counts_the_parameters_of_the_model_it_names():
     with torch.device("meta"):
         assert MViTv2(cfg).num_params() == entry.num_params
     assert entry.family == cfg.position_encoding == "decomposed"
+
+
+def test_mvitv2_pooled_tokens_sit_at_the_centre_of_what_they_pool():
+    cfg = MViTv2Config(**TIMM_PRESETS["mvitv2_tiny"][1])
+    grids = cfg.block_grids()
+    assert [(g.query, g.key) for g in grids[:4]] == [((56, 56), (14, 14)), ((28, 28), (28, 28)),
+                                                     ((28, 28), (14, 14)), ((14, 14), (28, 28))]
+    assert [(g.query_stride, g.key_stride) for g in grids[:4]] == [((4, 4), (16, 16)), ((8, 8), (8, 8)),
+                                                                   ((8, 8), (16, 16)), ((16, 16), (8, 8))]
+    # average the input-pixel rows of stage 0's tokens (centres at 2 + 4i) with each key pooling window: the
+    # interior keys land on 2 + 16j, the centre token of their 3x3 window
+    rows = (2 + 4 * torch.arange(56.0))[None, None, :, None].expand(1, 1, 56, 56)
+    pooled = torch.nn.functional.avg_pool2d(rows, 3, stride=4, padding=1)[0, 0, 1:, 1]  # interior keys
+    assert_close(pooled, 2 + grids[0].key_stride[0] * torch.arange(1.0, 14.0))
+    assert cfg.block_grids((6, 10))[-1].query == (1, 2)  # a 24x40 input: every grid still divides

@@ -70,6 +70,16 @@ class BlockPlan(NamedTuple):
     stride_kv: Size2
 
 
+class BlockGrids(NamedTuple):
+    """The token grids of one block: its input, its pooled queries (= its output) and its pooled keys/values."""
+
+    input: Size2
+    query: Size2
+    key: Size2
+    query_stride: Size2  # input pixels between neighbouring queries
+    key_stride: Size2  # input pixels between neighbouring keys
+
+
 @dataclass(frozen=True)
 class MViTv2Config:
     """Everything that defines an MViTv2; saved as ``config.json``. Field names are timm's ``MultiScaleVitCfg``'s."""
@@ -189,15 +199,24 @@ class MViTv2Config:
                 dim = outs[j]
         return plans
 
-    def block_grids(self, grid: Size2 | None = None) -> list[tuple[Size2, Size2, Size2]]:
-        """Each block's (input grid, query grid, key grid) for a stage-0 grid (default the native one)."""
+    def block_grids(self, grid: Size2 | None = None) -> list[BlockGrids]:
+        """Each block's grids and where their tokens sit, for a stage-0 grid (default the native one).
+
+        A stage-0 token (i, j) sits at the centre of its stride cell, ``(i + 0.5) * patch_size`` pixels (the
+        patch convention of every posenc model); a pooled token at the centre of the window it pools (a 3x3 window
+        with padding 1 is centred on input token ``stride * t``), so token t of any grid is at
+        ``patch_size / 2 + t * token_stride`` pixels.
+        """
         grid = tuple(grid or self.grid)
+        stride = (self.patch_size, self.patch_size)  # input pixels per token of ``grid``
         out = []
         for plan in self.blocks():
             q = _pooled(grid, self.kernel_qkv, plan.stride_q)
             k = _pooled(grid, self.kernel_qkv, plan.stride_kv)
-            out.append((grid, q, k))
-            grid = q
+            q_stride = (stride[0] * plan.stride_q[0], stride[1] * plan.stride_q[1])
+            k_stride = (stride[0] * plan.stride_kv[0], stride[1] * plan.stride_kv[1])
+            out.append(BlockGrids(grid, q, k, q_stride, k_stride))
+            grid, stride = q, q_stride
         return out
 
     @classmethod
@@ -412,7 +431,7 @@ class MViTv2(PosencModel):
         plans, grids = config.blocks(), config.block_grids()
         rates = drop_path_rates(config.drop_path_rate, len(plans))
         blocks = []
-        for plan, (_, q, k), rate in zip(plans, grids, rates):
+        for plan, (_, q, k, _, _), rate in zip(plans, grids, rates):
             rel_size = (2 * max(q[0], k[0]) - 1, 2 * max(q[1], k[1]) - 1) if config.rel_pos_type == "spatial" else None
             blocks.append(MultiScaleBlock(config, plan, rel_size, rate))
         self.stages = nn.ModuleList()
@@ -454,8 +473,8 @@ class MViTv2(PosencModel):
         grids = cfg.block_grids((size[0] // cfg.patch_size, size[1] // cfg.patch_size))
         p = cfg.num_prefix_tokens
         copies = 2 if cfg.rel_pos_type == "spatial" else 1
-        return sum(plan.num_heads * (p + q[0] * q[1]) * (p + k[0] * k[1]) * 4 * copies
-                   for plan, (_, q, k) in zip(cfg.blocks(), grids))  # fmt: skip
+        return sum(plan.num_heads * (p + g.query[0] * g.query[1]) * (p + g.key[0] * g.key[1]) * 4 * copies
+                   for plan, g in zip(cfg.blocks(), grids))  # fmt: skip
 
     def absolute_embedding(self, grid: Size2) -> Tensor | None:
         """(1, P + h*w, C) absolute embedding for a stage-0 grid (resampled bicubically), or None."""

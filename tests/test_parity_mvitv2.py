@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from timm.models import mvitv2 as tm
 from timm.models import save_for_hf
 from torch.testing import assert_close
 
 import posenc
+from posenc import mechanisms, views
 from posenc.convert import UnsupportedModelError, check_state_dict, config_from_timm, convert_state_dict
 from posenc.encodings import decomposed_rel_pos, decomposed_rel_pos_bias, decomposed_rel_pos_factors
 from posenc.models import TIMM_PRESETS, MViTv2, MViTv2Config
+from posenc.preprocess import build_transform, load_image
 from tests.test_parity import perturb
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -248,3 +252,50 @@ def test_mvitv2_pooled_tokens_sit_at_the_centre_of_what_they_pool():
     pooled = torch.nn.functional.avg_pool2d(rows, 3, stride=4, padding=1)[0, 0, 1:, 1]  # interior keys
     assert_close(pooled, 2 + grids[0].key_stride[0] * torch.arange(1.0, 14.0))
     assert cfg.block_grids((6, 10))[-1].query == (1, 2)  # a 24x40 input: every grid still divides
+
+
+# ------------------------------------------------------------------------------------------- views
+
+PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("block", "query", "key_grid"), [(0, (9, 5), (4, 4)), (2, (2, 1), (8, 8))],
+                         ids=["stage0-16x16-queries-over-4x4-keys", "stage2-4x4-queries-over-8x8-keys"])
+def test_decomposed_bias_view_draws_timms_bias_on_the_pooled_key_grid(tmp_path, monkeypatch, block, query, key_grid):
+    ref = saved_timm(tmp_path, monkeypatch, "mvitv2_small_cls")
+    loaded = posenc.load(str(tmp_path))
+    seen = views.inspect_image(loaded, PHOTO)
+    pixels = build_transform(loaded.preprocess)(load_image(PHOTO))  # what inspect_image gave the model
+    calls = _record_timm_logits(monkeypatch)
+    with torch.no_grad():
+        ref(pixels[None])
+    before, after = calls[block]
+    qw = seen.inspection.blocks[block].grid[1]
+    expected = (after - before)[0, :, 1 + query[0] * qw + query[1], 1:].reshape(-1, *key_grid)  # heads, kh, kw
+    patch = (9, 5)  # input patch whose centre is nearest this block's query (and on it by row-major scaling too)
+    view = mechanisms.get("decomposed").views[0].draw(seen, block, patch)
+    np.testing.assert_allclose(view.arrays["decomposed_bias"], expected.numpy(), atol=1e-4)
+    factors = mechanisms.get("decomposed").views[1].draw(seen, block, patch)
+    total = factors.arrays["bias_row_term"] + factors.arrays["bias_column_term"]
+    np.testing.assert_allclose(total, expected.numpy(), atol=1e-4)
+
+
+def test_decomposed_stage_view_draws_every_stage_on_its_pooled_key_grid(tmp_path, monkeypatch):
+    saved_timm(tmp_path, monkeypatch, "mvitv2_tiny")
+    loaded = posenc.load(str(tmp_path))
+    seen = views.inspect_image(loaded, PHOTO)
+    view = mechanisms.get("decomposed").views[2].draw(seen, 3, (9, 5))
+    shapes = {k: v.shape for k, v in view.arrays.items()}
+    assert shapes == {"stage0_decomposed_bias": (1, 4, 4), "stage1_decomposed_bias": (2, 8, 8),
+                      "stage2_decomposed_bias": (4, 8, 8)}  # heads, pooled key grid of each stage's first block
+    per_block = mechanisms.get("decomposed").views[0].draw(seen, 2, (9, 5))  # block 2 opens stage 2
+    np.testing.assert_allclose(view.arrays["stage2_decomposed_bias"], per_block.arrays["decomposed_bias"])
+    assert view.image.height > 3 * 200
+
+
+def test_decomposed_stage_view_says_why_a_single_stage_model_has_none(tmp_path):
+    cfg = MViTv2Config(depths=(2,), embed_dim=16, num_heads=1, stride_q=((1, 1),), img_size=32, num_classes=3)
+    MViTv2(cfg).save_pretrained(tmp_path)
+    seen = views.inspect_image(posenc.load(str(tmp_path)), PHOTO)
+    with pytest.raises(views.ViewUnavailable, match="no stages of decomposed-bias blocks"):
+        mechanisms.get("decomposed").views[2].draw(seen, 0, (0, 0))

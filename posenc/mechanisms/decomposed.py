@@ -8,7 +8,10 @@ the block used (``BlockTrace.position["rel_h"]`` and ``["rel_w"]``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from PIL import Image
 import torch
 
 from posenc import viz
@@ -31,8 +34,8 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
     """The clicked query's row and column terms over the keys it attends to, on the block's grid.
 
     Returns:
-        (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` (NaN for keys
-        outside the query's window), and the query on the block's grid.
+        (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` over the key
+        grid (NaN for keys outside the query's window), and where to outline the query on that grid.
     """
     trace = seen.inspection.blocks[block]
     if "rel_h" not in trace.position:
@@ -44,11 +47,13 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key's row inside the attended map
     cols = torch.arange(kw).repeat(kh)  # kh*kw
-    if trace.window is None:
+    if trace.window is None:  # the keys may be pooled to a (kh, kw) grid other than the queries' (MViTv2)
         index = query[0] * trace.grid[1] + query[1]
         fh, fw = rel_h[:, index], rel_w[:, index]  # heads, kh / heads, kw
-        row_term, col_term = fh[:, rows].reshape(-1, *trace.grid), fw[:, cols].reshape(-1, *trace.grid)  # heads, gh, gw
-        return row_term.numpy(), col_term.numpy(), query
+        row_term, col_term = fh[:, rows].reshape(-1, kh, kw), fw[:, cols].reshape(-1, kh, kw)  # heads, kh, kw
+        # the key nearest the query (both grids evenly cover the image; a tie goes to the lower key)
+        key = tuple(min(max(math.ceil(q * k / g - 0.5), 0), k - 1) for q, k, g in zip(query, (kh, kw), trace.grid))
+        return row_term.numpy(), col_term.numpy(), key
     keys = _window_keys(seen, trace, patch)
     fh = rel_h[keys.window_index, :, keys.query_index]  # heads, Wh
     fw = rel_w[keys.window_index, :, keys.query_index]  # heads, Ww
@@ -78,28 +83,64 @@ def factors(seen: Seen, block: int, patch: Patch) -> View:
     return View(sheet.image, {"bias_row_term": row_term, "bias_column_term": col_term})
 
 
+def stage_biases(seen: Seen, block: int, patch: Patch) -> View:
+    """The clicked query's bias over the (pooled) key grid of every stage, one sheet per stage (its first block).
+
+    Raises:
+        ViewUnavailable: a model whose blocks are all one stage (the per-block view shows each).
+    """
+    firsts = {}
+    for i, trace in enumerate(seen.inspection.blocks):
+        if "rel_h" in trace.position:
+            firsts.setdefault(trace.stage, i)
+    if len(firsts) < 2:
+        raise ViewUnavailable(f"{seen.name} has no stages of decomposed-bias blocks on different grids; "
+                              "the per-block view shows each block's bias")  # fmt: skip
+    sheets, arrays = [], {}
+    for stage, i in firsts.items():
+        row_term, col_term, key = query_factors(seen, i, patch)
+        bias = row_term + col_term  # heads, kh, kw
+        trace = seen.inspection.blocks[i]
+        title = (f"{seen.name}, stage {stage} (block {i}): decomposed bias from input patch {tuple(patch)} "
+                 f"({_DEPENDS})\n"
+                 f"{trace.grid[0]}x{trace.grid[1]} queries over {bias.shape[1]}x{bias.shape[2]} pooled keys; "
+                 "the query is outlined on the key grid")  # fmt: skip
+        sheets.append(viz.query_bias_overlays(seen.photo, bias, key, title=title).image)
+        arrays[f"stage{stage}_decomposed_bias"] = bias
+    out = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), (255, 255, 255))
+    y = 0
+    for sheet in sheets:  # left-aligned: the app's scrolling box shows the left of a wide sheet first
+        out.paste(sheet, (0, y))
+        y += sheet.height
+    return View(out, arrays)
+
+
 MECHANISMS = (
     Mechanism(
         "decomposed",
         "decomposed relative bias (query-dependent)",
         "a relative bias computed from each query's content and two learned tables of row and column offsets "
-        "(SAM, ViTDet).",
+        "(SAM, ViTDet, MViTv2).",
         "relative",
         "The bias is q\u00b7R_h[\u0394row] + q\u00b7R_w[\u0394col]: the query's dot product with learned embeddings "
         "of the row and column offsets. It depends on the image, so it is drawn for the clicked patch of this "
         "image, per head, over the keys it attends to (its window in windowed blocks; the grid is padded at the "
         "bottom and right to whole windows and the padded keys are not drawn). Below: its two terms, along rows "
-        "and along columns.",
+        "and along columns. Where keys are pooled (MViTv2), the bias is drawn on the pooled key grid, the query "
+        "outlined at its nearest key; the last view shows it for the first block of every stage.",
         {
-            "rel_h": "BlockTrace.position: (B, [nW,] heads, N, h) each query's dot product with its row offsets",
-            "rel_w": "BlockTrace.position: (B, [nW,] heads, N, w) each query's dot product with its column offsets",
-            "rel_pos_h": "BlockTrace.position: (h, h, head_dim) the row offset embeddings used (resized table)",
-            "rel_pos_w": "BlockTrace.position: (w, w, head_dim) the column offset embeddings used",
+            "rel_h": "BlockTrace.position: (B, [nW,] heads, Nq, kh) each query's dot product with its row offsets "
+                     "to the kh key rows (kh = h unless keys are pooled)",
+            "rel_w": "BlockTrace.position: (B, [nW,] heads, Nq, kw) each query's dot product with its column offsets",
+            "rel_pos_h": "BlockTrace.position: (h, kh, head_dim) the row offset embeddings used (resized table)",
+            "rel_pos_w": "BlockTrace.position: (w, kw, head_dim) the column offset embeddings used",
         },
         (
             ViewSpec("decomposed_bias", "Decomposed bias of the clicked query (depends on the image)", query_bias,
                      per_block=True, compare=True),
             ViewSpec("decomposed_factors", "Its row and column terms (depend on the image)", factors, per_block=True),
+            ViewSpec("decomposed_stages", "The bias on each stage's pooled key grid (depends on the image)",
+                     stage_biases),
         ),
     ),
 )

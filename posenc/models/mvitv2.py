@@ -119,9 +119,9 @@ class MViTv2Config:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**16:
                 object.__setattr__(self, name, tuple(value * 2**i for i in range(stages)))
+        normalise_config(self)
         if not self.stride_kv and self.stride_kv_adaptive is not None:
             object.__setattr__(self, "stride_kv", _adaptive_kv_strides(self.stride_q, self.stride_kv_adaptive))
-        normalise_config(self)
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
         for name in ("embed_dim", "num_heads", "stride_q", "stride_kv"):
             if len(getattr(self, name)) != stages:

@@ -1,6 +1,6 @@
 """End-to-end app request latency: what one Explore-tab request of the app costs, stage by stage.
 
-A request is :meth:`posenc.ui.Handlers.analyse` with the model already in the app's cache: read and
+A request is :meth:`posenc.app.api.ApiHandlers.analyse` with the model already in the app's cache: read and
 preprocess the image, one inspection forward pass, every view the Explore tab draws, the ``.npz`` export
 and the PNG files it hands Gradio (also the user's downloads). Each stage is timed on its own in the
 order the handler runs them, and the whole handler call is timed as the request.
@@ -33,7 +33,7 @@ from posenc.models import FAMILIES, build_model
 from posenc.preprocess import build_transform, load_image
 from posenc.registry import bundled_models
 from posenc.train import cifar_model
-from posenc.ui import Catalog, Handlers, HubStatus, ModelCache
+from posenc.app import Catalog, Handlers, HubStatus, ModelCache
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
     loaded = cache.get(source)
 
     def request() -> None:  # the handler writes every view as PNG (its downloads) and hands Gradio the paths
-        handlers.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
+        handlers.api.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
 
     stages: dict[str, list[float]] = {}
     for _ in range(args.warmup):

@@ -61,7 +61,7 @@ FAMILY_VIEW = {  # family -> (endpoint of its position view, whether it takes th
 }
 GRID = 8  # the CIFAR-10 presets see 32x32 inputs as an 8x8 patch grid
 MIN_DEPTH = 6  # blocks 0..5 exist in every preset
-DROPPED = "model cache: dropped "  # posenc.ui.ModelCache's log line for an eviction
+DROPPED = "model cache: dropped "  # posenc.app.ModelCache's log line for an eviction
 
 
 # --------------------------------------------------------------------------------------------- models and images

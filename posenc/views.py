@@ -330,29 +330,6 @@ def num_blocks(loaded: LoadedModel) -> int:
     return loaded.model.num_blocks
 
 
-def pick_block(seen: Seen, which: str | float | None) -> int:
-    """A block by position, ``"first"``, ``"middle"`` or ``"last"``, or by index (checked)."""
-    positions = {"first": 0, "middle": (seen.num_blocks - 1) // 2, "last": seen.num_blocks - 1}
-    if isinstance(which, str) and which.strip().lower() in positions:
-        return positions[which.strip().lower()]
-    if isinstance(which, str):
-        try:
-            which = float(which)
-        except ValueError:
-            raise ValueError(f"block {which!r} is not 'first', 'middle', 'last' or a block index") from None
-    return check_block(seen, which)
-
-
-def check_block(seen: Seen, block: float | None) -> int:
-    """The block index as an int in range; None gives block 0."""
-    if block is None:
-        return 0
-    b = int(block)
-    if b != block or not 0 <= b < seen.num_blocks:
-        raise ValueError(f"block {block} does not exist: {seen.name} has blocks 0..{seen.num_blocks - 1}")
-    return b
-
-
 def _attention_modules(seen: Seen) -> list[Attention]:
     """Every block's attention module, in the order of ``Inspection.blocks``."""
     model = seen.loaded.model

@@ -319,7 +319,7 @@ def _noop_progress(*args, **kwargs) -> None:
 
 @pytest.mark.parametrize("family", ["learned", "windowed"])
 def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_path):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / f"cifar10-{family}"
     if not (folder / "model.safetensors").is_file():
@@ -349,7 +349,7 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
 
 
 def test_measure_tab_says_when_filters_do_not_apply(tmp_path, monkeypatch):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-none"))
     monkeypatch.setattr(loaded.model.patch_embed, "proj", torch.nn.Identity())  # no plain patch conv any more
@@ -359,7 +359,7 @@ def test_measure_tab_says_when_filters_do_not_apply(tmp_path, monkeypatch):
 
 
 def test_app_has_a_named_endpoint_per_measurement():
-    from posenc.ui import create_demo
+    from posenc.app import create_demo
 
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
@@ -425,7 +425,7 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
 
 
 def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_tabs_default(tmp_path, monkeypatch):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-learned"))
     native = views.native_size(loaded)
@@ -439,8 +439,8 @@ def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_ta
 
 
 def test_measure_plots_keep_their_buttons_above_the_title():
-    from posenc.ui_measure import _image
+    from posenc.app.common import view_image
 
     with gr.Blocks():
-        image = _image("distance", "measure-distance")
-    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.ui.CSS)
+        image = view_image("distance", elem_id="measure-distance")
+    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.app.demo.CSS)

@@ -55,7 +55,7 @@ from posenc.labels import CIFAR10_LABELS
 from posenc.models import FAMILIES, ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS
-from posenc.ui import QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
+from posenc.app import QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -434,7 +434,7 @@ def test_failed_download_probes_the_hub_again_and_downloads_stop_only_when_it_is
 
     handlers = Handlers(cache=ModelCache(failing), catalog=Catalog.build(checkpoints, (), []), hub=status)
     with pytest.raises(gr.Error, match="was interrupted"):
-        handlers.predict({"path": str(photo)}, "someone/model", progress=lambda *a, **k: None)
+        handlers.api.predict({"path": str(photo)}, "someone/model", progress=lambda *a, **k: None)
     assert answers == [], "the Hub was probed again"
     assert status.online() is still_reachable
 

@@ -108,7 +108,7 @@ def test_app_analyses_a_headless_timm_checkpoint_without_failing(tmp_path, name,
     import timm
     from timm.models import save_for_hf
 
-    from posenc.ui import Catalog, Handlers, HubStatus, ModelCache
+    from posenc.app import Catalog, Handlers, HubStatus, ModelCache
 
     folder = tmp_path / name
     torch.manual_seed(0)
@@ -118,6 +118,6 @@ def test_app_analyses_a_headless_timm_checkpoint_without_failing(tmp_path, name,
                         hub=HubStatus(lambda: False))
     image = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(image)
-    out = handlers.analyse(str(image), str(folder.resolve()), None, 1, 1, 2, progress=lambda *a, **k: None)
+    out = handlers.api.analyse(str(image), str(folder.resolve()), None, 1, 1, 2, progress=lambda *a, **k: None)
     assert out[1] == views.NO_CLASSIFIER  # the label shows the words, not a 0 % class
     assert out[-3] is not None and out[-2] is not None  # the attention picture and the .npz

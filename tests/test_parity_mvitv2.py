@@ -236,7 +236,7 @@ def test_curated_mvitv2_entry_counts_the_parameters_of_the_model_it_names():
     cfg = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": 1000})
     with torch.device("meta"):
         assert MViTv2(cfg).num_params() == entry.num_params
-    assert entry.family == cfg.position_encoding == "decomposed"
+    assert entry.mechanisms == cfg.mechanisms == ("decomposed",)
 
 
 def test_mvitv2_pooled_tokens_sit_at_the_centre_of_what_they_pool():

@@ -43,8 +43,10 @@ from posenc.encodings import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_factors,
     resample_abs_pos_embed,
+    resize_rel_pos,
     to_2tuple,
 )
+from posenc.models.declare import TIMM_RULES, Architecture, StateDict, resample_pos_embed
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -159,10 +161,6 @@ class MViTv2Config:
     def pool(self) -> str:
         """How the head pools the tokens: timm's default is the cls token when there is one, else the mean."""
         return self.global_pool or ("token" if self.use_cls_token else "avg")
-
-    @property
-    def position_encoding(self) -> str:
-        return "decomposed" if self.rel_pos_type == "spatial" else ("learned" if self.use_abs_pos else "none")
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -456,10 +454,6 @@ class MViTv2(PosencModel):
                 nn.init.trunc_normal_(p, std=0.02)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         return sum(self.config.depths)
 
@@ -541,3 +535,27 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "mvitv2_large_cls": dict(depths=(2, 6, 36, 4), embed_dim=144, num_heads=2, use_cls_token=True),
     "mvitv2_huge_cls": dict(depths=(4, 8, 60, 8), embed_dim=192, num_heads=3, use_cls_token=True),
 }
+
+
+def fit_positions(state_dict: StateDict, config: MViTv2Config) -> StateDict:
+    """Fit a checkpoint's tables to the config's grids: each ``rel_pos_h`` / ``rel_pos_w`` of another length is
+    resized linearly (timm's ``checkpoint_filter_fn`` rule), a square ``pos_embed`` resampled bicubically."""
+    out = resample_pos_embed(state_dict, config.grid, config.num_prefix_tokens)
+    blocks = [(i, j) for i, depth in enumerate(config.depths) for j in range(depth)]
+    for (i, j), grids in zip(blocks, config.block_grids()):
+        for axis, name in enumerate(("rel_pos_h", "rel_pos_w")):
+            key = f"stages.{i}.blocks.{j}.attn.{name}"
+            length = 2 * max(grids.query[axis], grids.key[axis]) - 1
+            if key in out and out[key].ndim == 2 and out[key].shape[0] != length:
+                out[key] = resize_rel_pos(out[key], length)  # length, hd
+    return out
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_mvitv2",
+    config=MViTv2Config,
+    model=MViTv2,
+    timm_presets=TIMM_PRESETS,
+    timm_rules=TIMM_RULES,  # head.fc -> head; every other name is timm's
+    fit_positions=fit_positions,
+)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bench.common import ROOT, SHARED_DATA, parse_args, summary, time_call, write_result
-from posenc import views, viz
+from posenc import mechanisms, views, viz
 from posenc.hub import LoadedModel, load
 from posenc.models import build_model
 from posenc.preprocess import build_transform, load_image
@@ -91,11 +91,15 @@ def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> dict[st
     patch, block = views.default_patch(seen.grid), 0
     timed("patch_picker", lambda: views.patch_picker(seen, patch))
     timed("predictions", lambda: views.predictions(seen))
-    absolute, _ = timed("absolute_views", lambda: views.try_view(lambda: views.absolute_views(seen, patch)))
-    relative, _ = timed("relative_views", lambda: views.try_view(lambda: views.relative_views(seen, block, patch)))
-    rope, _ = timed("rope_view", lambda: views.try_view(lambda: views.rope_view(seen, patch)))
+    def kind(name: str) -> tuple[Any, ...]:
+        found, _ = views.try_view(lambda: mechanisms.kind_views(seen, name, block, patch))
+        return tuple(k.view for k in found or ())
+
+    absolute = timed("absolute_views", lambda: kind("absolute"))
+    relative = timed("relative_views", lambda: kind("relative"))
+    rope = timed("rope_view", lambda: kind("rotary"))
     attention = timed("attention_view", lambda: views.attention_view(seen, block, patch))
-    drawn = [*(absolute or ()), *(relative or ()), rope, attention]
+    drawn = [*absolute, *relative, *rope, attention]
     timed("export_npz", lambda: views.save_npz(export_dir / "request.npz", seen, patch, block, drawn))
     images = [views.patch_picker(seen, patch)] + [v.image for v in drawn if v is not None]
     timed("png_encode", lambda: [viz.save_png(img, export_dir / f"view{i}.png") for i, img in enumerate(images)])

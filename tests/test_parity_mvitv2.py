@@ -293,9 +293,14 @@ def test_decomposed_stage_view_draws_every_stage_on_its_pooled_key_grid(tmp_path
     assert view.image.height > 3 * 200
 
 
-def test_decomposed_stage_view_says_why_a_single_stage_model_has_none(tmp_path):
+def test_decomposed_stage_view_of_a_single_stage_model_is_its_first_block(tmp_path):
     cfg = MViTv2Config(depths=(2,), embed_dim=16, num_heads=1, stride_q=((1, 1),), img_size=32, num_classes=3)
     MViTv2(cfg).save_pretrained(tmp_path)
     seen = views.inspect_image(posenc.load(str(tmp_path)), PHOTO)
-    with pytest.raises(views.ViewUnavailable, match="no stages of decomposed-bias blocks"):
-        mechanisms.get("decomposed").views[2].draw(seen, 0, (0, 0))
+    view = mechanisms.get("decomposed").views[2].draw(seen, 1, (3, 2))
+    first = mechanisms.get("decomposed").views[0].draw(seen, 0, (3, 2))
+    assert list(view.arrays) == ["stage0_decomposed_bias"]
+    np.testing.assert_allclose(view.arrays["stage0_decomposed_bias"], first.arrays["decomposed_bias"])
+    layout = seen.inspection.blocks[0].tokens()
+    assert layout.key_grid == (layout.query_grid[0] // 4, layout.query_grid[1] // 4)  # keys pooled by 4
+    assert first.arrays["decomposed_bias"].shape == (1, *layout.key_grid)

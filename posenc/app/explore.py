@@ -197,7 +197,7 @@ class ExploreHandlers:
         progress(0.6, desc="Drawing the views")
         drawn = draw_mechanisms(seen, b, patch)
         attention = views.attention_view(seen, b, patch)
-        prefix = views.prefix_attention_view(seen, b, patch) if seen.inspection.num_prefix_tokens else None
+        prefix, _ = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))
         files = self.files.downloads(seen, patch, b)
         summary = summary_line(seen, patch, b)
         native = views.native_size(loaded)

@@ -48,7 +48,9 @@ native input size:
 * **Mean attention distance** (ViT paper, Fig. 7 right): per block and head, the attention-weighted distance in
   input pixels between a query patch and the key patches, averaged over query patches; pick a second model to
   compare (one colour per model). Prefix tokens (cls, distillation, registers) are dropped as queries and keys
-  and the rest is not renormalised; windowed (Swin) blocks are measured on their own stage grid.
+  and the rest is not renormalised. Every token sits where its block's token layout puts it: windowed blocks
+  place each token before the shift and drop padding, subsampled or pooled blocks measure from each query to each
+  key, and a block without token-to-token attention is left out with a note.
 * **Patch-embedding filters** (Fig. 7 left): the top 28 principal components of the patch-embedding conv as RGB.
 * **Position reliance**: the prediction against the image with its patches shuffled (seeds 0, 1, 2) and against
   the model with every position term removed: top-1 agreement, KL divergence, probability of the original class.
@@ -126,7 +128,7 @@ class MeasureHandlers:
         for key, one in (("", seen), ("compared_", other)):
             if one is None:
                 continue
-            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection, one.size)]
+            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection)]
             series[one.name if one.name not in series else f"{one.name} (2)"] = heads
             arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
         title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"

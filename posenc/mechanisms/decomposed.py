@@ -8,24 +8,14 @@ the block used (``BlockTrace.position["rel_h"]`` and ``["rel_w"]``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from PIL import Image
 import torch
+from PIL import Image
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import (
-    Patch,
-    Seen,
-    View,
-    ViewUnavailable,
-    _block_patch,
-    _window_keys,
-    describe_block,
-    window_row_to_grid,
-)
+from posenc.queries import key_values
+from posenc.views import Patch, Seen, View, ViewUnavailable, block_query, describe_block
 
 _DEPENDS = "computed from this query's content: it changes with the image"
 
@@ -34,8 +24,8 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
     """The clicked query's row and column terms over the keys it attends to, on the block's grid.
 
     Returns:
-        (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` over the key
-        grid (NaN for keys outside the query's window), and where to outline the query on that grid.
+        (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` (NaN for keys
+        outside the query's window), and the query on the block's grid.
     """
     trace = seen.inspection.blocks[block]
     if "rel_h" not in trace.position:
@@ -43,21 +33,21 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
             f"{seen.name} block {block} adds no decomposed relative bias (none in this model, or position terms off); "
             "pick a SAM or ViTDet model with relative positions")
     rel_h, rel_w = trace.position["rel_h"][0].float(), trace.position["rel_w"][0].float()  # [nW,] heads, N, kh / kw
-    query = _block_patch(seen, trace, patch)
+    query = block_query(seen, block, patch)
+    layout = trace.tokens()
+    if not layout.window_axis:  # global attention: one group
+        rel_h, rel_w = rel_h[None], rel_w[None]  # 1, heads, N, kh / kw
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key's row inside the attended map
+    rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key slot's row inside the attended map
     cols = torch.arange(kw).repeat(kh)  # kh*kw
-    if trace.window is None:  # the keys may be pooled to a (kh, kw) grid other than the queries' (MViTv2)
-        index = query[0] * trace.grid[1] + query[1]
-        fh, fw = rel_h[:, index], rel_w[:, index]  # heads, kh / heads, kw
-        row_term, col_term = fh[:, rows].reshape(-1, kh, kw), fw[:, cols].reshape(-1, kh, kw)  # heads, kh, kw
-        # the key nearest the query (both grids evenly cover the image; a tie goes to the lower key)
-        key = tuple(min(max(math.ceil(q * k / g - 0.5), 0), k - 1) for q, k, g in zip(query, (kh, kw), trace.grid))
-        return row_term.numpy(), col_term.numpy(), key
-    keys = _window_keys(seen, trace, patch)
-    fh = rel_h[keys.window_index, :, keys.query_index]  # heads, Wh
-    fw = rel_w[keys.window_index, :, keys.query_index]  # heads, Ww
-    return window_row_to_grid(trace, keys, fh[:, rows]), window_row_to_grid(trace, keys, fw[:, cols]), query
+    # the factors cover patch queries and patch keys only: prefix tokens (MViTv2's cls) get no bias
+    slot = query.slot - len(layout.query_prefix)
+    fh = rel_h[query.group, :, slot]  # heads, kh
+    fw = rel_w[query.group, :, slot]  # heads, kw
+    no_bias = fh.new_zeros(fh.shape[0], len(layout.key_prefix))  # heads, Pk
+    row_term, _ = key_values(layout, query.group, torch.cat([no_bias, fh[:, rows]], dim=-1))  # heads, hk, wk
+    col_term, _ = key_values(layout, query.group, torch.cat([no_bias, fw[:, cols]], dim=-1))  # heads, hk, wk
+    return row_term, col_term, query.patch
 
 
 def query_bias(seen: Seen, block: int, patch: Patch) -> View:
@@ -84,27 +74,28 @@ def factors(seen: Seen, block: int, patch: Patch) -> View:
 
 
 def stage_biases(seen: Seen, block: int, patch: Patch) -> View:
-    """The clicked query's bias over the (pooled) key grid of every stage, one sheet per stage (its first block).
+    """The clicked query's bias over the (pooled) key grid of every stage, one sheet per stage (its first block;
+    a single-stage model such as SAM gives one sheet).
 
     Raises:
-        ViewUnavailable: a model whose blocks are all one stage (the per-block view shows each).
+        ViewUnavailable: no block added a decomposed bias (position terms left out).
     """
     firsts = {}
     for i, trace in enumerate(seen.inspection.blocks):
         if "rel_h" in trace.position:
             firsts.setdefault(trace.stage, i)
-    if len(firsts) < 2:
-        raise ViewUnavailable(f"{seen.name} has no stages of decomposed-bias blocks on different grids; "
-                              "the per-block view shows each block's bias")  # fmt: skip
+    if not firsts:
+        raise ViewUnavailable(f"{seen.name} added no decomposed relative bias in this inspection (position terms "
+                              "off, or none in this model)")  # fmt: skip
     sheets, arrays = [], {}
     for stage, i in firsts.items():
         row_term, col_term, key = query_factors(seen, i, patch)
         bias = row_term + col_term  # heads, kh, kw
-        trace = seen.inspection.blocks[i]
+        layout = seen.inspection.blocks[i].tokens()
+        (qh, qw), (kh, kw) = layout.query_grid, layout.key_grid
         title = (f"{seen.name}, stage {stage} (block {i}): decomposed bias from input patch {tuple(patch)} "
-                 f"({_DEPENDS})\n"
-                 f"{trace.grid[0]}x{trace.grid[1]} queries over {bias.shape[1]}x{bias.shape[2]} pooled keys; "
-                 "the query is outlined on the key grid")  # fmt: skip
+                 f"({_DEPENDS})\n{qh}x{qw} queries over {kh}x{kw} pooled keys; the query is outlined at its "
+                 "nearest key")  # fmt: skip
         sheets.append(viz.query_bias_overlays(seen.photo, bias, key, title=title).image)
         arrays[f"stage{stage}_decomposed_bias"] = bias
     out = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), (255, 255, 255))
@@ -129,8 +120,8 @@ MECHANISMS = (
         "and along columns. Where keys are pooled (MViTv2), the bias is drawn on the pooled key grid, the query "
         "outlined at its nearest key; the last view shows it for the first block of every stage.",
         {
-            "rel_h": "BlockTrace.position: (B, [nW,] heads, Nq, kh) each query's dot product with its row offsets "
-                     "to the kh key rows (kh = h unless keys are pooled)",
+            "rel_h": "BlockTrace.position: (B, [nW,] heads, Nq, kh) each patch query's dot product with its row "
+                     "offsets to the kh key rows (kh = h unless keys are pooled; prefix tokens get no bias)",
             "rel_w": "BlockTrace.position: (B, [nW,] heads, Nq, kw) each query's dot product with its column offsets",
             "rel_pos_h": "BlockTrace.position: (h, kh, head_dim) the row offset embeddings used (resized table)",
             "rel_pos_w": "BlockTrace.position: (w, kw, head_dim) the column offset embeddings used",

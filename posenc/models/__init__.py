@@ -15,8 +15,8 @@ from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
+from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
 from posenc.models.mvitv2 import MViTv2, MViTv2Config
-from posenc.models.layers import BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -79,6 +79,7 @@ __all__ = [
     "Inspection",
     "MViTv2",
     "MViTv2Config",
+    "NoTokenLayout",
     "PosencModel",
     "SamConfig",
     "SamViT",
@@ -92,6 +93,7 @@ __all__ = [
     "TransformersType",
     "TinyViT",
     "TinyViTConfig",
+    "TokenLayout",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

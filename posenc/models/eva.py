@@ -51,6 +51,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -376,13 +378,15 @@ class Eva(PosencModel):
         """
         logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
         mixed = self.rope is not None and rope is not None
-        blocks = [
-            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
-                       position={"rope_angles": rope[i]} if mixed else {})
-            for i, t in enumerate(traces)
-        ]
         cfg = self.config
         names = ("cls",) if cfg.class_token else ()
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
+                               names + tuple(f"reg{i}" for i in range(cfg.num_reg_tokens)))
+        blocks = [
+            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
+                       position={"rope_angles": rope[i]} if mixed else {}, layout=layout)
+            for i, t in enumerate(traces)
+        ]
         return Inspection(
             logits=logits,
             grid=grid,

@@ -53,8 +53,11 @@ from posenc.models.layers import (
     Inspection,
     Mlp,
     PosencModel,
+    TokenLayout,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     normalise_config,
 )
 from posenc.preprocess import Preprocess
@@ -476,6 +479,13 @@ class MViTv2(PosencModel):
             return None
         return resample_abs_pos_embed(self.pos_embed, grid, self.config.grid, self.config.num_prefix_tokens)
 
+    def token_layout(self, grids: BlockGrids) -> TokenLayout:
+        """Where a block's queries and pooled keys sit (see :meth:`MViTv2Config.block_grids`); cls first, if any."""
+        first = self.config.patch_size / 2
+        prefix = ("cls",) * self.config.num_prefix_tokens
+        return global_layout(grids.key, grid_pixels(grids.key, grids.key_stride, first), prefix,
+                             query_grid=grids.query, query_pixels=grid_pixels(grids.query, grids.query_stride, first))
+
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, Tensor | None, list]:
         h, w = x.shape[-2:]
         step = self.config.size_step
@@ -492,14 +502,17 @@ class MViTv2(PosencModel):
             x = x + pos
         traces = []
         block_grid = grid
+        geometry = iter(self.config.block_grids(grid))
         for i, stage in enumerate(self.stages):
             for block in stage.blocks:
                 x, q_grid, k_grid, trace = block(x, block_grid, need_weights, position)
                 block_grid = q_grid
+                grids = next(geometry)
                 if trace is not None:
                     position_tensors = {k: trace[k] for k in ("rel_h", "rel_w", "rel_pos_h", "rel_pos_w") if k in trace}
                     traces.append(BlockTrace(attn=trace["attn"], attn_no_pos=trace["attn_no_pos"], pos_bias=None,
-                                             mask=None, grid=q_grid, stage=i, position=position_tensors))  # fmt: skip
+                                             mask=None, grid=q_grid, stage=i, position=position_tensors,
+                                             layout=self.token_layout(grids)))  # fmt: skip
         x = self.norm(x)
         p = self.config.num_prefix_tokens
         pooled = x[:, p:].mean(dim=1) if self.config.pool == "avg" else x[:, 0]  # B, C
@@ -512,8 +525,8 @@ class MViTv2(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus every block's attention over its pooled keys and the two factors of its decomposed bias.
 
-        ``blocks[i].grid`` is the block's query grid; its key grid is ``(rel_h.shape[-1], rel_w.shape[-1])``
-        (see :meth:`MViTv2Config.block_grids` for it without a bias).
+        ``blocks[i].grid`` is the block's query grid; ``blocks[i].layout`` says where its queries and pooled keys
+        sit (``key_grid``, input pixels of each token).
         """
         logits, grid, pos, traces = self._run(x, need_weights=True, position=position)
         p = self.config.num_prefix_tokens

@@ -44,7 +44,10 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
+    prefix_labels,
     normalise_config,
 )
 from posenc.preprocess import Preprocess
@@ -334,8 +337,11 @@ class VisionTransformer(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus the attention and the position tensors of every block (see :class:`Inspection`)."""
         logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
+        cfg = self.config
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
+                               prefix_labels(cfg.prefix_names, cfg.num_prefix_tokens))
         blocks = [
-            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=t.pos_bias, mask=None, grid=grid)
+            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=t.pos_bias, mask=None, grid=grid, layout=layout)
             for t in traces
         ]
         return Inspection(

@@ -37,6 +37,7 @@ from posenc.models import (
     CoaTConfig,
     EvaConfig,
     LeViTConfig,
+    MViTv2Config,
     PosencModel,
     SamConfig,
     SwinConfig,
@@ -51,11 +52,13 @@ from posenc.models import (
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
 from posenc.models.xcit import TIMM_PRESETS as XCIT_PRESETS
+from posenc.models.mvitv2 import TIMM_PRESETS as MVITV2_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig
+                         | MViTv2Config]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -85,6 +88,8 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "twins_svt_small": ("twins_svt_small", TwinsConfig(**twins.TIMM_PRESETS["twins_svt_small"])),
     "coat_tiny": ("coat_tiny", CoaTConfig(**coat.TIMM_PRESETS["coat_tiny"])),
     "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
+    # pooling attention with the decomposed bias on the pooled key grid (56x56 queries over 14x14 keys in stage 0)
+    "mvitv2_tiny": ("mvitv2_tiny", MViTv2Config(**MVITV2_PRESETS["mvitv2_tiny"])),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

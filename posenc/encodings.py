@@ -228,27 +228,28 @@ def decomposed_rel_pos_factors(q: Tensor, rel_h: Tensor, rel_w: Tensor, grid: Si
     """The two factors of the decomposed relative bias: each query's dot product with its row and column offsets.
 
     ``bias[q, k] = factor_h[q, row(k)] + factor_w[q, col(k)]`` with ``factor_h[q, kr] = q . R_h[row(q) - kr]``.
+    The key grid (kh, kw) may differ from the query grid (MViTv2 pools its keys).
 
     Args:
-        q: (..., h*w, head_dim) queries (unscaled), row-major over the grid.
-        rel_h: (h, h, head_dim) from :func:`decomposed_rel_pos` for the rows.
-        rel_w: (w, w, head_dim) for the columns.
-        grid: (h, w).
+        q: (..., h*w, head_dim) queries (unscaled), row-major over the query grid.
+        rel_h: (h, kh, head_dim) from :func:`decomposed_rel_pos` for the rows.
+        rel_w: (w, kw, head_dim) for the columns.
+        grid: (h, w) the query grid.
 
     Returns:
-        (..., h*w, h) and (..., h*w, w).
+        (..., h*w, kh) and (..., h*w, kw).
     """
     h, w = grid
     q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # ..., h, w, hd
-    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, h
-    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, w
-    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, h and ..., h*w, w
+    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, kh
+    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, kw
+    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, kh and ..., h*w, kw
 
 
 def decomposed_rel_pos_bias(factor_h: Tensor, factor_w: Tensor) -> Tensor:
-    """The bias of every (query, key) pair from its two factors: (..., N, h) and (..., N, w) -> (..., N, h*w)."""
-    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, h, w
-    return bias.flatten(-2)  # ..., N, h*w
+    """The bias of every (query, key) pair from its two factors: (..., N, kh) and (..., N, kw) -> (..., N, kh*kw)."""
+    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, kh, kw
+    return bias.flatten(-2)  # ..., N, kh*kw
 
 
 def pad_to_window(x: Tensor, window: Size2) -> Tensor:

@@ -115,6 +115,10 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
     # the plain fb_in1k one has 69.962), same weights' shapes, no extra head
     ModelEntry("XCiT-Nano/16", "timm/xcit_nano_12_p16_224.fb_dist_in1k", "xcit", ("fourier",), 3_053_224, 72.310,
                "ImageNet-1k"),
+    # Pooling attention with a decomposed relative bias on the pooled key grid (results-imagenet.csv: 82.410).
+    ModelEntry(
+        "MViTv2-T", "timm/mvitv2_tiny.fb_in1k", "mvitv2", ("decomposed",), 24_173_320, 82.410, "ImageNet-1k",
+    ),
     # Today's absolute-embedding ViTs (parameters counted from timm 1.0.31 builds, pretrained=False). Headless ones
     # have no top-1. results-imagenet.csv as indexed has no row for the sbb register models (timm's README gives
     # 84.930 for this one, but not that table), so its figure is left out.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
@@ -39,10 +40,13 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key slot's row inside the attended map
     cols = torch.arange(kw).repeat(kh)  # kh*kw
-    fh = rel_h[query.group, :, query.slot]  # heads, kh
-    fw = rel_w[query.group, :, query.slot]  # heads, kw
-    row_term, _ = key_values(layout, query.group, fh[:, rows])  # heads, hk, wk
-    col_term, _ = key_values(layout, query.group, fw[:, cols])  # heads, hk, wk
+    # the factors cover patch queries and patch keys only: prefix tokens (MViTv2's cls) get no bias
+    slot = query.slot - len(layout.query_prefix)
+    fh = rel_h[query.group, :, slot]  # heads, kh
+    fw = rel_w[query.group, :, slot]  # heads, kw
+    no_bias = fh.new_zeros(fh.shape[0], len(layout.key_prefix))  # heads, Pk
+    row_term, _ = key_values(layout, query.group, torch.cat([no_bias, fh[:, rows]], dim=-1))  # heads, hk, wk
+    col_term, _ = key_values(layout, query.group, torch.cat([no_bias, fw[:, cols]], dim=-1))  # heads, hk, wk
     return row_term, col_term, query.patch
 
 
@@ -69,28 +73,65 @@ def factors(seen: Seen, block: int, patch: Patch) -> View:
     return View(sheet.image, {"bias_row_term": row_term, "bias_column_term": col_term})
 
 
+def stage_biases(seen: Seen, block: int, patch: Patch) -> View:
+    """The clicked query's bias over the (pooled) key grid of every stage, one sheet per stage (its first block;
+    a single-stage model such as SAM gives one sheet).
+
+    Raises:
+        ViewUnavailable: no block added a decomposed bias (position terms left out).
+    """
+    firsts = {}
+    for i, trace in enumerate(seen.inspection.blocks):
+        if "rel_h" in trace.position:
+            firsts.setdefault(trace.stage, i)
+    if not firsts:
+        raise ViewUnavailable(f"{seen.name} added no decomposed relative bias in this inspection (position terms "
+                              "off, or none in this model)")  # fmt: skip
+    sheets, arrays = [], {}
+    for stage, i in firsts.items():
+        row_term, col_term, key = query_factors(seen, i, patch)
+        bias = row_term + col_term  # heads, kh, kw
+        layout = seen.inspection.blocks[i].tokens()
+        (qh, qw), (kh, kw) = layout.query_grid, layout.key_grid
+        title = (f"{seen.name}, stage {stage} (block {i}): decomposed bias from input patch {tuple(patch)} "
+                 f"({_DEPENDS})\n{qh}x{qw} queries over {kh}x{kw} pooled keys; the query is outlined at its "
+                 "nearest key")  # fmt: skip
+        sheets.append(viz.query_bias_overlays(seen.photo, bias, key, title=title).image)
+        arrays[f"stage{stage}_decomposed_bias"] = bias
+    out = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), (255, 255, 255))
+    y = 0
+    for sheet in sheets:  # left-aligned: the app's scrolling box shows the left of a wide sheet first
+        out.paste(sheet, (0, y))
+        y += sheet.height
+    return View(out, arrays)
+
+
 MECHANISMS = (
     Mechanism(
         "decomposed",
         "decomposed relative bias (query-dependent)",
         "a relative bias computed from each query's content and two learned tables of row and column offsets "
-        "(SAM, ViTDet).",
+        "(SAM, ViTDet, MViTv2).",
         "relative",
         "The bias is q\u00b7R_h[\u0394row] + q\u00b7R_w[\u0394col]: the query's dot product with learned embeddings "
         "of the row and column offsets. It depends on the image, so it is drawn for the clicked patch of this "
         "image, per head, over the keys it attends to (its window in windowed blocks; the grid is padded at the "
         "bottom and right to whole windows and the padded keys are not drawn). Below: its two terms, along rows "
-        "and along columns.",
+        "and along columns. Where keys are pooled (MViTv2), the bias is drawn on the pooled key grid, the query "
+        "outlined at its nearest key; the last view shows it for the first block of every stage.",
         {
-            "rel_h": "BlockTrace.position: (B, [nW,] heads, N, h) each query's dot product with its row offsets",
-            "rel_w": "BlockTrace.position: (B, [nW,] heads, N, w) each query's dot product with its column offsets",
-            "rel_pos_h": "BlockTrace.position: (h, h, head_dim) the row offset embeddings used (resized table)",
-            "rel_pos_w": "BlockTrace.position: (w, w, head_dim) the column offset embeddings used",
+            "rel_h": "BlockTrace.position: (B, [nW,] heads, Nq, kh) each patch query's dot product with its row "
+                     "offsets to the kh key rows (kh = h unless keys are pooled; prefix tokens get no bias)",
+            "rel_w": "BlockTrace.position: (B, [nW,] heads, Nq, kw) each query's dot product with its column offsets",
+            "rel_pos_h": "BlockTrace.position: (h, kh, head_dim) the row offset embeddings used (resized table)",
+            "rel_pos_w": "BlockTrace.position: (w, kw, head_dim) the column offset embeddings used",
         },
         (
             ViewSpec("decomposed_bias", "Decomposed bias of the clicked query (depends on the image)", query_bias,
                      per_block=True, compare=True),
             ViewSpec("decomposed_factors", "Its row and column terms (depend on the image)", factors, per_block=True),
+            ViewSpec("decomposed_stages", "The bias on each stage's pooled key grid (depends on the image)",
+                     stage_biases),
         ),
     ),
 )

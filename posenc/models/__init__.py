@@ -17,6 +17,7 @@ from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
+from posenc.models.mvitv2 import MViTv2, MViTv2Config
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
@@ -26,7 +27,7 @@ from posenc.models.vit import ViTConfig, VisionTransformer
 from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
-MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit")
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit", "mvitv2")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -81,6 +82,8 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "MViTv2",
+    "MViTv2Config",
     "NoTokenLayout",
     "PosencModel",
     "SamConfig",

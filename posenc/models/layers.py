@@ -62,13 +62,16 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 class Mlp(nn.Module):
-    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default."""
+    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default.
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
+    ``out_dim`` (default ``dim``) widens the output, as MViTv2's stage-transition MLPs do.
+    """
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", *, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = ACTIVATIONS[act]()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

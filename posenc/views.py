@@ -414,6 +414,8 @@ def _query_rows(
     prefix = per_pair.shape[-1] - gh * gw
     row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
     q = prefix + row * gw + col
+    if per_pair.shape[-2] == prefix:  # only prefix queries (CaiT's class attention, cls alone): the first one's row
+        q = 0
     rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
     return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
 
@@ -520,10 +522,11 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     if trace.attn_no_pos is not None:
         no_pos, _ = _query_rows(seen, trace, trace.attn_no_pos[0].float(), patch)  # heads, gh, gw
     block_patch = _block_patch(seen, trace, patch)
+    query = f"patch {block_patch}" if trace.attn.shape[-2] == trace.attn.shape[-1] else "the cls token (the block's one query)"
     sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
         no_pos_label="without the position term",
-        title=f"{seen.name}: attention from patch {block_patch}\n{describe_block(seen, block)}")
+        title=f"{seen.name}: attention from {query}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 

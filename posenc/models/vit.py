@@ -69,6 +69,8 @@ class ViTConfig:
     init_values: float | None = None  # layer scale init; None: no layer scale
     norm_eps: float = field(default=1e-6, metadata={"max": 1.0})
     drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
+    # attention (then MLP) branches per block, summed: timm's ParallelThingsBlock (the 18x2 models: 2); 1: sequential
+    parallel: int = field(default=1, metadata={"max": 16})
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     model_type: str = field(default="posenc_vit", metadata={"choices": ("posenc_vit",)})
@@ -96,6 +98,8 @@ class ViTConfig:
             raise ValueError(f"the 2D sin-cos embedding needs embed_dim divisible by 4, got {self.embed_dim}")
         if self.distilled and not self.class_token:
             raise ValueError("a distillation token needs class_token=True")
+        if self.parallel > 1 and self.rel_pos_bias:
+            raise ValueError("parallel blocks with a relative position bias are not supported; use parallel=1")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ValueError(f"labels has {len(self.labels)} names but num_classes={self.num_classes}; they must be equal")
 
@@ -175,6 +179,65 @@ class Block(nn.Module):
         return x, trace
 
 
+class ParallelBlock(nn.Module):
+    """timm's ParallelThingsBlock: x + sum_j ls(attn_j(norm_j(x))), then x + sum_j ls(mlp_j(norm_j(x))).
+
+    Branch j's modules are ``attns.j.{norm,attn,ls}`` and ``ffns.j.{norm,mlp,ls}``, timm's names. The trace holds the
+    branches' heads side by side: attention (B, parallel*heads, N, N), branch j's heads at j*heads .. (j+1)*heads - 1,
+    so every view and measurement reads it as one block with more heads.
+    """
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = config.embed_dim
+
+        def scale() -> nn.Module:
+            return LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
+
+        self.attns = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(dim, eps=config.norm_eps),
+                           "attn": Attention(dim, config.num_heads, qkv_bias=config.qkv_bias), "ls": scale()})
+            for _ in range(config.parallel)
+        )  # fmt: skip
+        self.ffns = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(dim, eps=config.norm_eps),
+                           "mlp": Mlp(dim, int(dim * config.mlp_ratio), config.act_layer), "ls": scale()})
+            for _ in range(config.parallel)
+        )  # fmt: skip
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def attn(self) -> nn.ModuleList:
+        """The attention branches: with :attr:`mlp`, what marks this module as a transformer block (measure's hooks)."""
+        return self.attns
+
+    @property
+    def mlp(self) -> nn.ModuleList:
+        """The MLP branches."""
+        return self.ffns
+
+    def forward(
+        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, grid: Size2, need_weights: bool, position: bool = True
+    ) -> tuple[Tensor, AttentionTrace | None]:
+        """(B, N, C) -> (B, N, C), plus the branches' traces joined along the heads when ``need_weights``."""
+        outs, traces = [], []
+        for branch in self.attns:
+            y, trace = branch["attn"](branch["norm"](x), rope=rope, num_prefix=num_prefix, grid=grid,
+                                      need_weights=need_weights, position=position)
+            outs.append(self.drop_path(branch["ls"](y)))
+            traces.append(trace)
+        x = x + torch.stack(outs).sum(dim=0)
+        x = x + torch.stack([self.drop_path(f["ls"](f["mlp"](f["norm"](x)))) for f in self.ffns]).sum(dim=0)
+        if not need_weights:
+            return x, None
+        no_pos = [t.attn_no_pos for t in traces]
+        return x, AttentionTrace(
+            attn=torch.cat([t.attn for t in traces], dim=-3),  # B, parallel*heads, N, N
+            attn_no_pos=None if None in no_pos else torch.cat(no_pos, dim=-3),  # B, parallel*heads, N, N
+            pos_bias=None,  # relative bias tables are refused with parallel blocks (see ViTConfig)
+        )
+
+
 class AttentionPool(nn.Module):
     """Multihead attention pooling (SigLIP's MAP head): one learned query attends over the tokens, then an MLP.
 
@@ -234,7 +297,7 @@ class VisionTransformer(PosencModel):
             )  # h*w, hd/2
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
         rates = drop_path_rates(config.drop_path_rate, config.depth)
-        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.blocks = nn.ModuleList((ParallelBlock if config.parallel > 1 else Block)(config, rate) for rate in rates)
         use_fc_norm = config.global_pool == "avg" if config.fc_norm is None else config.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn_pool = AttentionPool(config) if config.global_pool == "map" else None
@@ -250,6 +313,10 @@ class VisionTransformer(PosencModel):
     @property
     def position_encoding(self) -> str:
         return self.config.position_encoding
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of one inspection's maps at ``size``: a parallel block keeps every branch's heads."""
+        return super().trace_bytes(size) * self.config.parallel
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
@@ -396,6 +463,9 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "vit_large_patch16_384": {**_LARGE, "patch_size": 16, "img_size": 384},
     "vit_large_patch32_224": {**_LARGE, "patch_size": 32, "img_size": 224},
     "vit_large_patch32_384": {**_LARGE, "patch_size": 32, "img_size": 384},
+    # parallel blocks (timm's ParallelThingsBlock): two attention branches summed, then two MLP branches summed
+    "vit_small_patch16_18x2_224": _arch(16, 384, 18, 6, 224, init_values=1e-5, parallel=2),
+    "vit_base_patch16_18x2_224": _arch(16, 768, 18, 12, 224, init_values=1e-5, parallel=2),
     "deit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
     "deit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
     "deit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},

@@ -29,6 +29,7 @@ import torch
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
+    CaiTConfig,
     EvaConfig,
     LeViTConfig,
     PosencModel,
@@ -37,6 +38,7 @@ from posenc.models import (
     SwinV2Config,
     ViTConfig,
     build_model,
+    cait,
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
@@ -44,7 +46,7 @@ from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | CaiTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -70,6 +72,8 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    "cait_xxs24": ("cait_xxs24_224", CaiTConfig(**cait.TIMM_PRESETS["cait_xxs24_224"])),  # talking heads, class attention
+    "vit_small_18x2": ("vit_small_patch16_18x2_224", ViTConfig(**vit.TIMM_PRESETS["vit_small_patch16_18x2_224"])),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

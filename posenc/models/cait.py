@@ -149,7 +149,7 @@ class ClassAttention(nn.Module):
     def forward(self, u: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """(B, 1 + N, C) normed [cls, patches] -> (B, 1, C), plus the (B, heads, 1, 1 + N) map when ``need_weights``."""
         h = self.num_heads
-        q = rearrange(self.q(u[:, :1]), "b one (h d) -> b h one d", h=h)  # B, heads, 1, hd
+        q = rearrange(self.q(u[:, 0]), "b (h d) -> b h 1 d", h=h)  # B, heads, 1, hd
         k = rearrange(self.k(u), "b n (h d) -> b h n d", h=h)  # B, heads, 1 + N, hd
         v = rearrange(self.v(u), "b n (h d) -> b h n d", h=h)  # B, heads, 1 + N, hd
         if need_weights:

@@ -1,5 +1,6 @@
 """Parallel-block ViTs: timm's ``vit_*_18x2_*`` (ParallelThingsBlock, two attention then two MLP branches summed)
-load with timm's probabilities and maps; every block's trace holds both branches' heads side by side."""
+load with timm's probabilities and maps; every block's trace holds both branches' heads side by side. timm's
+``vit_pwee_*`` (ParallelScalingBlock: attention and MLP side by side from one fused input projection) too."""
 
 from __future__ import annotations
 
@@ -147,3 +148,64 @@ def test_the_preset_table_lists_every_timm_18x2_vit():
     from posenc.models import TIMM_PRESETS
 
     assert set(timm.list_models("vit_*_18x2_*")) == set(NAMES) <= set(TIMM_PRESETS)
+
+
+PWEE = "vit_pwee_patch16_reg1_gap_256"
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["fused_bias", "separate_mlp_bias"])
+def test_parallel_scaling_vit_gives_timm_probabilities_and_maps(tmp_path, qkv_bias):
+    ref = _reference(tmp_path, PWEE, qkv_bias=qkv_bias)
+    model = load_posenc(tmp_path)
+    assert model.config.parallel_scaling and model.config.reg_tokens == 1 and model.config.global_pool == "avg"
+    maps: list[torch.Tensor] = []
+    for block in ref.blocks:
+        block.fused_attn = False
+        block.attn_drop.register_forward_hook(lambda _m, args, _out: maps.append(args[0]))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(x).softmax(-1)
+        assert_close(model(x).softmax(-1), expected, **TOL)
+        seen = model.inspect(x)
+    assert_close(seen.logits.softmax(-1), expected, **TOL)
+    assert len(maps) == len(seen.blocks) == 2
+    for trace, want in zip(seen.blocks, maps):
+        assert trace.attn.shape == (2, 4, 17, 17)  # register + 4x4 patches
+        assert_close(trace.attn, want, **TOL)
+
+
+def test_parallel_scaling_vit_at_a_non_square_size_matches_timm_built_for_it(tmp_path):
+    ref = _reference(tmp_path, PWEE)
+    model = load_posenc(tmp_path)
+    other = timm.create_model(PWEE, pretrained=False, **{**TINY, "img_size": (48, 80)}).eval()
+    state = dict(ref.state_dict())
+    state["pos_embed"] = timm_resample(state["pos_embed"], (3, 5), (4, 4), num_prefix_tokens=0)  # no prefix rows
+    other.load_state_dict(state)
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        assert_close(model(x).softmax(-1), other(x).softmax(-1), **TOL)
+
+
+def test_measure_finds_one_output_per_parallel_scaling_block(tmp_path):
+    _reference(tmp_path, PWEE)
+    model = load_posenc(tmp_path)
+    with torch.no_grad(), block_outputs(model) as tokens:
+        seen = model.inspect(torch.randn(1, 3, 64, 64))
+    assert len(tokens) == len(seen.blocks) == 2
+    assert patch_tokens(tokens[1], seen.blocks[1], seen.num_prefix_tokens).shape == (1, 16, 32)
+
+
+def test_parallel_scaling_refuses_rope_and_branches():
+    with pytest.raises(ValueError, match="parallel_scaling blocks take neither"):
+        ViTConfig(parallel_scaling=True, rope=True, pos_embed="none")
+    with pytest.raises(ValueError, match="parallel_scaling blocks take neither"):
+        ViTConfig(parallel_scaling=True, parallel=2)
+
+
+def test_pwee_builds_with_timm_keys_and_shapes():
+    ref = timm.create_model(PWEE, pretrained=False, device="meta")
+    config = config_from_timm({"architecture": f"{PWEE}.sbb_in1k", "num_classes": 1000})
+    with torch.device("meta"):
+        model = build_model(config)
+    check_state_dict(model, convert_state_dict("timm", ref.state_dict(), config), PWEE)
+    assert model.num_params() == sum(p.numel() for p in ref.parameters()) == 15_253_480

@@ -18,7 +18,7 @@ from posenc.convert import check_state_dict, config_from_timm, convert_state_dic
 from posenc.hub import load
 from posenc.measure import NotApplicable, block_attention_distance, mean_attention_distance
 from posenc.models import CaiT, build_model
-from posenc.models.cait import TIMM_PRESETS
+from posenc.models.cait import TIMM_PRESETS, mix_heads
 from tests.test_parity import load_posenc, perturb
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -63,40 +63,48 @@ def test_cait_at_a_non_square_size_matches_timm_built_for_it(tmp_path):
     assert_close(seen.pos_embed, state["pos_embed"])
 
 
-def _timm_maps(ref: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The maps timm's blocks apply to their values, caught as the input of each ``attn_drop`` (non-fused path)."""
-    maps: list[torch.Tensor] = []
+def _timm_maps(ref: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """timm's own maps: each talking-heads block's softmax (the input of ``proj_w``, heads last) and the maps every
+    block applies to its values (the input of ``attn_drop``, on the non-fused path)."""
+    softmax: list[torch.Tensor] = []
+    applied: list[torch.Tensor] = []
     handles = []
+    for block in ref.blocks:
+        handles.append(block.attn.proj_w.register_forward_pre_hook(
+            lambda _m, args: softmax.append(args[0].permute(0, 3, 1, 2))))  # B, heads, N, N
     for block in [*ref.blocks, *ref.blocks_token_only]:
         block.attn.fused_attn = False  # the class attention would otherwise never build its map
-        handles.append(block.attn.attn_drop.register_forward_hook(lambda _m, args, _out: maps.append(args[0])))
+        handles.append(block.attn.attn_drop.register_forward_hook(lambda _m, args, _out: applied.append(args[0])))
     try:
         with torch.no_grad():
             ref(x)
     finally:
         for handle in handles:
             handle.remove()
-    return maps
+    return softmax, applied
 
 
 def test_cait_inspection_gives_timm_talking_heads_and_class_attention_maps(tmp_path):
     ref = _reference(tmp_path)
     model = load_posenc(tmp_path)
     x = torch.randn(2, 3, 64, 64)
-    expected = _timm_maps(ref, x)
+    softmax, applied = _timm_maps(ref, x)
     with torch.no_grad():
         seen = model.inspect(x)
-    assert len(seen.blocks) == model.num_blocks == 4 and len(expected) == 4
-    for trace, want in zip(seen.blocks, expected):
-        assert_close(trace.attn, want, **TOL)
+    assert len(seen.blocks) == model.num_blocks == 4 and len(softmax) == 2 and len(applied) == 4
     assert [tuple(t.attn.shape) for t in seen.blocks] == [(2, 4, 16, 16)] * 2 + [(2, 4, 1, 17)] * 2
-    # after proj_w the self-attention maps mix softmaxes across heads, plus a bias on every key: each row of head g
-    # sums to sum(proj_w.weight[g]) + N * proj_w.bias[g]
+    for b in (0, 1):  # talking heads: the distributions after proj_l, and proj_w's mixture of them as applied
+        assert_close(seen.blocks[b].attn, softmax[b], **TOL)
+        with torch.no_grad():
+            assert_close(mix_heads(seen.blocks[b].attn, model.blocks[b].attn.proj_w), applied[b], **TOL)
+    for b in (2, 3):  # class attention: the cls query's softmax over [cls, patches]
+        assert_close(seen.blocks[b].attn, applied[b], **TOL)
+    for trace in seen.blocks:
+        assert_close(trace.attn.sum(-1), torch.ones(trace.attn.shape[:-1]))
+    # the applied talking-heads maps are no distributions: a row of head g sums to sum(W[g]) + N * b[g]
     proj_w = model.blocks[0].attn.proj_w
     rows = (proj_w.weight.sum(1) + 16 * proj_w.bias).detach().view(1, 4, 1).expand(2, 4, 16)
-    assert_close(seen.blocks[0].attn.sum(-1), rows, **TOL)
-    # the class attention is a softmax over [cls, patches]
-    assert_close(seen.blocks[2].attn.sum(-1), torch.ones(2, 4, 1))
+    assert_close(applied[0].sum(-1), rows, **TOL)
     assert seen.num_prefix_tokens == 0 and all(t.attn_no_pos is None for t in seen.blocks)
 
 
@@ -120,6 +128,7 @@ def test_cait_attention_distance_is_measured_in_self_attention_blocks_only(tmp_p
         seen = model.inspect(torch.randn(1, 3, 64, 64))
     dist = block_attention_distance(seen.blocks[0], seen.num_prefix_tokens, (64, 64))
     assert dist.shape == (1, 4) and torch.isfinite(dist).all()
+    assert (dist > 0).all() and (dist < 64 * math.sqrt(2)).all()  # a mean of distances within the 64x64 image
     with pytest.raises(NotApplicable):  # one cls query: no patch-to-patch distance
         block_attention_distance(seen.blocks[2], seen.num_prefix_tokens, (64, 64))
     with pytest.raises(NotApplicable):

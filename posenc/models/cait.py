@@ -6,14 +6,16 @@ Names follow timm's ``cait.py``: ``patch_embed.proj``, ``pos_embed`` (1, h*w, C:
 scales ``gamma_1``/``gamma_2`` are ``ls1.gamma``/``ls2.gamma`` here (the generic timm rule renames them).
 
 * Self-attention blocks (``blocks``) see the patch tokens only. Talking heads: the logits are mixed across heads
-  by ``proj_l`` (a Linear over the head axis) before the softmax, and the probabilities by ``proj_w`` after it; the
-  maps applied to the values are those mixed ones (their rows need not sum to 1).
+  by ``proj_l`` (a Linear over the head axis) before the softmax, and the probabilities by ``proj_w`` after it.
 * The cls token enters late: each class-attention block (``blocks_token_only``) updates it alone, its single
   query attending over [cls, patches] (keys and values normed with the patches, which stay unchanged).
 
-Inspection: ``blocks`` lists the ``depth`` self-attention blocks, attention (B, heads, h*w, h*w) as applied
-(after ``proj_w``), then the ``depth_token_only`` class-attention blocks, attention (B, heads, 1, 1 + h*w) with
-key 0 the cls token. ``num_prefix_tokens`` is 0: no prefix token takes part in the self-attention blocks, and a
+Inspection: ``blocks`` lists the ``depth`` self-attention blocks, then the ``depth_token_only`` class-attention
+blocks, attention (B, heads, 1, 1 + h*w) with key 0 the cls token. A self-attention block's ``attn`` is its
+(B, heads, h*w, h*w) attention distributions: the softmax of the talking logits (after ``proj_l``), each row summing
+to 1. The maps applied to the values are ``mix_heads(attn, proj_w)``: mixtures of those rows across heads plus
+``proj_w``'s bias on every key, which are no distributions (rows sum to ``sum(W[g]) + N * b[g]`` and may be
+negative), so the views and the mean attention distance read the distributions. ``num_prefix_tokens`` is 0: no prefix token takes part in the self-attention blocks, and a
 class-attention trace says by its shape that its one query is the cls token (``prefix_names`` is ("cls",)).
 
 Position: only the learned absolute embedding, resampled bicubically for other grids (timm's CaiT runs at its
@@ -126,12 +128,12 @@ class TalkingHeadAttention(nn.Module):
         self.proj_w = nn.Linear(num_heads, num_heads)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(B, N, C) -> (B, N, C), plus the applied (B, heads, N, N) maps when ``need_weights``."""
+        """(B, N, C) -> (B, N, C), plus the (B, heads, N, N) softmax of the talking logits when ``need_weights``."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # B, heads, N, hd
         logits = mix_heads((q * self.scale) @ k.transpose(-2, -1), self.proj_l)  # B, heads, N, N
-        attn = mix_heads(logits.softmax(dim=-1), self.proj_w)  # B, heads, N, N
-        out = self.proj(rearrange(attn @ v, "b h n d -> b n (h d)"))  # B, N, C
-        return out, (attn if need_weights else None)
+        probs = logits.softmax(dim=-1)  # B, heads, N, N
+        out = self.proj(rearrange(mix_heads(probs, self.proj_w) @ v, "b h n d -> b n (h d)"))  # B, N, C
+        return out, (probs if need_weights else None)
 
 
 class ClassAttention(nn.Module):
@@ -175,7 +177,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """(B, N, C) -> (B, N, C), plus the applied attention when ``need_weights``."""
+        """(B, N, C) -> (B, N, C), plus the attention distributions when ``need_weights``."""
         y, attn = self.attn(self.norm1(x), need_weights)
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))

@@ -3,7 +3,8 @@
 Environment: ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` pick the address (Gradio reads them itself),
 ``POSENC_CHECKPOINTS`` the bundled checkpoints folder, ``POSENC_MODELS`` extra local model folders
 (separated by the OS path separator; listed under their folder names), ``POSENC_CACHE_SIZE`` how many
-models stay loaded.
+models stay loaded, ``POSENC_FIRST_MODEL`` the Hub model fetched at start-up for first visits (DeiT-Tiny by
+default; ``off`` turns it off).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from posenc.registry import HUB_MODELS, checkpoints_dir
-from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
+from posenc.app import QUEUE_OPTIONS, create_demo, first_model_from_env, launch_options
 
 EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
 
@@ -25,6 +26,7 @@ demo = create_demo(
     cache_size=int(os.environ.get("POSENC_CACHE_SIZE", "4")),
     examples_dir=EXAMPLES,
     extra_models=[p for p in os.environ.get("POSENC_MODELS", "").split(os.pathsep) if p],
+    first_model=first_model_from_env(),
 )
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   which is what a cached Hub download is; median over repeats.
 * Peak memory: the peak resident set while loading a model, set against the resident set right before
   (the peak is reset first through ``/proc/self/clear_refs``; Linux only).
-* Cache turnover: ten models are loaded in turn through the app's :class:`posenc.ui.ModelCache` (bounded
+* Cache turnover: ten models are loaded in turn through the app's :class:`posenc.app.ModelCache` (bounded
   LRU), twice round; the resident set after every load shows whether memory grows beyond what the cache
   holds.
 
@@ -26,8 +26,8 @@ from typing import Any
 from bench.app_request import DEIT_TINY, model_folders
 from bench.common import ROOT, parse_args, peak_rss_mb, reset_peak_rss, rss_mb, summary, time_call, write_result
 from posenc.hub import load
-from posenc.models import FAMILIES
-from posenc.ui import ModelCache
+from posenc.train import PRESETS
+from posenc.app import ModelCache
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def cache_turnover(sources: list[str], rounds: int) -> dict[str, Any]:
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="bundled checkpoints folder")
     parser.add_argument("--deit", type=Path, default=DEIT_TINY, help="DeiT-Tiny folder in timm Hub layout")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+    parser.add_argument("--families", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="CIFAR-10 presets to load (bundled folder cifar10-<family>, else a stand-in)")  # fmt: skip
 
 
@@ -113,7 +113,7 @@ def main() -> None:
     write_result(args.out, "model_load", args, {
         "method": "posenc.load on local Hub-layout folders with a warm page cache; peak resident memory while "
                   "loading, against the resident memory right before; cache turnover: ten models in turn through "
-                  f"posenc.ui.ModelCache (size {CACHE_SIZE}), repeated rounds, resident memory after each load; "
+                  f"posenc.app.ModelCache (size {CACHE_SIZE}), repeated rounds, resident memory after each load; "
                   "met when the last round ends at most one model's weights above the first",
         "models": models,
         "cache_turnover": turnover,

@@ -47,17 +47,17 @@ class _Axes:
         self.y0, self.y1 = _TOP, _H - _BOTTOM
         self.xr, self.yr = x_range, y_range
         self.draw.rectangle((self.x0, self.y0, self.x1, self.y1), outline=(80, 80, 80))
-        self.image.paste(viz._text_strip(title, _W, 14), (0, 4))
+        self.image.paste(viz.text_strip(title, _W, 14), (0, 4))
         if xlabel:
-            viz._paste_label(self.image, xlabel, ((self.x0 + self.x1) / 2, _H - 6), "mb", size=12)
-        label = viz._label(ylabel, 12, (0, 0, 0)).rotate(90, expand=True)
+            viz.paste_label(self.image, xlabel, ((self.x0 + self.x1) / 2, _H - 6), "mb", size=12)
+        label = viz.text_label(ylabel, 12, (0, 0, 0)).rotate(90, expand=True)
         self.image.paste(label, (4, round((self.y0 + self.y1 - label.height) / 2)))
         for v in _nice_ticks(*y_range):
             if y_range[0] - 1e-9 <= v <= y_range[1] + 1e-9:
                 y = self.py(v)
                 self.draw.line((self.x0, y, self.x1, y), fill=(232, 232, 232))
                 self.draw.line((self.x0 - 4, y, self.x0, y), fill=(80, 80, 80))
-                viz._paste_label(self.image, viz._fmt(v), (self.x0 - 6, y), "rm", size=11)
+                viz.paste_label(self.image, viz.format_number(v), (self.x0 - 6, y), "rm", size=11)
         self.draw.rectangle((self.x0, self.y0, self.x1, self.y1), outline=(80, 80, 80))
 
     def px(self, v: float) -> float:
@@ -74,7 +74,7 @@ class _Axes:
             x = self.px(v)
             self.draw.line((x, self.y1, x, self.y1 + 4), fill=(80, 80, 80))
             for i, line in enumerate(text.split("\n")):
-                viz._paste_label(self.image, line, (x, self.y1 + 6 + 13 * i), "mt", size=11)
+                viz.paste_label(self.image, line, (x, self.y1 + 6 + 13 * i), "mt", size=11)
 
     def legend(self, names: Sequence[str]) -> None:
         """A strip below the chart naming each series in its colour (call last: it replaces the image)."""
@@ -82,13 +82,13 @@ class _Axes:
             return
         strip = Image.new("RGB", (_W, 22), (255, 255, 255))
         draw = ImageDraw.Draw(strip)
-        widths = [24 + viz._label(name, 11, (0, 0, 0)).width + 16 for name in names]
+        widths = [24 + viz.text_label(name, 11, (0, 0, 0)).width + 16 for name in names]
         x = max(4, (_W - sum(widths)) // 2)
         for k, (name, width) in enumerate(zip(names, widths)):
             draw.rectangle((x, 6, x + 10, 16), fill=COLOURS[k % len(COLOURS)])
-            viz._paste_label(strip, name, (x + 16, 11), "lm", size=11)
+            viz.paste_label(strip, name, (x + 16, 11), "lm", size=11)
             x += width
-        self.image = viz._vstack([self.image, strip])
+        self.image = viz.vstack([self.image, strip])
 
 
 def _range(values: Sequence[float], floor: float | None = None, ceil: float | None = None) -> tuple[float, float]:
@@ -131,7 +131,7 @@ def lines(
     values = [v for ys in series.values() for v in ys]
     ax = _Axes(title, xlabel, ylabel, (min(x), max(x)) if len(x) > 1 else (x[0] - 1, x[0] + 1),
                y_range or _range(values))
-    ax.xticks(list(x), list(xlabels) if xlabels is not None else [viz._fmt(v) for v in x])
+    ax.xticks(list(x), list(xlabels) if xlabels is not None else [viz.format_number(v) for v in x])
     for k, ys in enumerate(series.values()):
         colour = COLOURS[k % len(COLOURS)]
         points = [(ax.px(a), ax.py(b)) for a, b in zip(x, ys) if b is not None and math.isfinite(b)]
@@ -153,7 +153,7 @@ def bars(labels: Sequence[str], values: Sequence[float], *, title: str, ylabel: 
     for k, v in enumerate(values):
         x, y = ax.px(k), ax.py(min(max(v, y_range[0]), y_range[1]))
         ax.draw.rectangle((x - half, y, x + half, ax.y1), fill=COLOURS[k % len(COLOURS)])
-        viz._paste_label(ax.image, f"{v:.3f}", (x, y - 3), "mb", size=11)
+        viz.paste_label(ax.image, f"{v:.3f}", (x, y - 3), "mb", size=11)
     return ax.image
 
 
@@ -168,14 +168,14 @@ def filters(components: np.ndarray, explained: np.ndarray, *, cols: int = 7, cel
     pad, label_h = 6, 14
     width = cols * (cell + pad) + pad
     canvas = Image.new("RGB", (width, 34 + rows * (cell + label_h + pad)), (255, 255, 255))
-    canvas.paste(viz._text_strip("Patch-embedding filters: top principal components as RGB", width, 14), (0, 2))
+    canvas.paste(viz.text_strip("Patch-embedding filters: top principal components as RGB", width, 14), (0, 2))
     for i in range(k):
         r, c = divmod(i, cols)
         tile = Image.fromarray(np.round(components[i] * 255).astype(np.uint8)).resize((cell, cell),
                                                                                      Image.Resampling.NEAREST)
         x, y = pad + c * (cell + pad), 34 + r * (cell + label_h + pad)
         canvas.paste(tile, (x, y))
-        viz._paste_label(canvas, f"{100 * explained[i]:.1f}%", (x + cell / 2, y + cell + 2), "mt", size=10)
+        viz.paste_label(canvas, f"{100 * explained[i]:.1f}%", (x + cell / 2, y + cell + 2), "mt", size=10)
     return canvas
 
 
@@ -190,8 +190,8 @@ def reliance(found: dict[str, object], *, title: str = "Position reliance") -> I
               found["no_position"]["top1_agreement"], found["no_position"]["p_original"]]
     kl = f"KL(original || shuffled) {found['shuffle']['kl']:.3f}, KL(original || no position) " \
          f"{found['no_position']['kl']:.3f} nats"
-    return viz._vstack([bars(labels, values, title=title, ylabel="fraction / probability"),
-                        viz._text_strip(kl, _W, 12)])
+    return viz.vstack([bars(labels, values, title=title, ylabel="fraction / probability"),
+                        viz.text_strip(kl, _W, 12)])
 
 
 def sweep(rows: Sequence[dict[str, object]], *, title: str = "Resolution sweep") -> Image.Image:

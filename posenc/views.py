@@ -1,14 +1,17 @@
-"""Model-aware glue between loaded models and the pure views of :mod:`posenc.viz`, for the app.
+"""What every view shares, between loaded models and the pure views of :mod:`posenc.viz`, for the app.
 
 A request runs one inspection (:func:`inspect_image`) and every view is a function of that
 :class:`Seen` record, a patch and a block: it picks the tensors the view needs from the
 :class:`~posenc.models.Inspection`, calls :mod:`posenc.viz` and returns the picture together with the
-raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download.
+raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download. This module holds the generic
+parts (sizes, patches, blocks, the attention and prefix-share views); each position mechanism's views live in
+its module of :mod:`posenc.mechanisms`.
 
 Conventions:
 
 * Sizes are ``(h, w)`` in pixels, grids ``(h, w)`` in patches, patches ``(row, col)`` on the input patch
-  grid (stage 0 for Swin); a Swin block of a later stage maps the patch onto its coarser grid.
+  grid. In a block, the clicked patch is the block's patch query nearest its centre, and rows are drawn on the
+  block's key grid, all read from the block's token layout (:mod:`posenc.queries`).
 * Nothing is stored between calls and no module hooks are used, so concurrent requests cannot mix.
 * Errors a user can cause raise ``ValueError`` (:class:`ViewUnavailable` when a view does not apply to
   the model) with a message that says what to do.
@@ -25,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from posenc import viz
-from posenc.attention import Attention
-from posenc.encodings import Size2, padded_grid, resize_rel_pos_bias_table
+from posenc import queries, viz
+from posenc.encodings import Size2
 from posenc.hub import LoadedModel
-from posenc.models import BlockTrace, Inspection
+from posenc.models import Inspection
 from posenc.preprocess import ImageSource, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -43,22 +45,8 @@ SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 MAX_TRACE_BYTES = 640 * 2**20
 #: No input side may exceed this multiple of the native side (bounds the work of one request).
 MAX_SIZE_FACTOR = 4
-#: Human names of the position-encoding families.
-FAMILY_NAMES = {
-    "none": "no position encoding",
-    "learned": "learned absolute embedding",
-    "sincos": "fixed 2D sin-cos embedding",
-    "relative": "relative position bias (BEiT, global)",
-    "windowed": "relative position bias in (shifted) windows (Swin)",
-    "rope": "2D rotary embedding (RoPE)",
-    "decomposed": "a decomposed relative bias that depends on the query (SAM, ViTDet)",
-    "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
-    "gpsa": "gated positional self-attention (ConViT)",
-}
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384
-_ABSOLUTE = ("learned", "sincos")
-_RELATIVE = ("relative", "windowed")
 
 
 class ViewUnavailable(ValueError):
@@ -100,10 +88,6 @@ class Seen:
     def grid(self) -> Size2:
         """(h, w) input patch grid."""
         return tuple(self.inspection.grid)
-
-    @property
-    def family(self) -> str:
-        return self.loaded.family
 
     @property
     def num_blocks(self) -> int:
@@ -330,203 +314,59 @@ def num_blocks(loaded: LoadedModel) -> int:
     return loaded.model.num_blocks
 
 
-def pick_block(seen: Seen, which: str | float | None) -> int:
-    """A block by position, ``"first"``, ``"middle"`` or ``"last"``, or by index (checked)."""
-    positions = {"first": 0, "middle": (seen.num_blocks - 1) // 2, "last": seen.num_blocks - 1}
-    if isinstance(which, str) and which.strip().lower() in positions:
-        return positions[which.strip().lower()]
-    if isinstance(which, str):
-        try:
-            which = float(which)
-        except ValueError:
-            raise ValueError(f"block {which!r} is not 'first', 'middle', 'last' or a block index") from None
-    return check_block(seen, which)
-
-
-def check_block(seen: Seen, block: float | None) -> int:
-    """The block index as an int in range; None gives block 0."""
-    if block is None:
-        return 0
-    b = int(block)
-    if b != block or not 0 <= b < seen.num_blocks:
-        raise ValueError(f"block {block} does not exist: {seen.name} has blocks 0..{seen.num_blocks - 1}")
-    return b
-
-
-def _attention_modules(seen: Seen) -> list[Attention]:
-    """Every block's attention module, in the order of ``Inspection.blocks``."""
-    model = seen.loaded.model
-    if hasattr(model, "layers"):
-        return [block.attn for layer in model.layers for block in layer.blocks]
-    return [block.attn for block in model.blocks]
 
 
 def describe_block(seen: Seen, block: int) -> str:
-    """One line about a block: its stage, grid, window and shift for Swin."""
+    """One line about a block: its stage and what it attends over (windows, shift, padding, query and key grids)."""
     trace = seen.inspection.blocks[block]
-    if trace.window is None:
-        return f"block {block} of {seen.num_blocks} (global attention over the {trace.grid[0]}x{trace.grid[1]} grid)"
-    shifted = f"shifted by {trace.shift[0]}x{trace.shift[1]}" if trace.shift and any(trace.shift) else "not shifted"
-    padded = padded_grid(trace.grid, trace.window)
-    if padded != tuple(trace.grid):
-        shifted += f", grid padded to {padded[0]}x{padded[1]}"
-    return (f"block {block} of {seen.num_blocks}: stage {trace.stage}, {trace.grid[0]}x{trace.grid[1]} grid, "
-            f"{trace.window[0]}x{trace.window[1]} windows, {shifted}")
+    head = f"block {block} of {seen.num_blocks}"
+    if trace.layout is None:
+        return f"{head}: {trace.no_layout}"
+    stage = f"stage {trace.stage}, " if trace.stage else ""
+    return f"{head}: {stage}{trace.layout.describe()}"
 
 
-def _block_patch(seen: Seen, trace: BlockTrace, patch: Patch) -> Patch:
-    """The input patch on the block's (stage) grid."""
-    return tuple(p * g // g0 for p, g, g0 in zip(patch, trace.grid, seen.grid))
+def block_query(seen: Seen, block: int, patch: Patch) -> queries.Query:
+    """The chosen block's query nearest the clicked input patch (:func:`posenc.queries.block_query`).
 
-
-def _window_keys(seen: Seen, trace: BlockTrace, patch: Patch) -> viz.SwinWindowKeys:
-    """The clicked patch's window; keys are on the block's grid padded to whole windows (SAM pads, Swin never needs to)."""
-    grid = padded_grid(trace.grid, trace.window)
-    return viz.swin_window_keys(_block_patch(seen, trace, patch), grid, trace.window, trace.shift or (0, 0))
-
-
-def window_row_to_grid(trace: BlockTrace, keys: viz.SwinWindowKeys, values: torch.Tensor) -> np.ndarray:
-    """Per-key values of one window, (..., Wh*Ww), on the block's grid (..., gh, gw): NaN outside the window, at
-    masked keys, and padded keys dropped."""
-    gh, gw = trace.grid
-    return viz.window_values_to_grid(values, keys.keys, padded_grid(trace.grid, trace.window), keys.masked)[..., :gh, :gw]
-
-
-def _query_rows(
-    seen: Seen, trace: BlockTrace, per_pair: torch.Tensor, patch: Patch
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """From a per-pair tensor, the clicked query's row over the patch keys.
-
-    Args:
-        per_pair: (heads, N, N), or for Swin (nW, heads, N, N) attention or a (heads, N, N) bias shared by all windows.
-
-    Returns:
-        (heads, gh, gw) on the block's grid (NaN where the query cannot attend) and the (heads, P) values of
-        the prefix keys (cls, dist), or None without prefix tokens.
+    Raises:
+        ViewUnavailable: the block's attention is not between image tokens, or it has no queries at all.
     """
-    if trace.window is not None:
-        keys = _window_keys(seen, trace, patch)
-        if per_pair.ndim == 4:
-            per_pair = per_pair[keys.window_index]  # heads, Wh*Ww, Wh*Ww
-        values = per_pair[:, keys.query_index, :]  # heads, Wh*Ww
-        return window_row_to_grid(trace, keys, values), None
-    gh, gw = trace.grid
-    prefix = per_pair.shape[-1] - gh * gw
-    row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
-    q = prefix + row * gw + col
-    if per_pair.shape[-2] == prefix:  # only prefix queries (CaiT's class attention, cls alone): the first one's row
-        q = 0
-    rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
-    return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
+    try:
+        return queries.block_query(seen.inspection.blocks[block], patch, seen.grid, seen.size)
+    except ValueError as error:  # NoTokenLayout, or a block without patch queries
+        raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
+
+
+def query_row(seen: Seen, block: int, per_pair: torch.Tensor, patch: Patch
+              ) -> tuple[np.ndarray, np.ndarray | None, queries.Query]:
+    """:func:`posenc.queries.query_row` for the chosen block of a :class:`Seen`; ViewUnavailable for a block without
+    token attention or without patch queries, or a tensor that does not match the block's layout."""
+    try:
+        return queries.query_row(seen.inspection.blocks[block], per_pair, patch, seen.grid, seen.size)
+    except ValueError as error:  # NoTokenLayout, no patch queries, a tensor that does not match the layout
+        raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------- views
 
 
-def _require(seen: Seen, families: tuple[str, ...], what: str, hint: str) -> None:
-    """Raise :class:`ViewUnavailable` unless the model's family, or one of its mechanisms, is among ``families``."""
-    if seen.family not in families and not set(families) & set(seen.loaded.model.mechanisms):
-        raise ViewUnavailable(
-            f"{seen.name} uses {FAMILY_NAMES.get(seen.family, seen.family)}, so it has no {what}; {hint}"
-        )
-
-
-def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
-    """Views of an absolute (learned or sin-cos) embedding, as resampled for this input size.
-
-    Returns:
-        The ViT-paper similarity grid (one tile per patch), the clicked patch's similarity on the photo, and
-        the top three principal components as RGB on the photo.
-    """
-    if seen.inspection.pos_embed is None:  # EVA-02 and the RoPE-ViT _ape models have one beside RoPE
-        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
-    insp = seen.inspection
-    if insp.pos_embed is None:
-        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
-    pos = insp.pos_embed[0, insp.pos_embed_prefix :].detach().float()  # h*w, C
-    grid = seen.grid
-    size = f"{grid[0]}x{grid[1]} grid"
-    with torch.inference_mode():
-        sims = viz.cosine_similarity_matrix(pos, grid)  # N, N
-        tiles = viz.pos_embed_similarity_grid(pos, grid, title=f"{seen.name}: position embedding similarity ({size})")
-        sim = viz.similarity_map(pos, grid, patch)  # gh, gw
-        pca = viz.pos_embed_pca_rgb(pos, grid)  # gh, gw, 3
-    clicked = viz.overlay(seen.photo, sim, vmax=1.0, mark=patch, title=f"Similarity to patch {patch}",
-                          colorbar_label="cosine similarity of position embeddings", min_side=OVERLAY_SIDE)
-    pca_img = viz.overlay(seen.photo, pca, alpha=0.75, title="Embedding PCA as RGB",
-                          min_side=OVERLAY_SIDE)
-    return (
-        View(tiles.image, {"pos_embed": pos.numpy(), "pos_similarity": sims}),
-        View(clicked, {"pos_similarity_to_patch": sim}),
-        View(pca_img, {"pos_pca_rgb": pca}),
-    )
-
-
-def relative_views(seen: Seen, block: int, patch: Patch) -> tuple[View, View]:
-    """The chosen block's relative position bias: its table for every head, and the clicked query's bias on the photo.
-
-    For BEiT the table is the one the model used at this grid (resized bicubically from the trained one); for
-    Swin the window is fixed, the clicked patch is mapped to the block's stage grid, and only the keys of its
-    (shifted) window are coloured, keys of other shift regions masked.
-    """
-    _require(seen, _RELATIVE, "relative position bias", "pick a BEiT or Swin model (relative / windowed)")
-    trace = seen.inspection.blocks[block]
-    attn = _attention_modules(seen)[block]
-    with torch.inference_mode():
-        table, window = attn.relative_position_bias_table, attn.rel_pos_window  # R, heads
-        if trace.window is None and tuple(trace.grid) != tuple(window):
-            table = resize_rel_pos_bias_table(table, trace.grid, window, attn.rel_pos_cls)  # R', heads
-            window = tuple(trace.grid)
-        table = table.detach().float()
-        table_img = viz.bias_table_heatmaps(
-            table, window, cls_entries=attn.rel_pos_cls,
-            title=f"{seen.name}: relative position bias table\n{describe_block(seen, block)}").image
-        rows, prefix = _query_rows(seen, trace, trace.pos_bias.float(), patch)  # heads, gh, gw
-        block_patch = _block_patch(seen, trace, patch)
-        query_img = viz.query_bias_overlays(
-            seen.photo, rows, block_patch, cls_bias=None if prefix is None else prefix[:, 0],
-            title=f"{seen.name}: bias from patch {block_patch} to the keys it attends to\n"
-                  f"{describe_block(seen, block)}").image
-    arrays = {"bias_table": table.numpy(), "bias_window": np.array(window), "query_bias": rows,
-              "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)}
-    if prefix is not None:
-        arrays["query_bias_to_prefix"] = prefix
-    return View(table_img, {k: arrays[k] for k in ("bias_table", "bias_window")}), View(
-        query_img, {k: v for k, v in arrays.items() if k not in ("bias_table", "bias_window")})
-
-
-def rope_view(seen: Seen, patch: Patch) -> View:
-    """RoPE's relative-phase similarity between the clicked position and every other (angles at this grid).
-
-    The colour scale is fitted to the map's own values: the mean cosine rarely falls far below zero, and a fixed
-    -1..1 scale would hide how it falls off.
-    """
-    if seen.inspection.rope_angles is None:  # no RoPE, or mixed RoPE (angles per block and head, its own views)
-        _require(seen, (), "axial rotary embedding", "pick a RoPE model (mixed RoPE has its own per-head views)")
-    angles = seen.inspection.rope_angles.detach().float()  # h*w, head_dim/2
-    sim = viz.rope_phase_similarity(angles, seen.grid, patch)  # gh, gw
-    img = viz.overlay(seen.photo, sim, cmap="viridis", mark=patch,
-                      title=f"RoPE similarity to {patch}", colorbar_label="mean cos(angle difference)",
-                      min_side=OVERLAY_SIDE)
-    return View(img, {"rope_angles": angles.numpy(), "rope_similarity": sim})
-
-
 def attention_view(seen: Seen, block: int, patch: Patch) -> View:
-    """Every head's attention from the clicked patch in the chosen block, on the photo.
+    """Every head's attention from the clicked patch in the chosen block (from its prefix query in a block without
+    patch queries, such as class attention), on the photo.
 
     For relative-bias and RoPE models a second row shows the same attention with the position term left out.
     """
     trace = seen.inspection.blocks[block]
-    rows, prefix = _query_rows(seen, trace, trace.attn[0].float(), patch)  # heads, gh, gw
+    rows, prefix, query = query_row(seen, block, trace.attn[0], patch)  # heads, hk, wk
     no_pos = None
     if trace.attn_no_pos is not None:
-        no_pos, _ = _query_rows(seen, trace, trace.attn_no_pos[0].float(), patch)  # heads, gh, gw
-    block_patch = _block_patch(seen, trace, patch)
-    query = f"patch {block_patch}" if trace.attn.shape[-2] == trace.attn.shape[-1] else "the cls token (the block's one query)"
+        no_pos, _, _ = query_row(seen, block, trace.attn_no_pos[0], patch)  # heads, hk, wk
+    block_patch = query.patch
     sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
         no_pos_label="without the position term",
-        title=f"{seen.name}: attention from {query}\n{describe_block(seen, block)}")
+        title=f"{seen.name}: attention from {query.describe()}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 
@@ -536,31 +376,45 @@ def prefix_attention_shares(seen: Seen) -> tuple[np.ndarray, tuple[str, ...]]:
 
     Groups, in order: "cls" and "dist" where present, "registers" (all register tokens together) and "patches".
     Shares are attention probabilities summed over a group's keys and averaged over the patch queries (prefix
-    queries left out), so the groups of one head and block add up to 1.
+    queries and padding left out; over every query in a block without patch queries), so the groups of one head
+    and block add up to 1 less what goes to padding keys. Each block's prefix keys come from its token layout: a
+    block without prefix tokens (ConViT's GPSA blocks) gives its prefix groups 0.
 
     Returns:
-        (blocks, heads, G) shares and the G group names.
+        (blocks, heads, G) shares and the G group names; a block without token attention is NaN.
 
     Raises:
-        ViewUnavailable: windowed attention (Swin) or a model without prefix tokens.
+        ViewUnavailable: no block of the model has prefix keys.
     """
     insp = seen.inspection
-    names = insp.prefix_labels
+    names: list[str] = []
+    for trace in insp.blocks:
+        names += [n for n in (trace.layout.key_prefix if trace.layout is not None else ()) if n not in names]
     if not names:
         raise ViewUnavailable(f"{seen.name} has no cls token or registers: every key is a patch")
-    if any(trace.window is not None for trace in insp.blocks):
-        raise ViewUnavailable(f"{seen.name} attends within windows, without prefix tokens")
-    groups = [(n, [i]) for i, n in enumerate(names) if not n.startswith("reg")]
-    registers = [i for i, n in enumerate(names) if n.startswith("reg")]
+    groups = [(n, [n]) for n in names if not n.startswith("reg")]
+    registers = [n for n in names if n.startswith("reg")]
     if registers:
         groups.append(("registers", registers))
-    p = len(names)
-    shares = []
-    for trace in insp.blocks:
-        per_key = trace.attn[0, :, p:, :].float().mean(dim=1)  # heads, N  (mean over patch queries)
-        columns = [per_key[:, idx].sum(dim=-1) for _, idx in groups] + [per_key[:, p:].sum(dim=-1)]  # G x (heads,)
-        shares.append(torch.stack(columns, dim=-1))  # heads, G
-    return torch.stack(shares).numpy(), tuple(n for n, _ in groups) + ("patches",)  # blocks, heads, G
+    heads = max(trace.attn.shape[-3] for trace in insp.blocks)
+    shares = np.full((len(insp.blocks), heads, len(groups) + 1), np.nan, dtype=np.float32)  # blocks, heads, G
+    for b, trace in enumerate(insp.blocks):
+        if trace.layout is None:
+            continue
+        layout = trace.layout
+        attn = layout.grouped(trace.attn[0]).float()  # G, heads, nq, nk
+        queries_used = layout.query_is_patch if layout.query_is_patch.any() else layout.query_tokens >= 0  # G, nq
+        weight = queries_used.to(attn.dtype) / queries_used.sum()  # G, nq
+        per_slot = torch.einsum("ghqk,gq->ghk", attn, weight)  # G, heads, nk: mean over the chosen queries
+        tokens = layout.key_tokens  # G, nk
+        columns = []
+        for _, members in groups:
+            idx = [i for i, n in enumerate(layout.key_prefix) if n in members]
+            hit = torch.isin(tokens, torch.tensor(idx, dtype=tokens.dtype))  # G, nk
+            columns.append((per_slot * hit[:, None]).sum(dim=(0, 2)))  # heads
+        columns.append((per_slot * layout.key_is_patch[:, None]).sum(dim=(0, 2)))  # heads
+        shares[b, : attn.shape[1]] = torch.stack(columns, dim=-1).numpy()  # heads, G
+    return shares, tuple(n for n, _ in groups) + ("patches",)
 
 
 def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
@@ -608,7 +462,7 @@ def save_npz(path: str | Path, seen: Seen, patch: Patch, block: int, views: Iter
         "grid": np.array(seen.grid),
         "patch": np.array(patch),
         "block": np.array(block),
-        "family": np.array(seen.family),
+        "mechanisms": np.array(seen.loaded.model.mechanisms, dtype=str),
         "source": np.array(seen.loaded.source),
     }
     for view in views:

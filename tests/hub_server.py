@@ -11,6 +11,28 @@ The server speaks the subset of the Hub protocol that huggingface_hub 2.4 uses f
 - ``GET /api/models/{repo_id}/tree/{revision}[/{path}]?recursive=...&expand=...`` -> a one-page
   JSON list of ``{"type": "file", "path", "size", "oid"}`` and ``{"type": "directory", ...}``.
 
+It also takes uploads the way ``HfApi.create_repo`` and ``HfApi.upload_folder``/``create_commit`` send
+them with Xet disabled (``HF_HUB_DISABLE_XET=1``; with Xet on, the client would ask for a Xet token,
+which this server does not give). Every write needs an ``Authorization: Bearer ...`` header (401 without):
+
+- ``POST /api/repos/create`` (``{"name", "organization", "type", "sdk", ...}``) -> ``{"url", "name"}``,
+  409 when the repo exists (``exist_ok=True`` accepts that);
+- ``POST /api/validate-yaml`` checks a README's front matter (a Space needs ``sdk``; ``python_version``
+  must be a YAML string, since ``3.10`` would read as the float 3.1);
+- ``POST /api/{type}s/{repo}/preupload/{rev}`` answers ``uploadMode`` per file: ``"lfs"`` when the
+  512-byte sample holds a NUL byte (git's binary test), the file is over 10 MiB, or a ``filter=lfs``
+  rule of the ``.gitattributes`` already committed matches; ``"regular"`` otherwise;
+- ``POST /{prefix}{repo}.git/info/lfs/objects/batch`` (LFS batch API, ``basic`` transfer) answers an
+  upload href per object not stored yet, and ``PUT`` on that href stores the bytes after checking
+  their sha256 and size;
+- ``POST /api/{type}s/{repo}/commit/{rev}`` (NDJSON: ``header``, ``file``, ``lfsFile``,
+  ``deletedFile``, ``deletedFolder``) writes the repo's folder. Like the Hub, it rejects a regular file
+  that is binary or over 10 MiB, and an ``lfsFile`` whose object was not uploaded.
+
+`HubServer.uploaded` returns what arrived: the files, each marked ``"lfs"`` or ``"regular"``, the
+commits and the repo's folder. A created model repo is also served for download. Uploads are bounded
+(MAX_BODY_BYTES per request, MAX_UPLOAD_BYTES in all) and kept in ``upload_dir``.
+
 Any query string is accepted and only ``recursive`` is interpreted. ``Range`` headers are ignored
 (a full 200 answer is sent), which the client handles by restarting the download.
 
@@ -31,15 +53,20 @@ connections and simulate a server that went away.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import types
 from collections.abc import Iterator, Mapping
@@ -49,6 +76,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from unittest import mock
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +90,18 @@ MAX_SLOW_SECONDS = 30.0
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
 """Endpoint used by `run_hub_client` when none is given: nothing listens there (the discard port)."""
 
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest request body the server reads (an upload PUT or a commit); a larger one is refused with 413."""
+
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+"""Bytes the server stores for uploads in all (LFS objects and committed files); past it, 413."""
+
+REGULAR_MAX_BYTES = 10 * 1024 * 1024
+"""A file over this size must be a large file (LFS), as on the Hub."""
+
+REPO_TYPES = ("model", "dataset", "space")
+"""Repo types accepted by the upload routes."""
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _RESULT_MARKER = "__HUB_CLIENT_RESULT__ "
 _CHUNK_SIZE = 64 * 1024
@@ -69,6 +110,14 @@ _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(
 _API_RE = re.compile(
     r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)(?:/(?P<op>revision|tree)/(?P<rev>[^/]+)(?:/(?P<sub>.+?))?)?/?$"
 )
+_BINARY_SNIFF_BYTES = 8000  # git calls a file binary when a NUL byte is among its first 8000 bytes
+_LFS_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_WRITE_API_RE = re.compile(
+    r"^/api/(?P<type>model|dataset|space)s/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/(?P<rev>[^/]+)$"
+)
+_LFS_BATCH_RE = re.compile(r"^/(?:(?P<prefix>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
+_LFS_PUT_RE = re.compile(r"^/fake-lfs/(?P<oid>[0-9a-f]{64})$")
+_OID_RE = re.compile(r"^[0-9a-f]{64}$")
 # Fault kinds that answer instead of the repo (checked in this order), and those tied to one file.
 _ANSWERING_FAULTS = ("drop", "not_found", "gated", "server_error")
 _FILE_FAULTS = ("truncate_file", "missing")
@@ -77,7 +126,7 @@ _FILE_FAULTS = ("truncate_file", "missing")
 class HubRequest(NamedTuple):
     """One request received by the server, logged on arrival."""
 
-    method: str  # "GET" or "HEAD"
+    method: str  # "GET", "HEAD", "POST" or "PUT"
     path: str  # URL path, still percent-encoded, without the query string
     query: str  # raw query string, "" when absent
 
@@ -102,6 +151,64 @@ class _Repo:
     repo_id: str
     folder: Path
     faults: dict[tuple[str, str | None], _Fault] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HubCommit:
+    """One commit received by the upload routes.
+
+    Attributes:
+        oid: the fake commit sha (40 hex).
+        summary: the commit title.
+        files: the paths it added, each ``"lfs"`` (an ``lfsFile`` line: the bytes went up through the LFS
+            batch API) or ``"regular"`` (a ``file`` line: the bytes were inside the commit).
+        deleted: the paths it deleted (files and folders).
+    """
+
+    oid: str
+    summary: str
+    files: dict[str, str]
+    deleted: tuple[str, ...]
+
+
+@dataclass
+class UploadedRepo:
+    """A repo created through ``POST /api/repos/create`` and what was committed to it.
+
+    Attributes:
+        repo_type: "model", "dataset" or "space".
+        repo_id: "org/name".
+        folder: where its files are written (a model repo is also served from there).
+        sdk: the Space SDK given at creation (None for other types).
+        private: whether it was created private.
+        files: the files it holds now, each ``"lfs"`` or ``"regular"`` as it last arrived.
+        commits: its commits, oldest first.
+    """
+
+    repo_type: str
+    repo_id: str
+    folder: Path
+    sdk: str | None
+    private: bool
+    files: dict[str, str] = field(default_factory=dict)
+    commits: list[HubCommit] = field(default_factory=list)
+
+    @property
+    def lfs_files(self) -> list[str]:
+        """The files it holds that arrived as large files, sorted."""
+        return sorted(path for path, mode in self.files.items() if mode == "lfs")
+
+
+class _WriteError(Exception):
+    """An upload request the server refuses: sent as a Hub-style error."""
+
+    def __init__(self, status: int, message: str, error_code: str | None = None,
+                 extra_body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_code = error_code
+        self.extra_body = extra_body
 
 
 @dataclass(frozen=True)
@@ -224,6 +331,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Answer a HEAD with the GET headers and no body."""
         self.server.hub._serve(self, "HEAD")
 
+    def do_POST(self) -> None:  # noqa: N802 (stdlib naming)
+        """Answer an upload API call."""
+        self.server.hub._serve_write(self, "POST")
+
+    def do_PUT(self) -> None:  # noqa: N802 (stdlib naming)
+        """Store an LFS object."""
+        self.server.hub._serve_write(self, "PUT")
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         """Send the stdlib access log to `logging` instead of stderr."""
         logger.debug("fake hub: " + format, *args)
@@ -246,10 +361,19 @@ class HubServer:
 
     Args:
         idle_timeout: seconds an idle keep-alive connection is kept open by the server.
+        upload_dir: where uploaded repos and LFS objects are stored; a temporary folder removed with the
+            server object when None.
     """
 
-    def __init__(self, *, idle_timeout: float = 60.0) -> None:
+    def __init__(self, *, idle_timeout: float = 60.0, upload_dir: str | os.PathLike[str] | None = None) -> None:
         self._idle_timeout = idle_timeout
+        self._upload_tmp = tempfile.TemporaryDirectory(prefix="fake-hub-uploads-") if upload_dir is None else None
+        self._upload_dir = Path(self._upload_tmp.name if self._upload_tmp is not None else upload_dir).resolve()
+        self._uploads: dict[tuple[str, str], UploadedRepo] = {}
+        self._lfs_objects: dict[str, Path] = {}  # sha256 -> stored bytes
+        self._lfs_expected: dict[str, tuple[int, str]] = {}  # sha256 -> (size, signature of its upload href)
+        self._upload_bytes = 0
+        self._commit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._log: list[HubRequest] = []
@@ -467,6 +591,21 @@ class HubServer:
         with self._lock:
             self._log.clear()
 
+    # ----------------------------------------------------------------- uploads
+    def uploaded(self, repo_id: str, repo_type: str = "model") -> UploadedRepo:
+        """What was uploaded to ``repo_id`` (a copy: later commits do not change it).
+
+        Raises:
+            KeyError: no such repo was created through ``POST /api/repos/create``.
+        """
+        with self._lock:
+            repo = self._uploads.get((repo_type, repo_id))
+            if repo is None:
+                raise KeyError(f"No {repo_type} repo {repo_id!r} was created; created: {sorted(self._uploads)}.")
+            return UploadedRepo(
+                repo.repo_type, repo.repo_id, repo.folder, repo.sdk, repo.private, dict(repo.files), list(repo.commits)
+            )
+
     # ----------------------------------------------------------------- client helper
     def run_client(self, code: str, *, hf_home: str | os.PathLike[str], **kwargs: Any) -> HubClientResult:
         """Run `run_hub_client` against this server; takes the same keyword arguments."""
@@ -633,6 +772,203 @@ class HubServer:
                 to_send -= len(chunk)
         handler.wfile.flush()
 
+    # ----------------------------------------------------------------- upload routes
+    def _serve_write(self, handler: _Handler, method: str) -> None:
+        """Answer a POST (upload API) or a PUT (LFS object) (called on a handler thread)."""
+        split = urlsplit(handler.path)
+        with self._lock:
+            self._log.append(HubRequest(method, split.path, split.query))
+        try:
+            body = _read_body(handler)
+            put = _LFS_PUT_RE.match(split.path)
+            if method == "PUT" and put is not None:  # the signed href stands in for a presigned S3 URL: no token
+                self._store_lfs_object(put["oid"], parse_qs(split.query).get("sig", [""])[-1], body)
+                handler.send_response(200)
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            if method != "POST":
+                raise _WriteError(405, f"{method} is not allowed on {split.path}.")
+            if not handler.headers.get("Authorization", "").startswith("Bearer "):
+                raise _WriteError(401, "Invalid credentials in Authorization header (log in with `hf auth login`).")
+            if split.path == "/api/repos/create":
+                _send_json(handler, method, self._create_repo(_json_body(body)))
+            elif split.path == "/api/validate-yaml":
+                errors = _front_matter_errors(_json_body(body))
+                _send_json(handler, method, {"errors": [{"message": e} for e in errors], "warnings": []},
+                           status=400 if errors else 200)
+            elif (match := _WRITE_API_RE.match(split.path)) is not None:
+                if parse_qs(split.query).get("create_pr", ["0"])[-1] not in ("0", ""):
+                    raise _WriteError(400, "The fake hub does not open pull requests.")
+                repo = self._upload_repo(match["type"], unquote(match["repo"]), unquote(match["rev"]))
+                if match["op"] == "preupload":
+                    _send_json(handler, method, self._preupload(repo, _json_body(body)))
+                else:
+                    _send_json(handler, method, self._commit(repo, body))
+            elif (match := _LFS_BATCH_RE.match(split.path)) is not None:
+                repo_type = {"datasets": "dataset", "spaces": "space", None: "model"}[match["prefix"]]
+                repo = self._upload_repo(repo_type, unquote(match["repo"]), "main")
+                _send_json(handler, method, self._lfs_batch(repo, _json_body(body)))
+            else:
+                raise _WriteError(404, f"No such route: {method} {split.path}")
+        except _WriteError as error:
+            _send_error(handler, method, error.status, error.error_code, error.message, extra_body=error.extra_body)
+
+    def _create_repo(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /api/repos/create``: make an empty repo (409 when it exists)."""
+        repo_type = payload.get("type") or "model"
+        name, namespace = payload.get("name"), payload.get("organization")
+        repo_id = f"{namespace}/{name}"
+        if repo_type not in REPO_TYPES:
+            raise _WriteError(400, f"Invalid repo type {repo_type!r}; use one of {REPO_TYPES}.")
+        if not isinstance(name, str) or not isinstance(namespace, str) or not _REPO_ID_RE.match(repo_id):
+            raise _WriteError(400, f"Invalid repo name {repo_id!r}: the fake hub needs 'namespace/name'.")
+        sdk = payload.get("sdk")
+        if repo_type == "space" and sdk not in ("gradio", "docker", "static"):
+            raise _WriteError(400, f"A Space needs sdk 'gradio', 'docker' or 'static', got {sdk!r}.")
+        url = f"{self.endpoint}/{_LFS_PREFIXES[repo_type]}{repo_id}"
+        with self._lock:
+            if (repo_type, repo_id) in self._uploads:
+                raise _WriteError(409, f"You already created this {repo_type} repo: {url}", extra_body={"url": url})
+            folder = self._upload_dir / f"{repo_type}s" / repo_id
+            folder.mkdir(parents=True)
+            private = payload.get("visibility") == "private" or bool(payload.get("private"))
+            self._uploads[(repo_type, repo_id)] = UploadedRepo(repo_type, repo_id, folder, sdk, private)
+            if repo_type == "model":
+                self._repos[repo_id] = _Repo(repo_id=repo_id, folder=folder)
+        return {"url": url, "name": repo_id, "id": repo_id}
+
+    def _upload_repo(self, repo_type: str, repo_id: str, revision: str) -> UploadedRepo:
+        """The created repo an upload route names (404 RepoNotFound / RevisionNotFound otherwise)."""
+        with self._lock:
+            repo = self._uploads.get((repo_type, repo_id))
+        if repo is None:
+            raise _WriteError(404, f"Repository {repo_type}s/{repo_id} not found.", "RepoNotFound")
+        if revision != "main":
+            raise _WriteError(404, f"Invalid rev id: {revision} (the fake hub has only main).", "RevisionNotFound")
+        return repo
+
+    def _preupload(self, repo: UploadedRepo, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``preupload``: say per file whether it goes up as a large file or inside the commit."""
+        files = payload.get("files")
+        if not isinstance(files, list):
+            raise _WriteError(400, "preupload needs a 'files' list.")
+        lfs_patterns = _lfs_patterns(repo.folder / ".gitattributes")
+        answer = []
+        for entry in files:
+            try:
+                path, size = _repo_path(entry["path"]), int(entry["size"])
+                sample = base64.b64decode(entry["sample"], validate=True)
+            except (KeyError, TypeError, ValueError) as error:
+                raise _WriteError(400, f"Malformed preupload entry {entry!r}: {error}") from None
+            large = size > REGULAR_MAX_BYTES or b"\0" in sample or _matches_any(path, lfs_patterns)
+            answer.append({"path": path, "uploadMode": "lfs" if large else "regular", "shouldIgnore": False, "oid": None})
+        return {"files": answer}
+
+    def _lfs_batch(self, repo: UploadedRepo, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """LFS batch API: an upload href for each object not stored yet (basic transfer only)."""
+        if payload.get("operation") != "upload" or "basic" not in (payload.get("transfers") or ["basic"]):
+            raise _WriteError(400, "The fake hub takes LFS uploads with the basic transfer only.")
+        objects = []
+        for entry in payload.get("objects") or []:
+            oid, size = entry.get("oid"), entry.get("size")
+            if not isinstance(oid, str) or not _OID_RE.match(oid) or not isinstance(size, int) or size < 0:
+                raise _WriteError(400, f"Malformed LFS object {entry!r}: oid is a sha256 in hex, size an int >= 0.")
+            with self._lock:
+                stored = oid in self._lfs_objects
+                if not stored:
+                    signature = self._lfs_expected.get(oid, (size, secrets.token_hex(8)))[1]
+                    self._lfs_expected[oid] = (size, signature)
+            if stored:
+                objects.append({"oid": oid, "size": size})
+            else:
+                href = f"{self.endpoint}/fake-lfs/{oid}?sig={signature}"
+                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": {"href": href}}})
+        return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
+
+    def _store_lfs_object(self, oid: str, signature: str, body: bytes) -> None:
+        """``PUT`` on an upload href: keep the bytes when they are the announced object."""
+        with self._lock:
+            expected = self._lfs_expected.get(oid)
+        if expected is None or not secrets.compare_digest(expected[1], signature):
+            raise _WriteError(403, f"No upload of LFS object {oid} was announced with this signature.")
+        if len(body) != expected[0] or hashlib.sha256(body).hexdigest() != oid:
+            raise _WriteError(400, f"LFS object {oid}: the bytes received are not the announced object.")
+        path = self._upload_dir / "lfs" / oid
+        with self._lock:
+            if self._upload_bytes + len(body) > MAX_UPLOAD_BYTES:
+                raise _WriteError(413, f"The fake hub keeps at most {MAX_UPLOAD_BYTES} uploaded bytes.")
+            self._upload_bytes += len(body)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        with self._lock:
+            self._lfs_objects[oid] = path
+            self._lfs_expected.pop(oid, None)
+
+    def _commit(self, repo: UploadedRepo, body: bytes) -> dict[str, Any]:
+        """``commit``: check every NDJSON line, then write the files into the repo's folder."""
+        try:
+            lines = [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _WriteError(400, f"The commit body is not NDJSON: {error}") from None
+        if not lines or lines[0].get("key") != "header":
+            raise _WriteError(400, "A commit starts with a 'header' line.")
+        summary = str(lines[0].get("value", {}).get("summary", ""))
+        regular: dict[str, bytes] = {}
+        large: dict[str, Path] = {}
+        deleted: list[str] = []
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value") or {}
+            path = _repo_path(value.get("path"))
+            if key == "file":
+                content = base64.b64decode(value.get("content", ""), validate=True)
+                if b"\0" in content[:_BINARY_SNIFF_BYTES] or len(content) > REGULAR_MAX_BYTES:
+                    raise _WriteError(
+                        400, f"Your push was rejected because it contains binary files ({path}): "
+                        "binary files and files over 10 MiB go through large-file storage (LFS or Xet).")
+                regular[path] = content
+            elif key == "lfsFile":
+                with self._lock:
+                    stored = self._lfs_objects.get(str(value.get("oid")))
+                if stored is None or value.get("algo") != "sha256" or stored.stat().st_size != value.get("size"):
+                    raise _WriteError(400, f"LFS file {path}: object {value.get('oid')} was not uploaded (or its size differs).")
+                large[path] = stored
+            elif key in ("deletedFile", "deletedFolder"):
+                deleted.append(path)
+            else:
+                raise _WriteError(400, f"Unknown commit line key {key!r}.")
+        added = sum(len(c) for c in regular.values()) + sum(p.stat().st_size for p in large.values())
+        with self._commit_lock:
+            with self._lock:
+                if self._upload_bytes + added > MAX_UPLOAD_BYTES:
+                    raise _WriteError(413, f"The fake hub keeps at most {MAX_UPLOAD_BYTES} uploaded bytes.")
+                self._upload_bytes += added
+            for path in deleted:
+                target = repo.folder / path
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+            for path, content in regular.items():
+                (repo.folder / path).parent.mkdir(parents=True, exist_ok=True)
+                (repo.folder / path).write_bytes(content)
+            for path, stored in large.items():
+                (repo.folder / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(stored, repo.folder / path)
+            modes = {**{p: "regular" for p in regular}, **{p: "lfs" for p in large}}
+            digest = hashlib.sha1(f"{repo.commits[-1].oid if repo.commits else ''}\0{summary}".encode())
+            for path in sorted(modes):
+                digest.update(f"\0{path}\0{modes[path]}".encode())
+            commit = HubCommit(digest.hexdigest(), summary, modes, tuple(deleted))
+            with self._lock:
+                for path in deleted:
+                    for held in [p for p in repo.files if p == path or p.startswith(path.rstrip("/") + "/")]:
+                        del repo.files[held]
+                repo.files.update(modes)
+                repo.commits.append(commit)
+        url = f"{self.endpoint}/{_LFS_PREFIXES[repo.repo_type]}{repo.repo_id}/commit/{commit.oid}"
+        return {"commitUrl": url, "commitOid": commit.oid, "pullRequestUrl": None}
+
 
 def _file_in_folder(folder: Path, filename: str | None) -> Path | None:
     """The regular file ``filename`` inside ``folder``, or None (also for paths escaping the folder)."""
@@ -643,6 +979,91 @@ def _file_in_folder(folder: Path, filename: str | None) -> Path | None:
         return None
     return candidate
 
+
+def _read_body(handler: _Handler) -> bytes:
+    """The request body (Content-Length or chunked), at most MAX_BODY_BYTES; a larger one is refused with 413."""
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        chunks, total = [], 0
+        while True:
+            size = int(handler.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline(1024).strip():  # trailer lines, then the blank line
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > MAX_BODY_BYTES:
+                handler.close_connection = True
+                raise _WriteError(413, f"Request bodies are limited to {MAX_BODY_BYTES} bytes.")
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline(16)  # the CRLF after each chunk
+    length = int(handler.headers.get("Content-Length") or 0)
+    if length > MAX_BODY_BYTES:
+        handler.close_connection = True
+        raise _WriteError(413, f"Request bodies are limited to {MAX_BODY_BYTES} bytes.")
+    return handler.rfile.read(length)
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    """A JSON object body, or a 400."""
+    try:
+        payload = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _WriteError(400, f"The body is not JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise _WriteError(400, "The body is not a JSON object.")
+    return payload
+
+
+def _repo_path(path: Any) -> str:
+    """A file path inside a repo (relative, posix, no '..' or .git), or a 400."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
+        raise _WriteError(400, f"Invalid path in repo: {path!r}.")
+    parts = path.split("/")
+    if any(part in ("", ".", "..", ".git") for part in parts):
+        raise _WriteError(400, f"Invalid path in repo: {path!r}.")
+    return path
+
+
+def _lfs_patterns(gitattributes: Path) -> list[str]:
+    """The patterns a ``.gitattributes`` file sends through LFS (``filter=lfs``); none when it is absent."""
+    if not gitattributes.is_file():
+        return []
+    patterns = []
+    for line in gitattributes.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#") and "filter=lfs" in fields[1:]:
+            patterns.append(fields[0])
+    return patterns
+
+
+def _matches_any(path: str, patterns: list[str]) -> bool:
+    """Whether ``path`` matches a gitattributes pattern (no slash: the file name; with one: the path)."""
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path if "/" in p else name, p.lstrip("/")) for p in patterns)
+
+
+def _front_matter_errors(payload: Mapping[str, Any]) -> list[str]:
+    """What ``/api/validate-yaml`` reports about a README's front matter (empty when it is fine)."""
+    content, repo_type = payload.get("content"), payload.get("repoType") or "model"
+    if not isinstance(content, str):
+        return ["'content' must be the README text."]
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, flags=re.DOTALL)
+    if match is None:
+        return ["A Space README starts with a YAML front matter block."] if repo_type == "space" else []
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as error:
+        return [f"Invalid YAML in the front matter: {error}"]
+    if not isinstance(meta, dict):
+        return ["The front matter is not a mapping."]
+    errors = []
+    if repo_type == "space":
+        if meta.get("sdk") not in ("gradio", "docker", "static"):
+            errors.append(f"\"sdk\" must be one of gradio, docker, static (got {meta.get('sdk')!r}).")
+        for key in ("sdk_version", "python_version", "app_file"):
+            if key in meta and not isinstance(meta[key], str):
+                errors.append(f"\"{key}\" must be a string (got {meta[key]!r}); quote it.")
+    return errors
 
 def _parse_route(raw_path: str) -> _Route | None:
     """Parse a percent-encoded request path into a route, or None for paths the fake hub does not serve."""
@@ -717,9 +1138,10 @@ def _send_error(
     error_code: str | None,
     message: str,
     extra_headers: Mapping[str, str] | None = None,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> None:
     """Send a Hub-style error: ``X-Error-Code``/``X-Error-Message`` headers and a JSON body."""
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message, **(extra_body or {})}).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json; charset=utf-8")
     handler.send_header("Content-Length", str(len(body)))

@@ -39,7 +39,7 @@ from posenc.mechanisms import MECHANISMS
 from posenc.models import build_model
 from posenc.registry import HUB_MODELS
 from posenc.train import cifar_model
-from posenc.ui import (
+from posenc.app import (
     EXPORT_MAX_FOLDERS,
     KIND_TITLES,
     QUEUE_OPTIONS,
@@ -181,8 +181,13 @@ def test_deit_folder_predicts_like_the_library(client: Client) -> None:
 def test_views_refuse_models_without_that_encoding(
     client: Client, checkpoints: Path, photo: Path, endpoint: str, family: str, args: tuple
 ) -> None:
-    with pytest.raises(AppError, match="so it has no"):
+    with pytest.raises(AppError, match="has no (rotary|relative position|absolute position) mechanism; its "
+                       "mechanisms: ") as refused:
         client.predict(handle_file(photo), source(checkpoints, family), *args, api_name=endpoint)
+    message = str(refused.value).replace(f"cifar10-{family}", "")
+    for mechanism in MECHANISMS.values():  # the titles may be named; the internal names and old families not
+        message = message.replace(mechanism.title, "")
+    assert not re.search(rf"\b({'|'.join(MECHANISMS)}|windowed|BEiT|Swin)\b", message), message
 
 
 def _analyse(client: Client, image: Path, model: str, size: str | None, block: int, row: int, col: int) -> dict:
@@ -456,11 +461,11 @@ def test_banner_says_hub_models_are_unavailable_when_offline(checkpoints: Path) 
     catalog = Catalog.build(checkpoints, HUB_MODELS, [])
     offline = HubStatus(lambda: False)
     offline.start()
-    banner = Handlers(cache=ModelCache(load), catalog=catalog, hub=offline).banner()
+    banner = Handlers(cache=ModelCache(load), catalog=catalog, hub=offline).explore.banner()
     assert banner.visible is True and "Hub models are unavailable" in banner.value
     online = HubStatus(lambda: True)
     online.start()
-    assert Handlers(cache=ModelCache(load), catalog=catalog, hub=online).banner().visible is False
+    assert Handlers(cache=ModelCache(load), catalog=catalog, hub=online).explore.banner().visible is False
 
 
 def test_slow_hub_probe_does_not_delay_start_up(checkpoints: Path) -> None:
@@ -518,7 +523,7 @@ def handlers(checkpoints: Path) -> Handlers:
 
 
 def _explore(h: Handlers, shown: dict | None, model: str, size=None, block=0, row=None, col=None) -> dict:
-    return h.explore({"path": str(EXAMPLES / "red_car.png")}, model, size, block, row, col, shown,
+    return h.explore.run({"path": str(EXAMPLES / "red_car.png")}, model, size, block, row, col, shown,
                      progress=_no_progress)
 
 
@@ -562,7 +567,7 @@ def test_a_bundled_model_through_the_repo_field_is_the_bundled_model(
     shown = None
     for text in ["cifar10-sincos", f"{checkpoints.name}/cifar10-sincos", str(checkpoints / "cifar10-sincos"),
                  str(checkpoints / "cifar10-sincos") + "/"]:
-        result = handlers.explore_repo(text, {"path": str(EXAMPLES / "red_car.png")}, None, 0, None, None, shown,
+        result = handlers.explore.run_repo(text, {"path": str(EXAMPLES / "red_car.png")}, None, 0, None, None, shown,
                                        progress=_no_progress)
         assert result["model"].value == "cifar10-sincos", text
         assert "**cifar10-sincos** (bundled)" in result["info"]
@@ -571,7 +576,7 @@ def test_a_bundled_model_through_the_repo_field_is_the_bundled_model(
 
 
 def test_offline_the_list_marks_uncached_hub_models_unavailable(handlers: Handlers) -> None:
-    banner, model, *_ = handlers.first_visit()
+    banner, model, *_ = handlers.explore.first_visit()
     assert banner.visible and "Hub models are unavailable" in banner.value
     labels = dict((value, label) for label, value in model.choices)
     for entry in HUB_MODELS:
@@ -587,7 +592,7 @@ def test_headless_model_says_no_classifier(tmp_path: Path) -> None:
     status = HubStatus(lambda: False)
     h = Handlers(cache=ModelCache(load), catalog=Catalog.build(folder.parent, (), []), hub=status)
     image = {"path": str(EXAMPLES / "red_car.png")}
-    assert h.predict(image, "headless", progress=_no_progress) == views.NO_CLASSIFIER
+    assert h.api.predict(image, "headless", progress=_no_progress) == views.NO_CLASSIFIER
     result = _explore(h, None, "headless")
     assert result["label"] == views.NO_CLASSIFIER and result["view:rope_axial/rope"] and result["attention"]
     assert "no classifier" in result["info"]
@@ -597,11 +602,11 @@ def test_download_folders_are_bounded_and_removed(handlers: Handlers) -> None:
     shown = None
     for block in range(3):
         shown = _explore(handlers, shown, "cifar10-none", block=block)["shown"]
-    root = handlers._export_dir
+    root = handlers.files.root
     assert root is not None and len(list(root.iterdir())) == 3
     seen = views.inspect_image(load(str(handlers.catalog.checkpoints_dir / "cifar10-none")), EXAMPLES / "red_car.png")
     for _ in range(EXPORT_MAX_FOLDERS + 10):
-        handlers._downloads(seen, (0, 0), 0)
+        handlers.files.downloads(seen, (0, 0), 0)
     assert len(list(root.iterdir())) == EXPORT_MAX_FOLDERS
     handlers.close()
     assert not root.exists()
@@ -721,10 +726,10 @@ def test_attention_tab_shows_prefix_shares_only_for_models_with_prefix_tokens(
 
 
 def test_mechanism_views_are_wide_unless_two_share_a_row() -> None:
-    from posenc.ui import _mechanism_tabs
+    from posenc.app.explore import mechanism_tabs
 
     with gr.Blocks():
-        named = _mechanism_tabs()
+        named = mechanism_tabs()
     wide = {key: "posenc-wide" in named[key].elem_classes for key in named if key.startswith("view:")}
     # Swin V2's four views: each per-head sheet keeps its own scrolling row instead of a third of one
     assert all(wide[f"view:cpb/{key}"] for key in ("cpb_table", "cpb_extrapolation", "cpb_temperature",

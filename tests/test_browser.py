@@ -19,7 +19,7 @@ from posenc import views as posenc_views
 from posenc.models import build_model
 from posenc.registry import HUB_MODELS
 from posenc.train import cifar_model
-from posenc.ui import QUEUE_OPTIONS, create_demo, launch_options
+from posenc.app import QUEUE_OPTIONS, create_demo, launch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"

@@ -1,5 +1,7 @@
 """The fake Hub in hub_server.py, checked against the real huggingface_hub client."""
 
+import base64
+import hashlib
 import http.client
 import json
 import socket
@@ -323,3 +325,116 @@ def test_set_fault_rejects_invalid_settings(hub, kind, options):
 def test_run_hub_client_without_endpoint_cannot_reach_any_hub(hf_home):
     result = run_hub_client(_download(WEIGHTS), endpoint=None, hf_home=hf_home)
     assert result.raised("LocalEntryNotFoundError"), result.describe()
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+def _post(hub: HubServer, path: str, payload: object, *, token: str | None = "hf_fake",
+          content_type: str = "application/json") -> tuple[int, dict, dict]:
+    """POST to the fake hub: (status, JSON answer, headers)."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    headers = {"Content-Type": content_type} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(hub.endpoint + path, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+def _create(hub: HubServer, repo_id: str, repo_type: str = "model") -> None:
+    namespace, name = repo_id.split("/")
+    status, answer, _ = _post(hub, "/api/repos/create", {"name": name, "organization": namespace, "type": repo_type})
+    assert status == 200, answer
+
+
+def _commit_lines(*lines: dict) -> bytes:
+    header = {"key": "header", "value": {"summary": "test", "description": ""}}
+    return b"".join(json.dumps(line).encode() + b"\n" for line in (header, *lines))
+
+
+def test_writes_need_a_token(hub):
+    status, answer, _ = _post(hub, "/api/repos/create", {"name": "x", "organization": "me", "type": "model"}, token=None)
+    assert status == 401 and "Authorization" in answer["error"]
+
+
+def test_preupload_sends_binaries_and_gitattributes_patterns_through_lfs(hub):
+    _create(hub, "me/modes")
+    text = base64.b64encode(b"print('hello')\n").decode()
+    binary = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR").decode()
+    files = [{"path": "app.py", "sample": text, "size": 15}, {"path": "a/b.png", "sample": binary, "size": 16},
+             {"path": "weights.npy", "sample": text, "size": 15}, {"path": "big.txt", "sample": text, "size": 11 << 20}]
+    status, answer, _ = _post(hub, "/api/models/me/modes/preupload/main", {"files": files})
+    assert status == 200
+    assert {f["path"]: f["uploadMode"] for f in answer["files"]} == {
+        "app.py": "regular", "a/b.png": "lfs", "weights.npy": "regular", "big.txt": "lfs"}
+    rule = base64.b64encode(b"*.npy filter=lfs diff=lfs merge=lfs -text\n").decode()
+    status, _, _ = _post(hub, "/api/models/me/modes/commit/main", _commit_lines(
+        {"key": "file", "value": {"path": ".gitattributes", "content": rule, "encoding": "base64"}}),
+        content_type="application/x-ndjson")
+    assert status == 200
+    status, answer, _ = _post(hub, "/api/models/me/modes/preupload/main", {"files": files[2:3]})
+    assert answer["files"][0]["uploadMode"] == "lfs", "a committed .gitattributes rule makes the file a large file"
+
+
+def test_commit_with_a_binary_inside_is_rejected_like_the_hub(hub):
+    _create(hub, "me/binary")
+    content = base64.b64encode(b"\x00\x01binary weights").decode()
+    status, answer, _ = _post(hub, "/api/models/me/binary/commit/main", _commit_lines(
+        {"key": "file", "value": {"path": "model.safetensors", "content": content, "encoding": "base64"}}),
+        content_type="application/x-ndjson")
+    assert status == 400 and "rejected because it contains binary files" in answer["error"]
+    missing = {"path": "model.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 10}
+    status, answer, _ = _post(hub, "/api/models/me/binary/commit/main",
+                              _commit_lines({"key": "lfsFile", "value": missing}), content_type="application/x-ndjson")
+    assert status == 400 and "was not uploaded" in answer["error"]
+    assert hub.uploaded("me/binary").files == {}
+
+
+def test_lfs_put_of_other_bytes_than_announced_is_refused(hub):
+    _create(hub, "me/lfs")
+    data = b"\x00" * 100
+    oid = hashlib.sha256(data).hexdigest()
+    status, answer, _ = _post(hub, "/me/lfs.git/info/lfs/objects/batch",
+                              {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": 100}]})
+    href = answer["objects"][0]["actions"]["upload"]["href"]
+    assert status == 200 and answer["transfer"] == "basic" and href.startswith(hub.endpoint)
+    for body, expected in ((b"\x01" * 100, 400), (data, 200)):
+        request = urllib.request.Request(href, data=body, method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                got = response.status
+        except urllib.error.HTTPError as error:
+            got = error.code
+        assert got == expected
+    status, answer, _ = _post(hub, "/me/lfs.git/info/lfs/objects/batch",
+                              {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": 100}]})
+    assert "actions" not in answer["objects"][0], "a stored object needs no second upload"
+
+
+@pytest.mark.parametrize(("front", "error"), [
+    ("sdk: gradio\npython_version: 3.10\n", "python_version"),
+    ("python_version: \"3.11\"\n", "sdk"),
+    ("sdk: gradio\npython_version: \"3.11\"\n", None),
+])
+def test_validate_yaml_checks_a_space_front_matter(hub, front, error):
+    status, answer, _ = _post(hub, "/api/validate-yaml", {"content": f"---\n{front}---\n# title\n", "repoType": "space"})
+    if error is None:
+        assert status == 200 and answer["errors"] == []
+    else:
+        assert status == 400 and error in answer["errors"][0]["message"]
+
+
+def test_uploaded_model_repo_downloads_back_through_the_hub_client(hub, repo_dir, hf_home):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    with patched_hub_client(endpoint=hub.endpoint, hf_home=hf_home):
+        api = HfApi(endpoint=hub.endpoint, token="hf_fake")
+        api.create_repo("me/uploaded", exist_ok=True)
+        api.create_repo("me/uploaded", exist_ok=True)  # a 409 that exist_ok accepts
+        api.upload_folder(repo_id="me/uploaded", folder_path=repo_dir, commit_message="weights")
+        path = hf_hub_download("me/uploaded", WEIGHTS)
+    _assert_same_bytes(path, repo_dir / WEIGHTS)
+    uploaded = hub.uploaded("me/uploaded")
+    assert uploaded.lfs_files == [WEIGHTS]
+    assert uploaded.files == {WEIGHTS: "lfs", CONFIG: "regular", "extra/notes.txt": "regular"}
+    assert [c.summary for c in uploaded.commits] == ["weights"]

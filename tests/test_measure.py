@@ -72,7 +72,7 @@ def test_mean_attention_distance_matches_a_loop_over_patch_pairs(name):
     size = tuple(x.shape[-2:])
     with torch.inference_mode():
         seen = model.inspect(x)
-    found = measure.mean_attention_distance(seen, size)
+    found = measure.mean_attention_distance(seen)
     assert len(found) == len(seen.blocks)
     for trace, dist in zip(seen.blocks, found):
         heads = trace.attn.shape[-3]
@@ -90,7 +90,7 @@ def test_attention_distance_drops_prefix_attention_without_renormalising():
     onto_cls = torch.zeros_like(trace.attn)
     onto_cls[..., 0] = 1.0
     moved = type(trace)(**{**trace.__dict__, "attn": onto_cls})
-    assert measure.block_attention_distance(moved, 2, (32, 32)).abs().max() == 0
+    assert measure.block_attention_distance(moved).abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------ filters
@@ -236,7 +236,7 @@ def test_block_outputs_give_every_blocks_patch_tokens(name):
         seen = model.inspect(x)
     assert len(outs) == len(seen.blocks)
     for out, trace in zip(outs, seen.blocks):
-        tokens = measure.patch_tokens(out, trace, seen.num_prefix_tokens)
+        tokens = measure.patch_tokens(out, trace)
         assert tokens.shape[:2] == (2, trace.grid[0] * trace.grid[1])
     assert not any(m._forward_hooks for m in model.modules())  # hooks are gone after the with
 
@@ -306,7 +306,7 @@ def test_cli_skips_bad_files_with_a_count_keeps_every_good_one_and_writes_its_ou
     loaded = posenc.load(str(model_dir))
     x = torch.stack([loaded.pixels(p)[0] for p in good])
     with torch.inference_mode():
-        per_block = measure.mean_attention_distance(loaded.model.inspect(x), (32, 32))
+        per_block = measure.mean_attention_distance(loaded.model.inspect(x))
     np.testing.assert_allclose(distance, [d.mean(0).numpy() for d in per_block], atol=2e-3)
 
 
@@ -319,7 +319,7 @@ def _noop_progress(*args, **kwargs) -> None:
 
 @pytest.mark.parametrize("family", ["learned", "windowed"])
 def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_path):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / f"cifar10-{family}"
     if not (folder / "model.safetensors").is_file():
@@ -335,11 +335,11 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     numbers = np.load(npz)
     with torch.inference_mode():
         seen = loaded.model.inspect(loaded.pixels(photo))
-    expected = measure.mean_attention_distance(seen, (32, 32))
+    expected = measure.mean_attention_distance(seen)
     for b, d in enumerate(expected):
         np.testing.assert_allclose(numbers[f"attention_distance_block{b}"], d[0].numpy(), rtol=1e-5)
     with torch.inference_mode():
-        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)), (32, 32))
+        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)))
     np.testing.assert_allclose(numbers["compared_attention_distance_block0"], compared[0][0].numpy(), rtol=1e-5)
     assert numbers["filter_components"].shape[0] == 28
     assert numbers["reliance_shuffle_kl"].shape == (3,)
@@ -349,7 +349,7 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
 
 
 def test_measure_tab_says_when_filters_do_not_apply(tmp_path, monkeypatch):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-none"))
     monkeypatch.setattr(loaded.model.patch_embed, "proj", torch.nn.Identity())  # no plain patch conv any more
@@ -359,7 +359,7 @@ def test_measure_tab_says_when_filters_do_not_apply(tmp_path, monkeypatch):
 
 
 def test_app_has_a_named_endpoint_per_measurement():
-    from posenc.ui import create_demo
+    from posenc.app import create_demo
 
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
@@ -411,7 +411,7 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
         _photo(images / f"p{i}.png", i)
     kwargs = TINY_KWARGS[model_type]
     size = kwargs["img_size"]
-    config_cls = ARCHITECTURES[model_type][0]
+    config_cls = ARCHITECTURES[model_type].config
     config = config_cls(**kwargs, num_classes=5, preprocess=Preprocess(input_size=(size, size), crop_pct=1.0))
     torch.manual_seed(0)
     build_model(config).save_pretrained(tmp_path / "model")
@@ -425,7 +425,7 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
 
 
 def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_tabs_default(tmp_path, monkeypatch):
-    from posenc.ui_measure import MeasureHandlers
+    from posenc.app.measure import MeasureHandlers
 
     loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-learned"))
     native = views.native_size(loaded)
@@ -439,8 +439,8 @@ def test_measure_tab_runs_a_model_too_large_at_its_native_size_at_the_explore_ta
 
 
 def test_measure_plots_keep_their_buttons_above_the_title():
-    from posenc.ui_measure import _image
+    from posenc.app.common import view_image
 
     with gr.Blocks():
-        image = _image("distance", "measure-distance")
-    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.ui.CSS)
+        image = view_image("distance", elem_id="measure-distance")
+    assert "posenc-view" in image.elem_classes  # the class that reserves a strip for the buttons (posenc.app.demo.CSS)

@@ -16,7 +16,8 @@ from torch.testing import assert_close
 from posenc import mechanisms, views
 from posenc.convert import check_state_dict, config_from_timm, convert_state_dict
 from posenc.hub import load
-from posenc.measure import NotApplicable, block_attention_distance, mean_attention_distance
+from posenc.mechanisms.absolute import similarity_grid, similarity_to_patch
+from posenc.measure import NotApplicable, attention_distance_notes, block_attention_distance, mean_attention_distance
 from posenc.models import CaiT, build_model
 from posenc.models.cait import TIMM_PRESETS, mix_heads
 from tests.test_parity import load_posenc, perturb
@@ -126,13 +127,30 @@ def test_cait_attention_distance_is_measured_in_self_attention_blocks_only(tmp_p
     model = load_posenc(tmp_path)
     with torch.no_grad():
         seen = model.inspect(torch.randn(1, 3, 64, 64))
-    dist = block_attention_distance(seen.blocks[0], seen.num_prefix_tokens, (64, 64))
+    dist = block_attention_distance(seen.blocks[0])
     assert dist.shape == (1, 4) and torch.isfinite(dist).all()
     assert (dist > 0).all() and (dist < 64 * math.sqrt(2)).all()  # a mean of distances within the 64x64 image
-    with pytest.raises(NotApplicable):  # one cls query: no patch-to-patch distance
-        block_attention_distance(seen.blocks[2], seen.num_prefix_tokens, (64, 64))
-    with pytest.raises(NotApplicable):
-        mean_attention_distance(seen, (64, 64))
+    with pytest.raises(NotApplicable, match="no patch queries"):  # one cls query: no patch-to-patch distance
+        block_attention_distance(seen.blocks[2])
+    per_block = mean_attention_distance(seen)
+    assert [bool(torch.isfinite(d).all()) for d in per_block] == [True, True, False, False]
+    assert all(torch.isnan(d).all() for d in per_block[2:])
+    notes = attention_distance_notes(seen)
+    assert notes[:2] == ["", ""] and all("class attention" in n for n in notes[2:])
+
+
+def test_cait_layouts_say_where_the_tokens_sit(tmp_path):
+    _reference(tmp_path)
+    model = load_posenc(tmp_path)
+    with torch.no_grad():
+        seen = model.inspect(torch.randn(1, 3, 48, 80))
+    talking, late = seen.blocks[0].layout, seen.blocks[2].layout
+    assert talking.query_prefix == talking.key_prefix == () and talking.query_grid == talking.key_grid == (3, 5)
+    assert talking.grouped(seen.blocks[0].attn[0]).shape == (1, 4, 15, 15)
+    assert late.query_prefix == late.key_prefix == ("cls",)
+    assert late.query_grid == (0, 0) and late.key_grid == (3, 5)
+    assert late.grouped(seen.blocks[2].attn[0]).shape == (1, 4, 1, 16)
+    assert late.key_pixels[1].tolist() == [8.0, 8.0] and late.key_pixels[-1].tolist() == [40.0, 72.0]
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_PRESETS))
@@ -167,7 +185,7 @@ def seen(tmp_path_factory):
 def test_learned_views_draw_the_embedding_without_a_cls_entry(seen):
     ref, seen = seen
     assert seen.loaded.model.mechanisms == ("learned", "class_attention")
-    grid, similarity, _ = views.absolute_views(seen, (1, 2))
+    grid, similarity = similarity_grid(seen, 0, (1, 2)), similarity_to_patch(seen, 0, (1, 2))
     pos = ref.pos_embed[0].detach()  # 16, C: patches only
     expected = torch.nn.functional.cosine_similarity(pos[6:7], pos, dim=-1).reshape(4, 4).numpy()
     np.testing.assert_allclose(similarity.arrays["pos_similarity_to_patch"], expected, atol=1e-5)
@@ -181,8 +199,8 @@ def test_class_attention_view_shows_the_cls_query_of_a_class_attention_block(see
     attn = seen.inspection.blocks[shown].attn[0, :, 0]  # heads, 17
     assert int(view.arrays["class_attention_block"]) == shown
     np.testing.assert_allclose(view.arrays["class_attention"], attn[:, 1:].reshape(4, 4, 4).numpy(), atol=1e-6)
-    np.testing.assert_allclose(view.arrays["class_attention"].sum((1, 2)) + view.arrays["class_attention_to_cls"], 1,
-                               atol=1e-5)
+    to_cls = view.arrays["class_attention_to_prefix"][:, 0]  # heads
+    np.testing.assert_allclose(view.arrays["class_attention"].sum((1, 2)) + to_cls, 1, atol=1e-5)
     assert view.image.size[0] > 200
 
 

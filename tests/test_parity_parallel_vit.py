@@ -4,6 +4,8 @@ load with timm's probabilities and maps; every block's trace holds both branches
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import timm
@@ -108,9 +110,15 @@ def test_measure_finds_one_output_per_parallel_block_and_every_branch_head(tmp_p
     with torch.no_grad(), block_outputs(model) as tokens:
         seen = model.inspect(x)
     assert len(tokens) == len(seen.blocks) == 2
-    assert patch_tokens(tokens[0], seen.blocks[0], seen.num_prefix_tokens).shape == (2, 16, 32)
-    dist = block_attention_distance(seen.blocks[1], seen.num_prefix_tokens, (64, 64))
+    assert patch_tokens(tokens[0], seen.blocks[0]).shape == (2, 16, 32)
+    layout = seen.blocks[1].layout  # one layout for both branches: the heads axis is parallel*heads
+    assert layout.query_prefix == layout.key_prefix == ("cls",) and layout.key_grid == (4, 4)
+    assert layout.grouped(seen.blocks[1].attn[0]).shape == (1, 8, 17, 17)  # G, parallel*heads, N, N
+    dist = block_attention_distance(seen.blocks[1])
     assert dist.shape == (2, 8) and torch.isfinite(dist).all()
+    for j in range(2):  # each branch's heads measure as the same block with only that branch
+        branch = replace(seen.blocks[1], attn=seen.blocks[1].attn[:, 4 * j : 4 * (j + 1)])  # B, heads, N, N
+        assert_close(block_attention_distance(branch), dist[:, 4 * j : 4 * (j + 1)])
     assert model.trace_bytes((64, 64)) == 2 * 2 * 4 * 17 * 17 * 4  # blocks x branches x heads x N^2 x float32
 
 
@@ -192,7 +200,7 @@ def test_measure_finds_one_output_per_parallel_scaling_block(tmp_path):
     with torch.no_grad(), block_outputs(model) as tokens:
         seen = model.inspect(torch.randn(1, 3, 64, 64))
     assert len(tokens) == len(seen.blocks) == 2
-    assert patch_tokens(tokens[1], seen.blocks[1], seen.num_prefix_tokens).shape == (1, 16, 32)
+    assert patch_tokens(tokens[1], seen.blocks[1]).shape == (1, 16, 32)
 
 
 def test_parallel_scaling_refuses_rope_and_branches():

@@ -30,7 +30,7 @@ from posenc.labels import CIFAR10_LABELS
 from posenc.models import ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS
-from posenc.ui import MAX_FILE_SIZE, QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
+from posenc.app import MAX_FILE_SIZE, QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -203,9 +203,9 @@ def test_repo_field_refuses_server_paths_and_urls_before_any_load(project: Path)
     handlers = _handlers(project, never)
     for text in _refused_sources(project):
         with pytest.raises(gr.Error, match="server paths are not accepted"):
-            handlers.use_custom(text)
+            handlers.explore.use_custom(text)
         with pytest.raises(gr.Error, match="not a model this app may load"):
-            handlers.predict({"path": str(photo)}, text, progress=lambda *a, **k: None)
+            handlers.api.predict({"path": str(photo)}, text, progress=lambda *a, **k: None)
 
 
 def test_repo_field_accepts_repo_ids_and_checkpoint_folders(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,10 +215,10 @@ def test_repo_field_accepts_repo_ids_and_checkpoint_folders(project: Path, monke
     accepted = ["timm/deit_tiny_patch16_224.fb_in1k", "google/vit-base-patch16-224", "someone/model",
                 str(project / "checkpoints" / "cifar10-learned"), "checkpoints/cifar10-learned"]
     for text in accepted:  # a bundled model keeps its public name, however it is spelled
-        assert handlers.use_custom(text).value == (text if text.count("/") == 1 and "checkpoints" not in text
+        assert handlers.explore.use_custom(text).value == (text if text.count("/") == 1 and "checkpoints" not in text
                                                    else "cifar10-learned")
     for folder in accepted[-2:]:
-        top5 = handlers.predict({"path": str(photo)}, folder, progress=lambda *a, **k: None)
+        top5 = handlers.api.predict({"path": str(photo)}, folder, progress=lambda *a, **k: None)
         assert len(top5) == 5 and set(top5) <= set(CIFAR10_LABELS)
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import posenc
-from posenc import views
+from posenc import mechanisms, views
 from posenc.models import ViTConfig, build_model
 from posenc.preprocess import Preprocess
 
@@ -85,7 +85,7 @@ def test_headless_model_says_it_has_no_classifier_and_every_view_still_draws(tmp
     seen = views.inspect_image(loaded, photo)
     assert seen.inspection.logits.shape == (1, 32)  # the pooled (normed cls) features
     assert views.predictions(seen) == {views.NO_CLASSIFIER: 0.0}
-    drawn = [*views.absolute_views(seen, (1, 2)), views.attention_view(seen, 2, (1, 2)),
+    drawn = [*(k.view for k in mechanisms.kind_views(seen, "absolute", 2, (1, 2))), views.attention_view(seen, 2, (1, 2)),
              views.prefix_attention_view(seen, 2, (1, 2))]
     assert all(v.image.width > 0 for v in drawn)
     npz = np.load(views.save_npz(tmp_path / "out.npz", seen, (1, 2), 2, drawn))
@@ -108,7 +108,7 @@ def test_app_analyses_a_headless_timm_checkpoint_without_failing(tmp_path, name,
     import timm
     from timm.models import save_for_hf
 
-    from posenc.ui import Catalog, Handlers, HubStatus, ModelCache
+    from posenc.app import Catalog, Handlers, HubStatus, ModelCache
 
     folder = tmp_path / name
     torch.manual_seed(0)
@@ -118,6 +118,6 @@ def test_app_analyses_a_headless_timm_checkpoint_without_failing(tmp_path, name,
                         hub=HubStatus(lambda: False))
     image = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(image)
-    out = handlers.analyse(str(image), str(folder.resolve()), None, 1, 1, 2, progress=lambda *a, **k: None)
+    out = handlers.api.analyse(str(image), str(folder.resolve()), None, 1, 1, 2, progress=lambda *a, **k: None)
     assert out[1] == views.NO_CLASSIFIER  # the label shows the words, not a 0 % class
     assert out[-3] is not None and out[-2] is not None  # the attention picture and the .npz

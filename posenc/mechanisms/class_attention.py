@@ -8,17 +8,20 @@ import torch
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable
+from posenc.views import Patch, Seen, View, ViewUnavailable, query_row
 
 
 def class_attention_blocks(seen: Seen) -> list[int]:
-    """Blocks whose only query is the cls token: attention (B, heads, 1, 1 + h*w), key 0 the cls token."""
-    gh, gw = seen.grid
-    return [i for i, t in enumerate(seen.inspection.blocks) if tuple(t.attn.shape[-2:]) == (1, 1 + gh * gw)]
+    """Blocks whose queries are prefix tokens only (no patch queries) and whose keys include patches, by layout."""
+    return [
+        i for i, t in enumerate(seen.inspection.blocks)
+        if t.layout is not None and t.layout.query_prefix and not bool(t.layout.query_is_patch.any())
+        and bool(t.layout.key_is_patch.any())
+    ]  # fmt: skip
 
 
 def class_attention(seen: Seen, block: int, patch: Patch) -> View:
-    """Each head's attention from the cls token over the patches in a class-attention block, on the photo.
+    """Each head's attention from the prefix query over the patches in a class-attention block, on the photo.
 
     The chosen block when it is a class-attention block, else the last one (the one the classifier reads).
     """
@@ -26,19 +29,18 @@ def class_attention(seen: Seen, block: int, patch: Patch) -> View:
     if not blocks:
         raise ViewUnavailable(f"{seen.name} has no class-attention blocks (a cls token that joins late)")
     shown = block if block in blocks else blocks[-1]
-    gh, gw = seen.grid
-    attn = seen.inspection.blocks[shown].attn[0, :, 0].float()  # heads, 1 + h*w
-    with torch.inference_mode():
-        rows = attn[:, 1:].reshape(-1, gh, gw).numpy()  # heads, gh, gw
-        to_cls = attn[:, :1].numpy()  # heads, 1
+    with torch.inference_mode():  # the block's one (first prefix) query, read from its layout
+        rows, to_prefix, query = query_row(seen, shown, seen.inspection.blocks[shown].attn[0], patch)  # heads, hk, wk
     which = f"class-attention block {blocks.index(shown)} of {len(blocks)} (block {shown})"
-    note = "" if shown == block else f"; block {block} is a self-attention block, so the last one is shown"
+    note = "" if shown == block else f"; block {block} has patch queries, so the last class-attention block is shown"
     sheet = viz.attention_overlays(
-        seen.photo, rows, patch, prefix_attn=to_cls,
-        title=f"{seen.name}: the cls token's attention over the patches, per head\n{which}{note}",
+        seen.photo, rows, query.patch, prefix_attn=to_prefix,
+        title=f"{seen.name}: {query.describe()}'s attention over the patches, per head\n{which}{note}",
     )  # fmt: skip
-    return View(sheet.image, {"class_attention": rows, "class_attention_to_cls": to_cls[:, 0],
-                              "class_attention_block": np.array(shown)})
+    arrays = {"class_attention": rows, "class_attention_block": np.array(shown)}
+    if to_prefix is not None:
+        arrays["class_attention_to_prefix"] = to_prefix
+    return View(sheet.image, arrays)
 
 
 MECHANISMS = (
@@ -53,7 +55,8 @@ MECHANISMS = (
         "attends over itself and the patches (which stay unchanged). The sheet shows each head's class attention over "
         "the patches for the chosen class-attention block (the last one when a self-attention block is chosen); the "
         "titles give each head's attention to the cls token itself.",
-        {"attn": "BlockTrace.attn of a class-attention block: (B, heads, 1, 1 + h*w), key 0 the cls token"},
+        {"attn": "BlockTrace.attn of a class-attention block: (B, heads, 1, 1 + h*w), its layout says the one query is "
+                 "the cls token and the keys are the cls token then the patch grid"},
         (ViewSpec("class_attention", "Class attention per head", class_attention, per_block=True),),
     ),
 )

@@ -13,16 +13,8 @@ import torch
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import (
-    Patch,
-    Seen,
-    View,
-    ViewUnavailable,
-    _block_patch,
-    _window_keys,
-    describe_block,
-    window_row_to_grid,
-)
+from posenc.queries import key_values
+from posenc.views import Patch, Seen, View, ViewUnavailable, block_query, describe_block
 
 _DEPENDS = "computed from this query's content: it changes with the image"
 
@@ -40,19 +32,18 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
             f"{seen.name} block {block} adds no decomposed relative bias (none in this model, or position terms off); "
             "pick a SAM or ViTDet model with relative positions")
     rel_h, rel_w = trace.position["rel_h"][0].float(), trace.position["rel_w"][0].float()  # [nW,] heads, N, kh / kw
-    query = _block_patch(seen, trace, patch)
+    query = block_query(seen, block, patch)
+    layout = trace.tokens()
+    if not layout.window_axis:  # global attention: one group
+        rel_h, rel_w = rel_h[None], rel_w[None]  # 1, heads, N, kh / kw
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key's row inside the attended map
+    rows = torch.arange(kh).repeat_interleave(kw)  # kh*kw: each key slot's row inside the attended map
     cols = torch.arange(kw).repeat(kh)  # kh*kw
-    if trace.window is None:
-        index = query[0] * trace.grid[1] + query[1]
-        fh, fw = rel_h[:, index], rel_w[:, index]  # heads, kh / heads, kw
-        row_term, col_term = fh[:, rows].reshape(-1, *trace.grid), fw[:, cols].reshape(-1, *trace.grid)  # heads, gh, gw
-        return row_term.numpy(), col_term.numpy(), query
-    keys = _window_keys(seen, trace, patch)
-    fh = rel_h[keys.window_index, :, keys.query_index]  # heads, Wh
-    fw = rel_w[keys.window_index, :, keys.query_index]  # heads, Ww
-    return window_row_to_grid(trace, keys, fh[:, rows]), window_row_to_grid(trace, keys, fw[:, cols]), query
+    fh = rel_h[query.group, :, query.slot]  # heads, kh
+    fw = rel_w[query.group, :, query.slot]  # heads, kw
+    row_term, _ = key_values(layout, query.group, fh[:, rows])  # heads, hk, wk
+    col_term, _ = key_values(layout, query.group, fw[:, cols])  # heads, hk, wk
+    return row_term, col_term, query.patch
 
 
 def query_bias(seen: Seen, block: int, patch: Patch) -> View:

@@ -3,7 +3,7 @@
 Names follow timm's ``cait.py``: ``patch_embed.proj``, ``pos_embed`` (1, h*w, C: patches only, no cls entry),
 ``cls_token``, ``blocks.i.{norm1,attn,norm2,mlp}`` with ``attn.{qkv,proj,proj_l,proj_w}``,
 ``blocks_token_only.j.{norm1,attn,norm2,mlp}`` with ``attn.{q,k,v,proj}``, ``norm``, ``head``. timm's layer
-scales ``gamma_1``/``gamma_2`` are ``ls1.gamma``/``ls2.gamma`` here (the generic timm rule renames them).
+scales ``gamma_1``/``gamma_2`` are ``ls1.gamma``/``ls2.gamma`` here (the shared ``declare.TIMM_RULES`` rename them).
 
 * Self-attention blocks (``blocks``) see the patch tokens only. Talking heads: the logits are mixed across heads
   by ``proj_l`` (a Linear over the head axis) before the softmax, and the probabilities by ``proj_w`` after it.
@@ -15,8 +15,10 @@ blocks, attention (B, heads, 1, 1 + h*w) with key 0 the cls token. A self-attent
 (B, heads, h*w, h*w) attention distributions: the softmax of the talking logits (after ``proj_l``), each row summing
 to 1. The maps applied to the values are ``mix_heads(attn, proj_w)``: mixtures of those rows across heads plus
 ``proj_w``'s bias on every key, which are no distributions (rows sum to ``sum(W[g]) + N * b[g]`` and may be
-negative), so the views and the mean attention distance read the distributions. ``num_prefix_tokens`` is 0: no prefix token takes part in the self-attention blocks, and a
-class-attention trace says by its shape that its one query is the cls token (``prefix_names`` is ("cls",)).
+negative), so the views and the mean attention distance read the distributions. ``num_prefix_tokens`` is 0: no prefix token takes part in the self-attention blocks. Each trace's
+``layout`` says where its tokens sit: a self-attention block's is global over the patch grid without prefix
+tokens; a class-attention block's has the cls token as its one query (no patch queries, query grid (0, 0)) and
+the cls token then the patch grid as keys.
 
 Position: only the learned absolute embedding, resampled bicubically for other grids (timm's CaiT runs at its
 built size only). Without position (``position=False``) the embedding is left out; every map is then the model's
@@ -43,9 +45,12 @@ from posenc.models.layers import (
     PatchEmbed,
     PosencModel,
     config_from_dict,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
+from posenc.models.declare import TIMM_RULES, Architecture
 from posenc.preprocess import Preprocess
 
 
@@ -91,10 +96,6 @@ class CaiTConfig:
     def num_prefix_tokens(self) -> int:
         """Prefix tokens in the self-attention blocks: none (the cls token joins in the class-attention blocks)."""
         return 0
-
-    @property
-    def position_encoding(self) -> str:
-        return "learned"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -228,10 +229,6 @@ class CaiT(PosencModel):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         """Self-attention blocks, then class-attention blocks, as :meth:`inspect` lists them."""
         return self.config.depth + self.config.depth_token_only
@@ -272,7 +269,15 @@ class CaiT(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus every block's attention: self-attention blocks, then class-attention blocks (see the module)."""
         logits, grid, pos, maps = self._run(x, need_weights=True, position=position)
-        blocks = [BlockTrace(attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=grid) for attn in maps]
+        pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
+        patches = global_layout(grid, pixels)  # talking heads: the patches attend to each other, no prefix token
+        # class attention: the cls token is the one query, its keys are the cls token and the patches
+        late = global_layout(grid, pixels, ("cls",), query_grid=(0, 0), query_pixels=pixels[:0], query_prefix=("cls",))
+        blocks = [
+            BlockTrace(attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=grid,
+                       layout=patches if i < self.config.depth else late)
+            for i, attn in enumerate(maps)
+        ]  # fmt: skip
         return Inspection(
             logits=logits,
             grid=grid,
@@ -306,3 +311,9 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "cait_m36_384": _arch(768, 36, 16, 1e-6, 384),
     "cait_m48_448": _arch(768, 48, 16, 1e-6, 448),
 }
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_cait", config=CaiTConfig, model=CaiT, timm_presets=TIMM_PRESETS,
+    timm_rules=TIMM_RULES,  # timm's gamma_1/gamma_2 layer scales are ls1.gamma/ls2.gamma here
+)

@@ -17,7 +17,7 @@ are computed for the grid (timm's ConViT assumes a square one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from posenc.attention import Attention
 from posenc.encodings import Size2, gpsa_offsets, resample_abs_pos_embed, to_2tuple
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -34,6 +35,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -88,10 +91,6 @@ class ConViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 1
-
-    @property
-    def position_encoding(self) -> str:
-        return "gpsa"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -201,10 +200,6 @@ class ConViT(PosencModel):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
     def absolute_embedding(self, grid: Size2) -> Tensor | None:
         """(1, h*w, C) learned embedding resampled to a patch grid, or None without one."""
         if self.pos_embed is None:
@@ -238,6 +233,9 @@ class ConViT(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus every block's attention; GPSA blocks also give their gates and positional attention."""
         logits, grid, pos, traces = self._run(x, need_weights=True, position=position)
+        pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
+        local, late = global_layout(grid, pixels), global_layout(grid, pixels, ("cls",))  # cls joins after the GPSA blocks
+        traces = [replace(t, layout=local if i < self.config.local_up_to_layer else late) for i, t in enumerate(traces)]
         return Inspection(
             logits=logits,
             grid=grid,
@@ -258,3 +256,6 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "convit_small": {"embed_dim": 48, "num_heads": 9, "local_up_to_layer": 10, "img_size": 224},
     "convit_base": {"embed_dim": 48, "num_heads": 16, "local_up_to_layer": 10, "img_size": 224},
 }
+
+
+ARCHITECTURE = Architecture(model_type="posenc_convit", config=ConViTConfig, model=ConViT, timm_presets=TIMM_PRESETS)

@@ -32,7 +32,17 @@ from posenc.encodings import (
     rope_2d_angles,
     rope_centered_angles,
     rope_mixed_angles,
+    rope_rotation,
     to_2tuple,
+)
+from posenc.models.declare import (
+    Architecture,
+    StateDict,
+    TransformersType,
+    UnsupportedModelError,
+    encoder_fields,
+    qkv_rule,
+    resample_pos_embed,
 )
 from posenc.models.layers import (
     BlockTrace,
@@ -42,6 +52,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -125,13 +137,6 @@ class EvaConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
-
-    @property
-    def position_encoding(self) -> str:
-        """The family name: rope when RoPE is used, else learned or none."""
-        if self.use_rot_pos_emb:
-            return "rope"
-        return "learned" if self.use_abs_pos_emb else "none"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -245,10 +250,10 @@ class EvaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, need_weights: bool, position: bool = True
+        self, x: Tensor, *, rotation: Tensor | None, num_prefix: int, need_weights: bool, position: bool = True
     ) -> tuple[Tensor, AttentionTrace | None]:
-        """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights``."""
-        y, trace = self.attn(self.norm1(x), rope=rope, num_prefix=num_prefix, need_weights=need_weights,
+        """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights``; ``rotation``: RoPE's cos and sin."""
+        y, trace = self.attn(self.norm1(x), rotation=rotation, num_prefix=num_prefix, need_weights=need_weights,
                              position=position)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
@@ -282,7 +287,10 @@ class Eva(PosencModel):
             self.pos_embed = None
         self.rope = MixedRope(config) if config.use_rot_pos_emb and config.rope_type == "mixed" else None
         if config.use_rot_pos_emb and config.rope_type != "mixed":
-            self.register_buffer("rope_angles", self._fixed_rope(config.grid), persistent=False)  # h*w, hd/2
+            angles = self._fixed_rope(config.grid)  # h*w, hd/2
+            self.register_buffer("rope_angles", angles, persistent=False)  # h*w, hd/2
+            rotation = rope_rotation(angles, interleaved=not config.rope_rotate_half)  # 2, h*w, hd
+            self.register_buffer("rope_cos_sin", rotation, persistent=False)  # 2, h*w, hd: timm's sin/cos buffer
         rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(EvaBlock(config, rate) for rate in rates)
         fc_norm = config.global_pool == "avg" if config.use_fc_norm is None else config.use_fc_norm
@@ -294,10 +302,6 @@ class Eva(PosencModel):
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
-
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
 
     def _fixed_rope(self, grid: Size2, device: torch.device | None = None) -> Tensor:
         """(h*w, head_dim/2) angles of the fixed (axial or DINOv3) RoPE for a grid."""
@@ -318,6 +322,18 @@ class Eva(PosencModel):
         if tuple(grid) == cfg.grid:
             return self.rope_angles
         return self._fixed_rope(grid, self.rope_angles.device)
+
+    def _rope_rotation(self, grid: Size2, angles: Tensor | None) -> Tensor | None:
+        """RoPE's cos and sin per channel for :meth:`rope_for`'s angles, computed once per forward pass.
+
+        Returns:
+            (2, h*w, hd) for fixed RoPE (the buffer at the native grid), (2, depth, heads, h*w, hd) for mixed; or None.
+        """
+        if angles is None:
+            return None
+        if self.rope is None and tuple(grid) == self.config.grid:
+            return self.rope_cos_sin
+        return rope_rotation(angles, interleaved=not self.config.rope_rotate_half)
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """(1, P + h*w, C) learned embedding resampled to a grid (or None), and its number of prefix rows P."""
@@ -353,11 +369,12 @@ class Eva(PosencModel):
                                                                             Tensor | None, list]:
         x, grid, pos, pos_prefix = self._embed(x, position)
         rope = self.rope_for(grid) if position else None
+        rotation = self._rope_rotation(grid, rope)  # 2, h*w, hd or 2, depth, heads, h*w, hd; or None
         mixed = self.rope is not None
         traces = []
         for i, block in enumerate(self.blocks):
-            angles = rope[i] if mixed and rope is not None else rope  # heads, h*w, hd/2 or h*w, hd/2
-            x, trace = block(x, rope=angles, num_prefix=self.config.num_prefix_tokens, need_weights=need_weights,
+            turn = rotation[:, i] if mixed and rotation is not None else rotation  # 2, heads, h*w, hd or 2, h*w, hd
+            x, trace = block(x, rotation=turn, num_prefix=self.config.num_prefix_tokens, need_weights=need_weights,
                              position=position)
             traces.append(trace)
         return self._head(x), grid, pos, pos_prefix, rope, traces
@@ -378,13 +395,15 @@ class Eva(PosencModel):
         """
         logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
         mixed = self.rope is not None and rope is not None
-        blocks = [
-            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
-                       position={"rope_angles": rope[i]} if mixed else {})
-            for i, t in enumerate(traces)
-        ]
         cfg = self.config
         names = ("cls",) if cfg.class_token else ()
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
+                               names + tuple(f"reg{i}" for i in range(cfg.num_reg_tokens)))
+        blocks = [
+            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
+                       position={"rope_angles": rope[i]} if mixed else {}, layout=layout)
+            for i, t in enumerate(traces)
+        ]
         return Inspection(
             logits=logits,
             grid=grid,
@@ -453,3 +472,67 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "vit_large_patch16_dinov3": {**_DINOV3, **_L, "qkv_bias": False},
     "vit_large_patch16_dinov3_qkvb": {**_DINOV3, **_L, "qkv_bias": True},
 }
+
+
+
+def _dinov3_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> EvaConfig:
+    """DINOv3 as a backbone: cls + register tokens, centred RoPE, post-norm, cls pooling, no classifier."""
+    for flag in ("use_gated_mlp",):
+        if config.get(flag):
+            raise UnsupportedModelError(f"DINOv3 with {flag}=True is not supported; pick a DINOv3 ViT-S/B/L")
+    if not (config.get("mlp_bias", True) and config.get("proj_bias", True)):
+        raise UnsupportedModelError("DINOv3 without MLP or output projection biases is not supported")
+    biases = (config.get("query_bias", True), config.get("key_bias", False), config.get("value_bias", True))
+    if biases[1] and not all(biases) or biases[0] != biases[2]:
+        raise UnsupportedModelError(f"DINOv3 with query/key/value biases {biases} is not supported")
+    scale = config.get("layerscale_value", 1.0)
+    return EvaConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-5),
+           "qkv_bias": bool(biases[0])},
+        **encoder_fields(config),
+        attn_type="rope" if biases[1] else "eva",  # "rope": one bias for q, k and v; "eva": no key bias
+        init_values=scale,
+        num_reg_tokens=config.get("num_register_tokens", 0),
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=config.get("rope_theta", 100.0),
+        rope_rotate_half=True,
+        global_pool="token",
+        use_fc_norm=False,
+    )
+
+
+def _fit_positions(state_dict: StateDict, config: EvaConfig) -> StateDict:
+    """A learned embedding of another grid resampled to the config's (its prefix rows kept apart)."""
+    return resample_pos_embed(state_dict, config.grid, 0 if config.no_embed_class else config.num_prefix_tokens)
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_eva",
+    config=EvaConfig,
+    model=Eva,
+    timm_presets=TIMM_PRESETS,
+    # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv on load
+    timm_rules=(qkv_rule(r"\.attn\.(q|k|v)_proj\.", ".attn."),),
+    transformers={
+        "dinov3_vit": TransformersType(
+            ("DINOv3ViTModel", "DINOv3ViTBackbone"),  # headless: model(x) is the normed cls token
+            _dinov3_from_transformers,
+            (
+                (r"^embeddings\.cls_token$", "cls_token"),
+                (r"^embeddings\.register_tokens$", "reg_token"),
+                (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+                (r"^embeddings\.mask_token$", "mask_token"),  # pre-training only: dropped
+                (r"^(model\.)?layer\.(\d+)\.", r"blocks.\2."),
+                qkv_rule(r"\.attention\.(q|k|v)_proj\.", ".attn."),
+                (r"\.attention\.o_proj\.", ".attn.proj."),
+                (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"),
+                (r"\.mlp\.up_proj\.", ".mlp.fc1."),
+                (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+            ),
+        ),
+    },
+    derived=("periods", "mask_token", "k_bias"),  # DINOv3's RoPE periods are recomputed from the config
+    fit_positions=_fit_positions,
+)

@@ -18,15 +18,25 @@ index. Sizes must be multiples of the stem's stride (16, or 8 for the ``_s8`` st
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, resample_abs_pos_embed, to_2tuple
-from posenc.models.layers import BlockTrace, Inspection, PosencModel, config_from_dict, normalise_config
+from posenc.models.declare import Architecture, Rule, TransformersType, UnsupportedModelError
+from posenc.models.layers import (
+    BlockTrace,
+    Inspection,
+    PosencModel,
+    config_from_dict,
+    global_layout,
+    grid_pixels,
+    normalise_config,
+)
 from posenc.preprocess import Preprocess
 
 _ACTIVATIONS = {"hard_swish": nn.Hardswish, "silu": nn.SiLU}
@@ -90,10 +100,6 @@ class LeViTConfig:
     def grid(self) -> Size2:
         """(h, w) token grid of stage 0 at ``img_size``."""
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-    @property
-    def position_encoding(self) -> str:
-        return "offset"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -222,7 +228,9 @@ class OffsetBiasAttention(nn.Module):
             index = self.attention_bias_idxs
         else:
             index = offset_bias_index(grid, self.stride, device=table.device)  # Nq, Nk
-        return table.flatten(1)[:, index], table  # heads, Nq, Nk
+        # index_select on the flattened index: the same values as table[:, index], a fraction of aten::index's time
+        bias = table.flatten(1).index_select(1, index.flatten()).view(self.num_heads, *index.shape)  # heads, Nq, Nk
+        return bias, table
 
     def forward(
         self, x: Tensor, grid: Size2, *, need_weights: bool = False, position: bool = True
@@ -272,9 +280,11 @@ class LevitDownsample(nn.Module):
         )
         self.mlp = LevitMlp(out_dim, out_dim * 2, act)
 
-    def forward(self, x: Tensor, grid: Size2, position: bool) -> Tensor:
-        x, _ = self.attn_downsample(x, grid, position=position)
-        return x + self.mlp(x)
+    def forward(self, x: Tensor, grid: Size2, position: bool, need_weights: bool = False
+                ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """(B, h*w, C) -> (B, h'*w', C'), plus the subsampling attention's tensors when ``need_weights``."""
+        x, parts = self.attn_downsample(x, grid, need_weights=need_weights, position=position)
+        return x + self.mlp(x), parts
 
 
 class LevitBlock(nn.Module):
@@ -343,13 +353,9 @@ class LeViT(PosencModel):
             self.head_dist = None
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
-        """Attention blocks listed by :meth:`inspect` (the subsampling attentions between stages are not)."""
-        return sum(self.config.depth)
+        """Attentions listed by :meth:`inspect`: every block's and the subsampling attention between stages."""
+        return sum(self.config.depth) + len(self.config.depth) - 1
 
     def size_step(self) -> Size2:
         """(h, w) every input size must be a multiple of: the stem's stride."""
@@ -357,8 +363,12 @@ class LeViT(PosencModel):
 
     def trace_bytes(self, size: Size2) -> int:
         """Bytes of the attention maps one inspection at ``size`` keeps (with and without the bias, float32)."""
-        grids = self.config.stage_grids((size[0] // self.config.patch_size, size[1] // self.config.patch_size))
-        return sum(d * h * (g[0] * g[1]) ** 2 * 4 * 2 for d, h, g in zip(self.config.depth, self.config.num_heads, grids))
+        cfg = self.config
+        grids = cfg.stage_grids((size[0] // cfg.patch_size, size[1] // cfg.patch_size))
+        tokens = [g[0] * g[1] for g in grids]
+        blocks = sum(d * h * n**2 for d, h, n in zip(cfg.depth, cfg.num_heads, tokens))
+        subsampling = sum(cfg.embed_dim[i] // cfg.key_dim[0] * tokens[i] * tokens[i + 1] for i in range(len(grids) - 1))
+        return (blocks + subsampling) * 4 * 2
 
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, list[BlockTrace]]:
         h, w = x.shape[-2:]
@@ -370,14 +380,24 @@ class LeViT(PosencModel):
         x = x.flatten(2).transpose(1, 2)  # B, h*w, C
         traces = []
         stage_grid = grid
+        stride, first = s, s / 2  # each stage token stands for the stem patch it was subsampled from
         for i, stage in enumerate(self.stages):
             if stage.downsample is not None:
-                x = stage.downsample(x, stage_grid, position)
-                stage_grid = ((stage_grid[0] - 1) // 2 + 1, (stage_grid[1] - 1) // 2 + 1)
+                x, parts = stage.downsample(x, stage_grid, position, need_weights)
+                query_grid = ((stage_grid[0] - 1) // 2 + 1, (stage_grid[1] - 1) // 2 + 1)
+                stride *= 2
+                if parts is not None:  # queries on every second row and column of the key grid
+                    layout = global_layout(stage_grid, grid_pixels(stage_grid, stride // 2, first), query_grid=query_grid,
+                                           query_pixels=grid_pixels(query_grid, stride, first))
+                    table = {} if parts["table"] is None else {"offset_bias_table": parts["table"]}
+                    traces.append(BlockTrace(attn=parts["attn"], attn_no_pos=parts["attn_no_pos"], pos_bias=parts["bias"],
+                                             mask=None, grid=stage_grid, stage=i, position=table, layout=layout))
+                stage_grid = query_grid
+            layout = global_layout(stage_grid, grid_pixels(stage_grid, stride, first)) if need_weights else None
             for block in stage.blocks:
                 x, trace = block(x, stage_grid, need_weights, position)
                 if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": i}))
+                    traces.append(replace(trace, stage=i, layout=layout))
         pooled = x.mean(dim=1)  # B, C
         logits = self.head(pooled)
         if self.head_dist is not None:
@@ -418,3 +438,70 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "levit_256d": _preset((256, 384, 512), 32, (4, 6, 8), (4, 8, 6), act_layer="silu", distilled=False),
     "levit_512d": _preset((512, 640, 768), 64, (8, 10, 12), (4, 8, 6), act_layer="silu", distilled=False),
 }
+
+
+
+def _levit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> LeViTConfig:
+    stem = (config.get("kernel_size", 3), config.get("stride", 2), config.get("padding", 1), config.get("patch_size", 16))
+    if stem != (3, 2, 1, 16):
+        raise UnsupportedModelError(f"LeViT stem (kernel, stride, padding, patch) {stem} is not supported; posenc "
+                                    "rebuilds the 16-pixel stem of four 3x3 stride-2 convolutions")  # fmt: skip
+    keep = ("img_size", "in_chans", "num_classes", "labels")
+    pp = common["preprocess"]
+    if pp.crop_mode == "center":  # LevitImageProcessor resizes the shorter side to int(256 / 224 * shortest_edge)
+        shortest = round(pp.input_size[0] / pp.crop_pct)
+        pp = replace(pp, crop_pct=pp.input_size[0] / int(256 / 224 * shortest))
+    return LeViTConfig(
+        preprocess=pp,
+        embed_dim=tuple(config["hidden_sizes"]),
+        key_dim=tuple(config["key_dim"]),
+        depth=tuple(config["depths"]),
+        num_heads=tuple(config["num_attention_heads"]),
+        attn_ratio=tuple(float(r) for r in config["attention_ratio"]),
+        mlp_ratio=tuple(float(r) for r in config["mlp_ratio"]),
+        distilled="LevitForImageClassificationWithTeacher" in (config.get("architectures") or []),
+        **{k: common[k] for k in keep},
+    )
+
+
+def _levit_transformers_rules(config: LeViTConfig) -> list[Rule]:
+    """transformers LeViT keys to timm's: stage s's layers 2j and 2j+1 are block j's attention and MLP, layer
+    2*depth (the subsampling attention) and 2*depth+1 (its MLP) start stage s + 1 in timm."""
+
+    def layer(m: re.Match) -> str:
+        s, i = int(m[1]), int(m[2])
+        d = config.depth[s]
+        if i < 2 * d:
+            return f"stages.{s}.blocks.{i // 2}.{'mlp' if i % 2 else 'attn'}."
+        return f"stages.{s + 1}.downsample.{'mlp' if i > 2 * d else 'attn_downsample'}."
+
+    return [
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.convolution\.", r"stem.conv\1.linear."),
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.batch_norm\.", r"stem.conv\1.bn."),
+        (r"^levit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(module\.)?", layer),
+        (r"\.queries_keys_values\.", ".qkv."),
+        (r"\.keys_values\.", ".kv."),
+        (r"\.queries\.", ".q.ln."),
+        (r"\.projection\.", ".proj.ln."),
+        (r"\.linear_up\.", ".ln1."),
+        (r"\.linear_down\.", ".ln2."),
+        (r"^classifier_distill\.", "head_dist."),
+        (r"^classifier\.", "head."),
+        (r"\.batch_norm\.", ".bn."),
+    ]
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_levit",
+    config=LeViTConfig,
+    model=LeViT,
+    timm_presets=TIMM_PRESETS,
+    transformers={
+        "levit": TransformersType(
+            ("LevitForImageClassification", "LevitForImageClassificationWithTeacher"),
+            _levit_from_transformers,
+            _levit_transformers_rules,  # the layer numbering depends on the stage depths
+        ),
+    },
+    derived=("attention_bias_idxs",),  # the offset index is rebuilt for the grid in use
+)

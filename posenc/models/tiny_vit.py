@@ -14,7 +14,7 @@ tokens at the bottom and right (they take part in attention), and cropped afterw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, to_2tuple, window_partition, window_reverse
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -29,7 +30,9 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    grid_pixels,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -76,10 +79,6 @@ class TinyViTConfig:
     def grid(self) -> Size2:
         """(h, w) token grid after the stem at ``img_size``."""
         return (-(-self.img_size[0] // 4), -(-self.img_size[1] // 4))
-
-    @property
-    def position_encoding(self) -> str:
-        return "offset"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -290,10 +289,6 @@ class TinyViT(PosencModel):
         self.head = ClassifierHead(config.embed_dims[-1], config.num_classes)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         """Attention blocks listed by :meth:`inspect` (stage 0's MBConv blocks have no attention)."""
         return sum(self.config.depths[1:])
@@ -325,8 +320,11 @@ class TinyViT(PosencModel):
             x = stage.downsample(x).permute(0, 2, 3, 1)  # B, H, W, C
             for block in stage.blocks:
                 x, trace = block(x, need_weights, position)
-                if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": i}))
+                if trace is not None:  # a merged token stands for the stem token at its 3x3 conv's centre
+                    real = tuple(x.shape[1:3])  # the grid before padding to whole windows
+                    stride = self.config.patch_size * 2**i
+                    layout = windowed_layout(real, trace.window, grid_pixels(real, stride, self.config.patch_size / 2))
+                    traces.append(replace(trace, stage=i, layout=layout))
             x = x.permute(0, 3, 1, 2)  # B, C, H, W
         return self.head(x), grid, traces
 
@@ -358,3 +356,12 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny_vit_21m_512": dict(embed_dims=(96, 192, 384, 576), depths=_DEPTHS, num_heads=(3, 6, 12, 18),
                              window_sizes=(16, 16, 32, 16), img_size=512),
 }
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_tiny_vit",
+    config=TinyViTConfig,
+    model=TinyViT,
+    timm_presets=TIMM_PRESETS,
+    derived=("attention_bias_idxs",),  # the offset index is rebuilt from the window
+)

@@ -16,8 +16,13 @@ from torch.testing import assert_close
 from posenc import mechanisms, views
 from posenc.convert import check_state_dict, config_from_timm, convert_state_dict
 from posenc.hub import load
+from posenc.measure import (
+    NotApplicable,
+    attention_distance_notes,
+    block_attention_distance,
+    mean_attention_distance,
+)
 from posenc.mechanisms.absolute import similarity_grid, similarity_to_patch
-from posenc.measure import NotApplicable, attention_distance_notes, block_attention_distance, mean_attention_distance
 from posenc.models import CaiT, build_model
 from posenc.models.cait import TIMM_PRESETS, mix_heads
 from tests.test_parity import load_posenc, perturb

@@ -19,7 +19,7 @@ from posenc import views
 from posenc.convert import check_state_dict, config_from_timm, convert_state_dict
 from posenc.hub import load
 from posenc.measure import block_attention_distance, block_outputs, patch_tokens
-from posenc.models import ViTConfig, VisionTransformer, build_model
+from posenc.models import VisionTransformer, ViTConfig, build_model
 from tests.test_parity import load_posenc, perturb
 
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, resample_abs_pos_embed, to_2tuple
+from posenc.models.declare import TIMM_RULES, Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -50,7 +51,6 @@ from posenc.models.layers import (
     init_weights,
     normalise_config,
 )
-from posenc.models.declare import TIMM_RULES, Architecture
 from posenc.preprocess import Preprocess
 
 

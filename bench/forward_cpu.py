@@ -34,6 +34,7 @@ import torch
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
+    CaiTConfig,
     CoaTConfig,
     EvaConfig,
     LeViTConfig,
@@ -46,6 +47,7 @@ from posenc.models import (
     ViTConfig,
     XCiTConfig,
     build_model,
+    cait,
     coat,
     twins,
     vit,
@@ -58,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
 MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig
-                         | MViTv2Config]] = {
+                         | MViTv2Config | CaiTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -90,6 +92,8 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
     # pooling attention with the decomposed bias on the pooled key grid (56x56 queries over 14x14 keys in stage 0)
     "mvitv2_tiny": ("mvitv2_tiny", MViTv2Config(**MVITV2_PRESETS["mvitv2_tiny"])),
+    "cait_xxs24": ("cait_xxs24_224", CaiTConfig(**cait.TIMM_PRESETS["cait_xxs24_224"])),  # talking heads, class attention
+    "vit_small_18x2": ("vit_small_patch16_18x2_224", ViTConfig(**vit.TIMM_PRESETS["vit_small_patch16_18x2_224"])),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

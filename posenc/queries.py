@@ -31,13 +31,21 @@ class Query:
         group: index on the attention's group (window) axis; 0 for global attention.
         slot: the query's index inside its group.
         token: its row in ``layout.query_pixels``.
-        patch: (row, col) on the key grid of the key patch nearest the query, for outlines.
+        patch: (row, col) on the key grid of the key patch nearest the query, for outlines; for a prefix query,
+            the key patch nearest the clicked patch.
+        prefix: the query's name when it is a prefix token ("cls": a block without patch queries, such as class
+            attention, answers with its first prefix query); None for a patch query.
     """
 
     group: int
     slot: int
     token: int
     patch: Patch
+    prefix: str | None = None
+
+    def describe(self) -> str:
+        """Who the query is, for titles ("patch (3, 4)", "the cls token")."""
+        return f"patch {self.patch}" if self.prefix is None else f"the {self.prefix} token (the block's query)"
 
 
 def patch_pixel(patch: Patch, grid: Size2, size: Size2) -> tuple[float, float]:
@@ -46,9 +54,17 @@ def patch_pixel(patch: Patch, grid: Size2, size: Size2) -> tuple[float, float]:
 
 
 def block_query(trace: BlockTrace, patch: Patch, grid: Size2, size: Size2) -> Query:
-    """The block's patch query nearest the clicked input patch (raises ``NoTokenLayout`` for a block without one)."""
+    """The block's patch query nearest the clicked input patch (raises ``NoTokenLayout`` for a block without one).
+
+    A block whose queries are prefix tokens only (class attention) answers with its first prefix query, whatever
+    the patch; a block with neither raises ValueError.
+    """
     layout = trace.tokens()
-    token = layout.nearest_query(patch_pixel(patch, grid, size))
+    pixel = patch_pixel(patch, grid, size)
+    if not bool(layout.query_is_patch.any()) and layout.query_prefix:
+        group, slot = layout.query_slot(0)
+        return Query(group, slot, 0, layout.nearest_key_patch(pixel), layout.query_prefix[0])
+    token = layout.nearest_query(pixel)
     group, slot = layout.query_slot(token)
     return Query(group, slot, token, layout.nearest_key_patch(tuple(layout.query_pixels[token].tolist())))
 

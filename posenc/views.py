@@ -330,7 +330,7 @@ def block_query(seen: Seen, block: int, patch: Patch) -> queries.Query:
     """The chosen block's query nearest the clicked input patch (:func:`posenc.queries.block_query`).
 
     Raises:
-        ViewUnavailable: the block's attention is not between image tokens, or it has no patch queries.
+        ViewUnavailable: the block's attention is not between image tokens, or it has no queries at all.
     """
     try:
         return queries.block_query(seen.inspection.blocks[block], patch, seen.grid, seen.size)
@@ -352,7 +352,8 @@ def query_row(seen: Seen, block: int, per_pair: torch.Tensor, patch: Patch
 
 
 def attention_view(seen: Seen, block: int, patch: Patch) -> View:
-    """Every head's attention from the clicked patch in the chosen block, on the photo.
+    """Every head's attention from the clicked patch in the chosen block (from its prefix query in a block without
+    patch queries, such as class attention), on the photo.
 
     For relative-bias and RoPE models a second row shows the same attention with the position term left out.
     """
@@ -365,7 +366,7 @@ def attention_view(seen: Seen, block: int, patch: Patch) -> View:
     sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
         no_pos_label="without the position term",
-        title=f"{seen.name}: attention from patch {block_patch}\n{describe_block(seen, block)}")
+        title=f"{seen.name}: attention from {query.describe()}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 

@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from posenc.models.cait import CaiT, CaiTConfig
 from posenc.models.coat import CoaT, CoaTConfig
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
@@ -27,7 +28,8 @@ from posenc.models.vit import ViTConfig, VisionTransformer
 from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
-MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit", "mvitv2")
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit", "mvitv2",
+           "cait")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -73,6 +75,8 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "BlockTrace",
+    "CaiT",
+    "CaiTConfig",
     "CoaT",
     "CoaTConfig",
     "ConViT",

@@ -234,7 +234,9 @@ def histogram(values: np.ndarray, *, title: str, xlabel: str, marks: dict[str, f
     for k, (name, v) in enumerate(marks.items()):
         colour = COLOURS[(k + 1) % len(COLOURS)]
         ax.draw.line((ax.px(v), ax.y0, ax.px(v), ax.y1), fill=colour, width=2)
-        viz.paste_label(ax.image, name, (ax.px(v) + 3, ax.y0 + 4 + 13 * k), "lt", size=11)
+        right = ax.px(v) > ax.x1 - 90  # write the name on the side with room
+        viz.paste_label(ax.image, name, (ax.px(v) + (-3 if right else 3), ax.y0 + 4 + 13 * k), "rt" if right else "lt",
+                        size=11)
     return ax.image
 
 

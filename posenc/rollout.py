@@ -148,30 +148,50 @@ def mean_attention(trace: BlockTrace, attn: Tensor) -> Tensor:
 
 
 def block_transfer(trace: BlockTrace, attn: Tensor, before: Tokens, after: Tokens) -> Tensor:
-    """One block's rollout step: how much each token after the block draws on each token before it.
+    """One block's rollout step as a matrix: how much each token after the block draws on each token before it.
 
     ``attn`` averaged over heads (:func:`mean_attention`), its keys mapped onto the tokens before the block, plus
-    the identity (each query's own token before the block), rows renormalised; prefix tokens the block does not
-    query pass through unchanged.
+    the identity (each query's own token before the block), rows renormalised (``keepdim``: vit-explain#16);
+    prefix tokens the block does not query pass through unchanged.
 
     Returns:
         (B, len(after), len(before)) float64, rows summing to 1.
     """
+    batch = attn.shape[0]
+    eye = torch.eye(len(after), dtype=torch.float64, device=attn.device).expand(batch, -1, -1)  # B, N', N'
+    return step_back(eye, trace, attn, before, after)
+
+
+def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, after: Tokens) -> Tensor:
+    """Rollout rows over the tokens after a block, carried to the tokens before it: ``rows @ transfer``.
+
+    Computed without forming the transfer matrix (rows first), so a few rows through a 3136-token block stay cheap.
+
+    Args:
+        rows: (B, R, len(after)).
+
+    Returns:
+        (B, R, len(before)) float64.
+    """
     layout = trace.tokens()
     p = len(before.prefix)
     pk, pq = len(layout.key_prefix), len(layout.query_prefix)
-    keys = _map_onto(before, layout.key_prefix, layout.key_pixels[pk:])  # Nk, P + N
-    own = _map_onto(before, layout.query_prefix, layout.query_pixels[pq:])  # Nq, P + N
-    mixed = mean_attention(trace, attn) @ keys.to(attn.device) + own.to(attn.device)  # B, Nq, P + N
-    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(1e-30)  # B, Nq, P + N: rows, keepdim (vit-explain#16)
-    out = mixed.new_zeros(mixed.shape[0], len(after), len(before))  # B, P + N', P + N
-    out[:, p:] = mixed[:, pq:]
+    device = attn.device
+    keys = _map_onto(before, layout.key_prefix, layout.key_pixels[pk:]).to(device)  # Nk, P + N
+    own = _map_onto(before, layout.query_prefix, layout.query_pixels[pq:]).to(device)  # Nq, P + N
+    mean = mean_attention(trace, attn)  # B, Nq, Nk
+    total = mean @ keys.sum(-1) + own.sum(-1)  # B, Nq: row sums of (A K + I), kept per row (vit-explain#16)
+    rows = rows.double()
+    per_query = rows.new_zeros(*rows.shape[:2], len(layout.query_pixels))  # B, R, Nq
+    per_query[..., pq:] = rows[..., p:]
+    passed = rows.new_zeros(*rows.shape[:2], len(before))  # B, R, P + N
     for i, name in enumerate(before.prefix):
         if name in layout.query_prefix:
-            out[:, i] = mixed[:, layout.query_prefix.index(name)]
+            per_query[..., layout.query_prefix.index(name)] = rows[..., i]
         else:  # the block does not touch this prefix token
-            out[:, i, i] = 1.0
-    return out
+            passed[..., i] = rows[..., i]
+    per_query = per_query / total.clamp_min(1e-30)[:, None, :]  # B, R, Nq
+    return (per_query @ mean) @ keys + per_query @ own + passed  # B, R, P + N
 
 
 def _map_onto(before: Tokens, prefix: tuple[str, ...], pixels: Tensor) -> Tensor:
@@ -245,7 +265,7 @@ def rollout(inspection: Inspection, *, block: int | None = None, select: Tensor 
             notes.append(f"block {b}: passed through as identity ({trace.no_layout})")
             continue
         attn = trace.attn_no_pos if no_pos and trace.attn_no_pos is not None else trace.attn
-        rows = rows @ block_transfer(trace, attn, before[b], tokens[b])  # B, R, len(before[b])
+        rows = step_back(rows, trace, attn, before[b], tokens[b])  # B, R, len(before[b])
     return Rollout(rows, before[0], block, tuple(reversed(notes)))
 
 

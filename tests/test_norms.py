@@ -67,3 +67,23 @@ def test_norm_stats_count_high_tokens_and_score_both_groups(tmp_path):
     assert 0 < record["high_norm_share"][0] < 1
     assert record["decodability_r2_normal"][0] is not None
     assert set(record["mean_prefix_norm"][0]) == {"cls", "reg0", "reg1", "reg2", "reg3"}
+
+
+def test_token_norms_view_shows_the_chosen_block_and_states_the_rule(tmp_path):
+    from PIL import Image
+
+    from posenc import views
+    from posenc.norms import HIGH_NORM_RULE
+
+    ref = perturb(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=2, embed_dim=32,
+                                    num_heads=2, img_size=70))
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    loaded = posenc.load(str(tmp_path))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (70, 70), (120, 60, 30)).save(photo)
+    seen = views.inspect_image(loaded, photo)
+    view = views.token_norms_view(seen, 1, (0, 0))
+    assert view.arrays["token_norms"].shape == (5, 5)
+    assert list(view.arrays["token_norms_prefix_names"]) == ["cls", "reg0", "reg1", "reg2", "reg3"]
+    np.testing.assert_allclose(view.arrays["token_norms"], seen.norms[1].patches[0])
+    assert "median" in HIGH_NORM_RULE

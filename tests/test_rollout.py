@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,7 +12,7 @@ from timm.models import save_for_hf
 from torch.testing import assert_close
 
 import posenc
-from posenc.rollout import block_tokens, needs_position_free_run, rollout, rollout_summary, token_map
+from posenc.rollout import block_tokens, block_transfer, input_tokens, needs_position_free_run, rollout, rollout_summary, token_map
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:
@@ -130,3 +133,44 @@ def test_rollout_rejects_a_block_out_of_range(tmp_path):
         seen = loaded.model.inspect(torch.randn(1, 3, 224, 224))
     with pytest.raises(ValueError, match="out of range"):
         rollout(seen, block=5)
+
+
+def test_block_transfer_rows_sum_to_one_and_pass_untouched_prefix_rows(tmp_path):
+    ref = perturb(timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1))
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    loaded = posenc.load(str(tmp_path))
+    with torch.no_grad():
+        seen = loaded.model.inspect(torch.randn(1, 3, 224, 224))
+    tokens = block_tokens(seen)
+    transfer = block_transfer(seen.blocks[0], seen.blocks[0].attn, input_tokens(seen), tokens[0])
+    assert_close(transfer.sum(-1), torch.ones(1, 197, dtype=torch.float64))
+    # a block whose layout has no prefix queries leaves the cls row as it was
+    layout = seen.blocks[0].layout
+    bare = dataclasses.replace(layout, query_prefix=(), key_prefix=(), query_pixels=layout.query_pixels[1:],
+                               key_pixels=layout.key_pixels[1:], query_tokens=torch.arange(196)[None],
+                               key_tokens=torch.arange(196)[None])
+    trace = dataclasses.replace(seen.blocks[0], layout=bare)
+    passed = block_transfer(trace, seen.blocks[0].attn[..., 1:, 1:], input_tokens(seen), tokens[0])
+    assert_close(passed[0, 0], torch.eye(197, dtype=torch.float64)[0])
+
+
+def test_rollout_view_draws_the_rows_of_the_clicked_patch_and_cls(tmp_path):
+    from PIL import Image
+
+    from posenc import views
+
+    ref = perturb(timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2))
+    save_for_hf(ref, tmp_path, safe_serialization=True)
+    loaded = posenc.load(str(tmp_path))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (224, 224), (120, 60, 30)).save(photo)
+    seen = views.inspect_image(loaded, photo)
+    view = views.rollout_view(seen, 1, (3, 4))
+    assert list(view.arrays["rollout_starts"]) == ["patch (3, 4)", "cls"]
+    expected = rollout(seen.inspection, select=torch.eye(197)[[1 + 3 * 14 + 4, 0]]).on_grid()[0][0]  # R, 14, 14
+    np.testing.assert_allclose(view.arrays["rollout"], expected, atol=1e-6)
+    with torch.inference_mode():
+        free = loaded.model.inspect(seen.pixels, position=False)
+    expected = rollout(free, select=torch.eye(197)[[1 + 3 * 14 + 4, 0]]).on_grid()[0][0]
+    np.testing.assert_allclose(view.arrays["rollout_no_pos"], expected, atol=1e-6)
+    assert view.image.width > 600

@@ -34,7 +34,7 @@ def test_token_norms_equal_timm_block_output_norms_with_registers(tmp_path):
         ref(x)
     for h in hooks:
         h.remove()
-    seen, found = inspect_with_outputs(loaded.model, x)
+    _, found = inspect_with_outputs(loaded.model, x)
     assert len(found) == len(outs) == 2
     for block, out in zip(found, outs):
         norms = out.double().norm(dim=-1)  # B, 1 + 4 + 25

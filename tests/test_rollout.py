@@ -12,7 +12,15 @@ from timm.models import save_for_hf
 from torch.testing import assert_close
 
 import posenc
-from posenc.rollout import block_tokens, block_transfer, input_tokens, needs_position_free_run, rollout, rollout_summary, token_map
+from posenc.rollout import (
+    block_tokens,
+    block_transfer,
+    input_tokens,
+    needs_position_free_run,
+    rollout,
+    rollout_summary,
+    token_map,
+)
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:

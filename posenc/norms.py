@@ -125,6 +125,19 @@ def token_norms(outputs: Sequence[Tensor], inspection: Inspection) -> list[Block
     return out
 
 
+def norms_summary(found: Sequence[BlockNorms | str]) -> dict[str, Any]:
+    """A JSON-able record of one inspection's token norms: per block the share of high-norm patch tokens, the mean
+    patch norm and each prefix token's norm, averaged over the batch (None for a block without a layout)."""
+    blocks = []
+    for f in found:
+        if isinstance(f, str):
+            blocks.append(None)
+            continue
+        blocks.append({"high_norm_share": float(f.high.mean()), "mean_patch_norm": float(f.patches.mean()),
+                       "prefix_norm": {n: float(f.prefix[:, i].mean()) for i, n in enumerate(f.prefix_names)}})
+    return {"rule": HIGH_NORM_RULE, "blocks": blocks}
+
+
 def inspect_with_outputs(model: nn.Module, x: Tensor) -> tuple[Inspection, list[BlockNorms | str]]:
     """One inspection and the token norms of its blocks (:func:`block_outputs` around ``model.inspect``)."""
     with torch.inference_mode(), block_outputs(model) as outputs:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,6 +268,30 @@ def rollout(inspection: Inspection, *, block: int | None = None, select: Tensor 
         attn = trace.attn_no_pos if no_pos and trace.attn_no_pos is not None else trace.attn
         rows = step_back(rows, trace, attn, before[b], tokens[b])  # B, R, len(before[b])
     return Rollout(rows, before[0], block, tuple(reversed(notes)))
+
+
+#: What "without position" means, by the source used (written on the pictures and in summaries).
+WITHOUT_PER_BLOCK = "without position: each block's attention with its position term left out (same inputs)"
+WITHOUT_MODEL_RUN = "without position: the model run with its position embedding left out (position=False)"
+
+
+def rollout_pair(model: Any, x: Tensor, inspection: Inspection, *, block: int | None = None,
+                 select: Tensor | None = None) -> tuple[Rollout, Rollout, str]:
+    """The rollout with position and without, and a line saying what "without" is for this model.
+
+    Without: each block's ``attn_no_pos`` where the blocks have a position term; for a model whose position
+    enters only at the input, a second inspection of ``x`` with ``position=False`` (the only extra model call).
+
+    Args:
+        model: the model that made ``inspection`` (anything with ``inspect(x, position=...)``).
+        x: (B, 3, h, w) the input of ``inspection``.
+    """
+    with_pos = rollout(inspection, block=block, select=select)
+    if needs_position_free_run(inspection):
+        with torch.inference_mode():
+            free = model.inspect(x, position=False)
+        return with_pos, rollout(free, block=block, select=select), WITHOUT_MODEL_RUN
+    return with_pos, rollout(inspection, block=block, select=select, no_pos=True), WITHOUT_PER_BLOCK
 
 
 def rollout_summary(with_pos: Rollout, without_pos: Rollout, starts: tuple[str, ...]) -> dict[str, object]:

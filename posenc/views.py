@@ -470,17 +470,9 @@ def rollout_maps(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.n
     starts = [token] + ([after.prefix.index("cls")] if "cls" in after.prefix else [])
     names = (f"patch {patch}",) + (("cls",) if len(starts) > 1 else ())
     select = torch.eye(len(after), dtype=torch.float64)[starts]  # R, len(after)
-    with_pos = rollout.rollout(insp, block=block, select=select)
-    if rollout.needs_position_free_run(insp):
-        if seen.pixels is None:
-            raise ViewUnavailable(f"{seen.name}: the rollout without position needs the input; inspect it again")
-        with torch.inference_mode():
-            free = seen.loaded.model.inspect(seen.pixels, position=False)
-        without = rollout.rollout(free, block=block, select=select)
-        rule = "without position: the model run with its position embedding left out (position=False)"
-    else:
-        without = rollout.rollout(insp, block=block, select=select, no_pos=True)
-        rule = "without position: each block's attention with its position term left out (same inputs)"
+    if seen.pixels is None and rollout.needs_position_free_run(insp):
+        raise ViewUnavailable(f"{seen.name}: the rollout without position needs the input; inspect it again")
+    with_pos, without, rule = rollout.rollout_pair(seen.loaded.model, seen.pixels, insp, block=block, select=select)
     grids, prefixes = zip(*(r.on_grid() for r in (with_pos, without)))
     return np.stack([g[0] for g in grids]), np.stack([p[0] for p in prefixes]), names, rule
 

@@ -10,7 +10,13 @@ from torch.testing import assert_close
 
 import posenc
 from posenc.measure import Decodability
-from posenc.norms import HIGH_NORM_FACTOR, NormStats, inspect_with_outputs
+from posenc.norms import (
+    HIGH_NORM_FACTOR,
+    HIGH_NORM_RULE,
+    NormStats,
+    inspect_with_outputs,
+    norms_summary,
+)
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +51,10 @@ def test_token_norms_equal_timm_block_output_norms_with_registers(tmp_path):
         threshold = HIGH_NORM_FACTOR * norms[:, 5:].median(dim=-1).values
         assert_close(torch.from_numpy(block.threshold).double(), threshold, atol=1e-3, rtol=1e-4)
         assert np.array_equal(block.high, (patches > threshold[:, None, None]).numpy())
+    summary = norms_summary(found)
+    assert summary["rule"] == HIGH_NORM_RULE and len(summary["blocks"]) == 2
+    expected = outs[1].double().norm(dim=-1)[:, 0].mean()
+    assert abs(summary["blocks"][1]["prefix_norm"]["cls"] - float(expected)) < 1e-3
 
 
 def test_norm_stats_count_high_tokens_and_score_both_groups(tmp_path):

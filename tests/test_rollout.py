@@ -18,6 +18,7 @@ from posenc.rollout import (
     input_tokens,
     needs_position_free_run,
     rollout,
+    rollout_pair,
     rollout_summary,
     token_map,
 )
@@ -76,6 +77,10 @@ def test_rollout_matches_timm_attention_for_deit(tmp_path):
         free = rollout(loaded.model.inspect(x, position=False))
     summary = rollout_summary(found, free, ("cls", "dist")[:1] + tuple(f"t{i}" for i in range(196)))
     assert 0 < summary["starts"]["cls"]["total_variation"] < 1
+    paired_with, paired_without, rule = rollout_pair(loaded.model, x, seen)
+    assert_close(paired_with.rows, found.rows)
+    assert_close(paired_without.rows, free.rows)
+    assert "position=False" in rule
 
 
 def test_rollout_matches_timm_attention_for_shifted_window_swin(tmp_path):

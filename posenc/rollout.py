@@ -86,6 +86,8 @@ def token_map(to_pixels: Tensor, from_pixels: Tensor) -> Tensor:
         (M, N) float64, rows summing to 1.
     """
     to_pixels, from_pixels = to_pixels.double(), from_pixels.double()
+    if to_pixels.shape == from_pixels.shape and torch.equal(to_pixels, from_pixels):  # the same grid
+        return torch.eye(len(to_pixels), dtype=torch.float64)
     dist = torch.cdist(to_pixels, from_pixels)  # M, N
     same = dist < SAME_PIXEL
     spacing = torch.tensor([_spacing(to_pixels[:, a]) for a in range(2)], dtype=torch.float64)  # 2
@@ -141,6 +143,9 @@ def mean_attention(trace: BlockTrace, attn: Tensor) -> Tensor:
     grouped = layout.grouped(attn.double()).mean(-3)  # B, G, nq, nk
     nq_tok, nk_tok = len(layout.query_pixels), len(layout.key_pixels)
     q, k = layout.query_tokens, layout.key_tokens  # G, nq / G, nk
+    if (q.shape == (1, nq_tok) and k.shape == (1, nk_tok) and torch.equal(q[0], torch.arange(nq_tok))
+            and torch.equal(k[0], torch.arange(nk_tok))):  # global attention: the slots are the tokens in order
+        return grouped[:, 0]  # B, Nq, Nk
     valid = (q[:, :, None] >= 0) & (k[:, None, :] >= 0)  # G, nq, nk
     flat = (q[:, :, None] * nk_tok + k[:, None, :])[valid]  # pairs
     dense = grouped.new_zeros(grouped.shape[0], nq_tok * nk_tok)  # B, Nq*Nk

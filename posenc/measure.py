@@ -19,8 +19,10 @@ probabilities in [0, 1], KL divergences in nats, R² unitless (1 = perfect, 0 = 
 * :func:`resolution_sweep`: top-1 and its probability at each input size the model offers.
 * :class:`Decodability`: a closed-form ridge regression from the tokens after each block to each token's
   image position (row, column) from the block's layout, fitted on some images and scored as R² on held-out ones, from streamed statistics.
+* token norms (:mod:`posenc.norms`): the share of high-norm output tokens per block and the decodability of the
+  high-norm tokens against the rest (``"token_norms"`` in ``measures.json``).
 
-:func:`measure_folder` runs all five over an image folder in batches, and ``python -m posenc measure`` (see
+:func:`measure_folder` runs all of them over an image folder in batches, and ``python -m posenc measure`` (see
 :func:`add_parser`) writes ``measures.json`` and PNG plots.
 """
 
@@ -47,6 +49,7 @@ from torch import Tensor, nn
 from posenc.encodings import Size2
 from posenc.hub import HubLoadError, LoadedModel
 from posenc.models import BlockTrace, Inspection
+from posenc.norms import NormStats, block_outputs
 from posenc.preprocess import ImageError, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -287,32 +290,6 @@ def resolution_sweep(
 # ------------------------------------------------------------------------------------ 5. decodability
 
 
-@contextmanager
-def block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect the tokens after each transformer block during the calls made inside the ``with``.
-
-    Blocks are the modules with an ``mlp`` child and an attention child (``attn``, or LeViT's ``attn_downsample``),
-    in call order: the order of ``Inspection.blocks``. Forward hooks are registered for the
-    ``with`` only and removed after, so run one call at a time inside it (the CLI does; the app does not use it).
-
-    Yields:
-        A list that fills with one tensor per block call: (B, N, C) or (B, h, w, C).
-    """
-    found: list[Tensor] = []
-    blocks = [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module)
-              and any(name.startswith("attn") for name, _ in m.named_children())]
-
-    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
-        found.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [b.register_forward_hook(keep) for b in blocks]
-    try:
-        yield found
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def patch_tokens(tokens: Tensor, trace: BlockTrace) -> Tensor:
     """A block's output as its patch tokens (the block's queries, prefix dropped): (B, Pq + hq*wq, C) or
     (B, hq, wq, C) -> (B, hq*wq, C); their positions are ``trace.layout.query_pixels[Pq:]``."""
@@ -384,17 +361,26 @@ class Decodability:
     train: list[_Moments] = field(default_factory=list)
     test: list[_Moments] = field(default_factory=list)
 
-    def add(self, block: int, tokens: Tensor, targets: Tensor, held_out: Sequence[bool]) -> None:
-        """tokens (B, h*w, C), targets (h*w, 2) in pixels, held_out (B,) per image."""
+    def add(self, block: int, tokens: Tensor, targets: Tensor, held_out: Sequence[bool],
+            score: Tensor | None = None) -> None:
+        """tokens (B, h*w, C), targets (h*w, 2) in pixels, held_out (B,) per image; score (B, h*w) bool: the tokens
+        of held-out images scored (default all)."""
         while len(self.train) <= block:
             self.train.append(_Moments())
             self.test.append(_Moments())
         x = tokens.detach().double().cpu().numpy()  # B, h*w, C
         y = targets.double().cpu().numpy()  # h*w, 2
         for split, keep in ((self.train[block], [not h for h in held_out]), (self.test[block], list(held_out))):
-            if any(keep):
-                chosen = x[np.asarray(keep)]  # b, h*w, C
-                split.add(chosen.reshape(-1, x.shape[-1]), np.tile(y, (len(chosen), 1)))
+            if not any(keep):
+                continue
+            chosen = x[np.asarray(keep)]  # b, h*w, C
+            targets_b = np.broadcast_to(y, (len(chosen), *y.shape))  # b, h*w, 2
+            if score is not None and split is self.test[block]:
+                mask = score.cpu().numpy()[np.asarray(keep)]  # b, h*w
+                if mask.any():
+                    split.add(chosen[mask], targets_b[mask])
+            else:
+                split.add(chosen.reshape(-1, x.shape[-1]), targets_b.reshape(-1, y.shape[-1]))
 
     def r2(self, blocks: int | None = None) -> np.ndarray:
         """(blocks, 2) held-out R² of the row (y) and column (x) coordinate for every block (NaN: not fitted)."""
@@ -465,6 +451,7 @@ class FolderResult:
     decodability: np.ndarray
     held_out: int
     seconds: float
+    token_norms: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``measures.json`` record."""
@@ -487,6 +474,7 @@ class FolderResult:
                 "r2": _round(self.decodability.mean(1)), "ridge": RIDGE,
                 "train_images": self.images - self.held_out, "held_out_images": self.held_out,
             },
+            "token_norms": _round(self.token_norms),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / max(self.seconds, 1e-9), 3),
         }
@@ -553,6 +541,7 @@ def measure_folder(
     dist_sum: list[Tensor] = []
     notes: list[str] = []
     means, decode = _Mean(), Decodability()
+    norms = NormStats(Decodability(), Decodability())
     skipped: list[str] = []
     used = held = 0
     for start in range(0, len(paths), batch):
@@ -565,7 +554,7 @@ def measure_folder(
             used += len(imgs)
             held += sum(holdout)
             _measure_batch(model, imgs, native, sweep_sizes, transforms, device, seeds, headless, holdout,
-                           dist_sum, notes, means, decode)
+                           dist_sum, notes, means, decode, norms)
         if progress is not None:
             progress(len(chunk))
     if used == 0:
@@ -592,6 +581,7 @@ def measure_folder(
         attention_distance=[(d / used).tolist() for d in dist_sum], distance_notes=notes, filters=filters,
         reliance=reliance,
         sweep=sweep, decodability=decode.r2(len(dist_sum)), held_out=held, seconds=time.perf_counter() - started,
+        token_norms=norms.to_json(),
     )
 
 
@@ -599,6 +589,7 @@ def _measure_batch(
     model: nn.Module, imgs: list[Image.Image], native: Size2, sweep_sizes: list[Size2],
     transforms: dict[Size2, Callable[[Image.Image], Tensor]], device: torch.device, seeds: Sequence[int],
     headless: bool, holdout: list[bool], dist_sum: list[Tensor], notes: list[str], means: _Mean, decode: Decodability,
+    norms: NormStats,
 ) -> None:
     """One batch of :func:`measure_folder`: one inspection pass, the reliance passes, the sweep passes."""
     inputs = {s: torch.stack([transforms[s](img) for img in imgs]).to(device) for s in sweep_sizes}  # B, 3, h, w
@@ -627,6 +618,7 @@ def _measure_batch(
                     decode.add(b, found, targets, holdout)
                 except NotApplicable as error:  # that block's R² stays NaN
                     logger.debug("block %d: no decodability: %s", b, error)
+            norms.add(tokens, seen, holdout)
         patch = (native[0] // seen.grid[0], native[1] // seen.grid[1])
         rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits)
         for s, found in zip(seeds, rel["shuffle"]):

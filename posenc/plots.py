@@ -214,6 +214,46 @@ def decodability(r2: np.ndarray, *, title: str = "Position decodability (held-ou
                  xlabels=[str(b) for b in x], y_range=(lo, 1.0))
 
 
+def histogram(values: np.ndarray, *, title: str, xlabel: str, marks: dict[str, float] | None = None,
+              bins: int = 40) -> Image.Image:
+    """Counts of ``values`` in equal bins, with a vertical line and a name at each of ``marks`` (thresholds,
+    the cls and register norms), so a bimodal distribution shows."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    marks = {k: float(v) for k, v in (marks or {}).items() if math.isfinite(v)}
+    lo = min([float(values.min()) if len(values) else 0.0, *marks.values()])
+    hi = max([float(values.max()) if len(values) else 1.0, *marks.values()])
+    hi = hi if hi > lo else lo + 1.0
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    ax = _Axes(title, xlabel, "tokens", (lo, hi), (0.0, max(1.0, float(counts.max()) * 1.15)))
+    ticks = _nice_ticks(lo, hi)
+    ax.xticks(ticks, [viz.format_number(t) for t in ticks])
+    for c, a, b in zip(counts, edges[:-1], edges[1:]):
+        if c:
+            ax.draw.rectangle((ax.px(a), ax.py(float(c)), max(ax.px(a) + 1, ax.px(b) - 1), ax.y1), fill=COLOURS[0])
+    for k, (name, v) in enumerate(marks.items()):
+        colour = COLOURS[(k + 1) % len(COLOURS)]
+        ax.draw.line((ax.px(v), ax.y0, ax.px(v), ax.y1), fill=colour, width=2)
+        right = ax.px(v) > ax.x1 - 90  # write the name on the side with room
+        viz.paste_label(ax.image, name, (ax.px(v) + (-3 if right else 3), ax.y0 + 4 + 13 * k), "rt" if right else "lt",
+                        size=11)
+    return ax.image
+
+
+def token_norms(found: dict[str, object], *, title: str = "High-norm tokens") -> Image.Image:
+    """The folder's ``"token_norms"`` record: share of high-norm tokens and the decodability R² of high-norm
+    against normal tokens, per block, with the rule under the chart."""
+    share = [v if v is not None else math.nan for v in found["high_norm_share"]]
+    x = list(range(len(share)))
+    r2 = {"share of high-norm tokens": share,
+          "R² of high-norm tokens": [v if v is not None else math.nan for v in found["decodability_r2_high"]],
+          "R² of normal tokens": [v if v is not None else math.nan for v in found["decodability_r2_normal"]]}
+    finite = [v for ys in r2.values() for v in ys if math.isfinite(v)]
+    chart = lines(x, r2, title=title, xlabel="after block", ylabel="share / R²", xlabels=[str(b) for b in x],
+                  y_range=(min([0.0, *finite]), 1.0))
+    return viz.vstack([chart, viz.text_strip(f"high-norm: {found['rule']}", _W, 12)])
+
+
 def write_folder_plots(result: FolderResult, out: Path) -> list[Path]:
     """The CLI's PNG files for a :class:`~posenc.measure.FolderResult`, written into ``out``."""
     name = Path(result.model).name or result.model
@@ -230,4 +270,7 @@ def write_folder_plots(result: FolderResult, out: Path) -> list[Path]:
     written.append(viz.save_png(decodability(result.decodability, title=f"Position decodability, held-out R² "
                                              f"({name}, {result.held_out} held-out images)"),
                                 out / "decodability.png"))
+    if result.token_norms:
+        written.append(viz.save_png(token_norms(result.token_norms, title=f"High-norm tokens ({about})"),
+                                    out / "token_norms.png"))
     return written

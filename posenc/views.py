@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from posenc import queries, viz
+from posenc import norms, plots, queries, rollout, viz
 from posenc.encodings import Size2
 from posenc.hub import LoadedModel
 from posenc.models import Inspection
@@ -76,6 +76,9 @@ class Seen:
         photo: the image the model saw (resized and cropped, before normalisation), RGB (w, h) = size[::-1].
         size: (h, w) input size in pixels.
         inspection: logits and every position tensor of the forward pass.
+        pixels: (1, 3, h, w) the normalised input, for views that run the model again (rollout without position
+            for a model whose position enters only at the input); None when not kept.
+        norms: the output-token norms of every block (:func:`posenc.norms.token_norms`), or () when not collected.
     """
 
     name: str
@@ -83,6 +86,8 @@ class Seen:
     photo: Image.Image
     size: Size2
     inspection: Inspection
+    pixels: torch.Tensor | None = None
+    norms: tuple = ()
 
     @property
     def grid(self) -> Size2:
@@ -267,10 +272,11 @@ def inspect_image(
     pp = replace(loaded.preprocess, input_size=size)
     pixels = build_transform(pp)(load_image(image))  # 3, h, w
     device = next(loaded.model.parameters()).device
-    with torch.inference_mode():
-        inspection = loaded.model.inspect(pixels[None].to(device))
+    x = pixels[None].to(device)  # 1, 3, h, w
+    inspection, block_norms = norms.inspect_with_outputs(loaded.model, x)
     logger.debug("inspected %s at %s: %d blocks", loaded.source, format_size(size), len(inspection.blocks))
-    return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection)
+    return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection, x,
+                tuple(block_norms))
 
 
 #: What :func:`predictions` says for a headless model.
@@ -432,6 +438,102 @@ def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
         footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
         mark_row=block)  # fmt: skip
     return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
+
+
+def _hstack(parts: list[Image.Image], gap: int = 8) -> Image.Image:
+    """Pictures side by side on white, tops aligned."""
+    out = Image.new("RGB", (sum(p.width for p in parts) + gap * (len(parts) - 1), max(p.height for p in parts)),
+                    (255, 255, 255))
+    x = 0
+    for p in parts:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
+def rollout_maps(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
+    """Rollout up to ``block`` from the clicked patch's token (and from cls where there is one), with and without
+    position, on the input patch grid.
+
+    Returns:
+        (2, R, h0, w0) with / without position, (2, R, P) their shares on the input prefix tokens, the R start names,
+        and one line saying what "without position" is for this model.
+
+    Raises:
+        ViewUnavailable: no block attends between tokens.
+    """
+    insp = seen.inspection
+    try:
+        after = rollout.block_tokens(insp)[block]
+    except rollout.RolloutUnavailable as error:
+        raise ViewUnavailable(f"{seen.name}: {error}") from None
+    token = after.nearest(queries.patch_pixel(patch, seen.grid, seen.size))
+    starts = [token] + ([after.prefix.index("cls")] if "cls" in after.prefix else [])
+    names = (f"patch {patch}",) + (("cls",) if len(starts) > 1 else ())
+    select = torch.eye(len(after), dtype=torch.float64)[starts]  # R, len(after)
+    if seen.pixels is None and rollout.needs_position_free_run(insp):
+        raise ViewUnavailable(f"{seen.name}: the rollout without position needs the input; inspect it again")
+    with_pos, without, rule = rollout.rollout_pair(seen.loaded.model, seen.pixels, insp, block=block, select=select)
+    grids, prefixes = zip(*(r.on_grid() for r in (with_pos, without)))
+    return np.stack([g[0] for g in grids]), np.stack([p[0] for p in prefixes]), names, rule
+
+
+def rollout_view(seen: Seen, block: int, patch: Patch) -> View:
+    """Attention rollout up to the chosen block, with position, without, and the difference, on the photo: from the
+    clicked patch, and from cls where there is one (:mod:`posenc.rollout`)."""
+    maps, prefix, names, rule = rollout_maps(seen, block, patch)  # 2, R, h0, w0
+    grid0 = maps.shape[-2:]
+    mark = map_patch(patch, seen.grid, grid0)
+    rows = []
+    for r, name in enumerate(names):
+        vmax = float(np.nanmax(maps[:, r]))
+        diff = maps[0, r] - maps[1, r]
+        span = float(np.nanmax(np.abs(diff))) or 1e-12
+        share = f"; on prefix tokens {prefix[0, r].sum():.2f} / {prefix[1, r].sum():.2f}" if prefix.shape[-1] else ""
+        panels = [viz.overlay(seen.photo, maps[0, r], vmin=0.0, vmax=vmax, mark=mark, title=f"from {name}: with position",
+                              colorbar_label="rollout share", min_side=224, max_side=320),
+                  viz.overlay(seen.photo, maps[1, r], vmin=0.0, vmax=vmax, mark=mark, title="without position",
+                              colorbar_label="rollout share", min_side=224, max_side=320),
+                  viz.overlay(seen.photo, diff, cmap="RdBu_r", vmin=-span, vmax=span, mark=mark,
+                              title="with - without", colorbar_label="share from position", min_side=224, max_side=320)]
+        rows.append(_hstack(panels))
+        rows.append(viz.text_strip(f"{name}: total variation between with and without "
+                                   f"{0.5 * np.abs(diff).sum() + 0.5 * np.abs(prefix[0, r] - prefix[1, r]).sum():.3f}"
+                                   f"{share}", rows[-1].width, 12))
+    head = viz.text_strip(f"{seen.name}: attention rollout through blocks 0..{block} (heads averaged, + identity, rows "
+                          f"renormalised); {rule}", rows[0].width, 13)
+    arrays = {"rollout": maps[0], "rollout_no_pos": maps[1], "rollout_to_prefix": prefix[0],
+              "rollout_no_pos_to_prefix": prefix[1], "rollout_starts": np.array(names)}
+    return View(viz.vstack([head, *rows]), arrays)
+
+
+def token_norms_view(seen: Seen, block: int, patch: Patch) -> View:
+    """The norm of every output token of the chosen block on its grid, the high-norm tokens, and a histogram with
+    the threshold and the cls / register norms marked (:mod:`posenc.norms`)."""
+    if not seen.norms:
+        raise ViewUnavailable(f"{seen.name}: the block outputs were not collected for this inspection")
+    found = seen.norms[block]
+    if isinstance(found, str):
+        raise ViewUnavailable(f"{seen.name}: {found}")
+    values, high = found.patches[0], found.high[0]  # hq, wq
+    mark = map_patch(patch, seen.grid, values.shape)
+    threshold = float(found.threshold[0])
+    panels = [viz.overlay(seen.photo, values, mark=mark, title=f"token norms after block {block}",
+                          colorbar_label="L2 norm", min_side=224, max_side=360),
+              viz.overlay(seen.photo, np.where(high, values, np.nan), cmap="magma", vmin=threshold,
+                          vmax=max(threshold, float(values.max())), mark=mark,
+                          title=f"high-norm tokens: {int(high.sum())} of {high.size}",
+                          colorbar_label="L2 norm", min_side=224, max_side=360)]
+    marks = {"threshold": threshold, **{n: float(v) for n, v in zip(found.prefix_names, found.prefix[0])}}
+    hist = plots.histogram(values, title=f"patch-token norms after block {block}", xlabel="L2 norm", marks=marks)
+    top = _hstack(panels)
+    rule = viz.text_strip(f"{seen.name}: high-norm rule: {norms.HIGH_NORM_RULE}; prefix norms: "
+                          + (", ".join(f"{n} {v:.1f}" for n, v in zip(found.prefix_names, found.prefix[0])) or "none"),
+                          max(top.width, hist.width), 12)
+    arrays = {"token_norms": values, "token_norms_high": high, "token_norms_prefix": found.prefix[0],
+              "token_norms_prefix_names": np.array(found.prefix_names, dtype=str),
+              "token_norms_threshold": np.array(threshold)}
+    return View(viz.vstack([rule, top, hist]), arrays)
 
 
 def try_view(make: Callable[[], View | tuple[View, ...]]) -> tuple[View | tuple[View, ...] | None, str]:

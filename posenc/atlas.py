@@ -101,7 +101,7 @@ def measure_model(model: str, images: Sequence[Path], *, out: Path, revision: st
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) < 400 else text[:397] + "..."
+    return text if len(text) < 300 else text[:297] + "..."
 
 
 # ------------------------------------------------------------------------------------ the page
@@ -147,13 +147,15 @@ def figures(records: dict[str, dict[str, Any]]) -> list[tuple[str, Image.Image, 
         out.append(("Resolution sweep", plots.lines(list(range(len(sides))), series, title=f"Resolution sweep: {what}",
                                                    xlabel="input height (pixels)", ylabel=what,
                                                    xlabels=[str(s) for s in sides], y_range=(0.0, 1.0)),
-                    "Each model at every input size it offers; a gap where a model does not offer a size."))
+                    "Each model at the input sizes it offers (a line joins the sizes it has)."))
     dec = {n: r["position_decodability"]["r2"] for n, r in records.items()
            if isinstance(r.get("position_decodability"), dict) and r["position_decodability"].get("r2")}
     if dec:
         out.append(("Position decodability", _per_block(dec, "Position decodability (held-out R², row and column)",
                                                         "R² (1 = position readable)"),
-                    "Ridge regression from the tokens after each block to each token's image position."))
+                    "Ridge regression from the tokens after each block to each token's image position; held-out "
+                    "images: " + ", ".join(f"{n} {records[n]['position_decodability'].get('held_out_images')}"
+                                           for n in dec) + " (no R² without held-out images)."))
     extra = sorted({k for r in records.values() for k in r if k not in DRAWN and k not in BOOKKEEPING})
     for key in extra:
         per_block = {n: v for n, r in records.items() if (v := _numbers(r.get(key))) is not None}

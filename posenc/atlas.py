@@ -140,18 +140,21 @@ def figures(records: dict[str, dict[str, Any]]) -> list[tuple[str, Image.Image, 
     sweep = {n: r["resolution_sweep"] for n, r in records.items() if isinstance(r.get("resolution_sweep"), list)}
     if sweep:
         metric = "accuracy" if any("accuracy" in row for rows in sweep.values() for row in rows) else "agrees"
-        sides = sorted({row["size"][0] for rows in sweep.values() for row in rows})
-        series = {n: [next((row.get(metric) for row in rows if row["size"][0] == s), None) for s in sides]
-                  for n, rows in sweep.items()}
+        # x: each input side over the model's own (native) side, so models at 32 and at 224 share one axis
+        ratio = {n: {round(row["size"][0] / records[n]["input_size"][0], 3): row.get(metric) for row in rows}
+                 for n, rows in sweep.items()}
+        xs = sorted({x for found in ratio.values() for x in found})
+        series = {n: [found.get(x) for x in xs] for n, found in ratio.items()}
         what = "top-1 accuracy (labelled folder)" if metric == "accuracy" else "top-1 = native-size top-1"
-        out.append(("Resolution sweep", plots.lines(list(range(len(sides))), series, title=f"Resolution sweep: {what}",
-                                                   xlabel="input height (pixels)", ylabel=what,
-                                                   xlabels=[str(s) for s in sides], y_range=(0.0, 1.0)),
-                    "Each model at the input sizes it offers (a line joins the sizes it has)."))
+        out.append(("Resolution sweep", plots.lines(list(range(len(xs))), series, title=f"Resolution sweep: {what}",
+                                                   xlabel="input side / the model's native side", ylabel=what,
+                                                   xlabels=[f"{x:.3g}" for x in xs], y_range=(0.0, 1.0)),
+                    "Each model at the input sizes it offers, against its input side over its native side "
+                    "(1 = the size it was trained at); a line joins the sizes it has."))
     dec = {n: r["position_decodability"]["r2"] for n, r in records.items()
            if isinstance(r.get("position_decodability"), dict) and r["position_decodability"].get("r2")}
     if dec:
-        out.append(("Position decodability", _per_block(dec, "Position decodability (held-out R², row and column)",
+        out.append(("Position decodability", _per_block(dec, "Position decodability (held-out R², mean of row and column)",
                                                         "R² (1 = position readable)"),
                     "Ridge regression from the tokens after each block to each token's image position; held-out "
                     "images: " + ", ".join(f"{n} {records[n]['position_decodability'].get('held_out_images')}"
@@ -250,6 +253,14 @@ def render_html(entries: Sequence[dict[str, Any]], *, images: int, folder: str) 
     return "\n".join(parts)
 
 
+def _write_figures(entries: Sequence[dict[str, Any]], folder: Path) -> None:
+    """Every figure of the page as a PNG of its own in ``folder`` (named after its title)."""
+    records = {n: e["record"] for n, e in zip(_display_names(entries), entries) if "record" in e}
+    folder.mkdir(parents=True, exist_ok=True)
+    for title, image, _ in figures(records) if records else []:
+        image.save(folder / f"{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.png", optimize=True)
+
+
 def atlas_json(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``atlas.json``: per model its record (with the distance as a fraction of the image side) or its error."""
     models = []
@@ -315,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{model}: not measured: {entry['error']}", file=sys.stderr)
     models.close()
     (out / "atlas.json").write_text(json.dumps(atlas_json(entries), indent=1) + "\n")
+    _write_figures(entries, out / "figures")
     (out / "atlas.html").write_text(render_html(entries, images=len(folder.images), folder=str(args.images)))
     done = sum("record" in e for e in entries)
     cached = sum(bool(e.get("cached")) for e in entries)

@@ -179,8 +179,9 @@ def test_measure_tab_plots_several_models_on_one_scale_when_their_sizes_differ(t
         loaded = models[name]
         with torch.inference_mode():
             pixels = measure.mean_attention_distance(loaded.model.inspect(loaded.pixels(photo, (side, side))))
-        assert len(series[name]) == len(pixels)
-        for heads, d in zip(series[name], pixels):  # blocks may differ in their number of heads
+        drawn_heads = series[f"{name} at {side}x{side}"]  # the legend names each model's input size
+        assert len(drawn_heads) == len(pixels)
+        for heads, d in zip(drawn_heads, pixels):  # blocks may differ in their number of heads
             np.testing.assert_allclose(heads, d[0].numpy() / side, rtol=1e-5)
 
     # the former single second model (a string) still works

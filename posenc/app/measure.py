@@ -136,15 +136,15 @@ class MeasureHandlers:
         series, arrays = {}, {}
         for k, one in enumerate(everyone):
             heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection)]
-            name = one.name if one.name not in series else f"{one.name} ({k + 1})"
+            name = one.name if same else f"{one.name} at {views.format_size(one.size)}"
+            name = name if name not in series else f"{name} ({k + 1})"
             series[name] = heads if same else distance_fraction(heads, one.size)
             key = "" if k == 0 else "compared_" if k == 1 else f"compared{k}_"
             arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
         if same:
             title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"
             return plots.attention_distance(series, title=title), arrays
-        sizes = ", ".join(f"{views.format_size(one.size)}" for one in everyone)
-        title = f"Mean attention distance / image side ({' vs '.join(series)} at {sizes})"
+        title = "Mean attention distance per head as a fraction of the image side (this image)"
         return plots.attention_distance(series, title=title, ylabel="distance / image side (fraction)"), arrays
 
     def _others(self, image: Any, others: str | list[str] | None, progress: Callable[..., Any]) -> list[views.Seen]:

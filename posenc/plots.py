@@ -99,16 +99,18 @@ def _range(values: Sequence[float], floor: float | None = None, ceil: float | No
     return (lo if floor is None else max(floor, lo), hi if ceil is None else min(ceil, hi))
 
 
-def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: str | None = None) -> Image.Image:
-    """ViT Fig. 7 right: one dot per head at its block, mean attention distance in pixels; a colour per model.
+def attention_distance(series: dict[str, Sequence[Sequence[float]]], *, title: str | None = None,
+                       ylabel: str = "mean attention distance (pixels)") -> Image.Image:
+    """ViT Fig. 7 right: one dot per head at its block, mean attention distance; a colour per model.
 
     Args:
-        series: model name -> blocks -> heads' distances in input pixels.
+        series: model name -> blocks -> heads' distances, in input pixels or, for models at different input sizes,
+            as a fraction of the image side (then say so in ``ylabel``).
     """
     depth = max(len(blocks) for blocks in series.values())
     values = [v for blocks in series.values() for heads in blocks for v in heads if v is not None and math.isfinite(v)]
     ax = _Axes(title or "Mean attention distance per head", "block (network depth)",
-               "mean attention distance (pixels)", (-0.5, depth - 0.5), (0.0, _range([0.0, *values])[1]))
+               ylabel, (-0.5, depth - 0.5), (0.0, _range([0.0, *values])[1]))
     ax.xticks(list(range(depth)), [str(b) for b in range(depth)])
     offsets = np.linspace(-0.12, 0.12, len(series)) if len(series) > 1 else [0.0]
     for k, (blocks, dx) in enumerate(zip(series.values(), offsets)):
@@ -154,6 +156,24 @@ def bars(labels: Sequence[str], values: Sequence[float], *, title: str, ylabel: 
         x, y = ax.px(k), ax.py(min(max(v, y_range[0]), y_range[1]))
         ax.draw.rectangle((x - half, y, x + half, ax.y1), fill=COLOURS[k % len(COLOURS)])
         viz.paste_label(ax.image, f"{v:.3f}", (x, y - 3), "mb", size=11)
+    return ax.image
+
+
+def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, title: str, ylabel: str,
+                 y_range: tuple[float, float] = (0.0, 1.0)) -> Image.Image:
+    """A group of bars per label, one bar per series in its colour (None draws no bar); a legend names the series."""
+    n, k = len(labels), max(1, len(series))
+    ax = _Axes(title, "", ylabel, (-0.5, n - 0.5), y_range)
+    ax.xticks(list(range(n)), list(labels))
+    width = (ax.x1 - ax.x0 - 20) / max(1, n) * 0.8 / k
+    for j, values in enumerate(series.values()):
+        for i, v in enumerate(values):
+            if v is None or not math.isfinite(v):
+                continue
+            x = ax.px(i) + (j - (k - 1) / 2) * width
+            y = ax.py(min(max(v, y_range[0]), y_range[1]))
+            ax.draw.rectangle((x - width / 2 + 1, y, x + width / 2 - 1, ax.y1), fill=COLOURS[j % len(COLOURS)])
+    ax.legend(list(series))
     return ax.image
 
 

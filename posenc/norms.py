@@ -71,6 +71,8 @@ def split_output(tokens: Tensor, trace: BlockTrace) -> tuple[Tensor, Tensor]:
     """
     layout = trace.tokens()
     p, (h, w) = len(layout.query_prefix), layout.query_grid
+    if h * w == 0:  # CaiT's and XCiT's class attention: only the prefix queries are updated
+        raise ValueError(f"the block outputs no patch tokens (its only queries are {', '.join(layout.query_prefix)})")
     if tokens.ndim == 4 and tuple(tokens.shape[1:3]) == (h, w):
         return tokens[:, :0, 0], tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, 0, C / B, h*w, C
     if tokens.ndim != 3 or tokens.shape[1] != p + h * w:

@@ -363,7 +363,8 @@ def test_app_has_a_named_endpoint_per_measurement():
 
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
-    assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep"} <= names
+    assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep",
+            "rope_scale_sweep"} <= names
 
 
 def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour():

@@ -329,7 +329,8 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     h = MeasureHandlers(lambda source, progress: (source, loaded if source == family else other))
     photo = _photo(tmp_path / "photo.png", 3)
     *pngs, npz, summary = h.measure(str(photo), family, "none", progress=_noop_progress)
-    for path in pngs:
+    assert pngs[-1] is None and "RoPE coordinate scale does not apply" in summary  # no rotary mechanism
+    for path in pngs[:-1]:
         with Image.open(path) as img:
             assert img.format == "PNG"
     numbers = np.load(npz)

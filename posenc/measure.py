@@ -917,6 +917,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "class subfolders of images (the ImageFolder layout: the subfolder names the class)")
     parser.add_argument("--out", required=True, help="output folder for measures.json and the PNG plots")
     parser.add_argument("--size", default=None, help="input size HxW (default: the checkpoint's own)")
+    parser.add_argument("--sizes", default=None, metavar="S,S,...",
+                        help="the resolution sweep's input sizes, e.g. 224,384,448,512 or 224x224,... (default: the "
+                             "sizes the app offers); the native size is always added")
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use the first N images")
     parser.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
     parser.add_argument("--labels", default=None, metavar="FILE",
@@ -955,6 +958,7 @@ def _run(args: argparse.Namespace, ranks: Ranks) -> int:
     try:
         loaded = load(args.model, revision=args.revision)
         size = None if args.size is None else views.parse_size(args.size, loaded)
+        sizes = None if getattr(args, "sizes", None) is None else _sweep_sizes(args.sizes, loaded)
         labels, info = folder_labels(folder.images, loaded.labels, root=folder.root,
                                      labels_file=getattr(args, "labels", None))
     except (HubLoadError, ValueError) as error:
@@ -963,7 +967,7 @@ def _run(args: argparse.Namespace, ranks: Ranks) -> int:
     out = Path(args.out)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-    options = dict(size=size, batch=args.batch, rope_scales=getattr(args, "rope_scales", ROPE_SCALES),
+    options = dict(size=size, sizes=sizes, batch=args.batch, rope_scales=getattr(args, "rope_scales", ROPE_SCALES),
                    labels=labels if info["labelled"] else None, label_info=info, ranks=ranks)
     with _progress(len(folder.images), ranks) as step:
         try:
@@ -985,6 +989,21 @@ def _run(args: argparse.Namespace, ranks: Ranks) -> int:
           f"file(s) that are not readable images; labelled {info['labelled']}; "
           f"wrote {out / 'measures.json'} and {len(record['plots'])} plots", file=sys.stderr)
     return 0
+
+
+def _sweep_sizes(text: str, loaded: LoadedModel) -> list[Size2]:
+    """Sizes "224,384" or "224x224,384x384" that the model takes (multiples of its size step)."""
+    found = []
+    for part in text.replace(" ", "").split(","):
+        numbers = part.lower().split("x")
+        if not part or not all(n.isdigit() and int(n) > 0 for n in numbers) or len(numbers) > 2:
+            raise ValueError(f"--sizes {text!r}: write sizes as 224,384 or 224x224,384x384")
+        size = (int(numbers[0]), int(numbers[-1]))
+        if not loaded.model.fits(size):
+            raise ValueError(f"--sizes: the model does not take {size[0]}x{size[1]} (every side must be a multiple "
+                             f"of {loaded.model.size_step()})")
+        found.append(size)
+    return found
 
 
 @contextmanager

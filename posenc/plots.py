@@ -222,8 +222,8 @@ def rope_sweep(rows: Sequence[dict[str, object]], *, title: str = "RoPE coordina
         lo = min([0.0] + [float(v) for v in series["cosine with s = 1 features"] if v is not None])
         return lines(x, series, title=title, xlabel="coordinate scale s", ylabel="cosine similarity",
                      xlabels=labels, y_range=(lo, 1.0))
-    series = {"top-1 = s=1 top-1": [r["top1_agreement"] for r in rows],
-              "p(s=1 top-1 class)": [r["p_original"] for r in rows]}
+    series = {"same top-1 as at s = 1": [r["top1_agreement"] for r in rows],
+              "p(top-1 class at s = 1)": [r["p_original"] for r in rows]}
     series.update({name: [r[key] for r in rows] for key, name in _ACCURACY.items() if rows and key in rows[0]})
     return lines(x, series, title=title, xlabel="coordinate scale s (RoPE positions times s)",
                  ylabel="fraction / probability", xlabels=labels, y_range=(0.0, 1.0))

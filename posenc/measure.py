@@ -745,7 +745,7 @@ def measure_folder(
     labels: Sequence[int] | None = None,
     label_info: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks | None = None,
 ) -> FolderResult:
     """All the measurements over image files, in batches; under torchrun each rank takes a shard.
 
@@ -761,10 +761,11 @@ def measure_folder(
         label_info: where ``labels`` came from, recorded in ``measures.json``.
         progress: called with the number of files done after each batch (by every rank; show it on rank 0).
         ranks: this process among torchrun's (:func:`posenc.distributed.join`); every rank measures
-            ``paths[rank::world_size]`` and gets the same, reduced, result.
+            ``paths[rank::world_size]`` and gets the same, reduced, result. None: one process.
     """
     from posenc import views
 
+    ranks = ranks or Ranks()
     started = time.perf_counter()
     model = loaded.model
     native = views.native_size(loaded) if size is None else tuple(size)
@@ -1007,8 +1008,9 @@ def _sweep_sizes(text: str, loaded: LoadedModel) -> list[Size2]:
 
 
 @contextmanager
-def _progress(total: int, ranks: Ranks = Ranks()) -> Iterator[Callable[[int], None]]:
+def _progress(total: int, ranks: Ranks | None = None) -> Iterator[Callable[[int], None]]:
     """A tqdm bar on stderr counting files, on rank 0 only (its shard's steps times the ranks); yields ``update``."""
+    ranks = ranks or Ranks()
     if not ranks.main:
         yield lambda _done: None
         return

@@ -391,6 +391,7 @@ def rope_2d_angles(
     *,
     indexing: str = "ij",
     ref_grid: Size2 | None = None,
+    scale: float = 1.0,
     device: torch.device | None = None,
 ) -> Tensor:
     """Rotation angles of axial 2D RoPE on a patch grid (posenc, RoPE-ViT axial, EVA-02).
@@ -406,6 +407,8 @@ def rope_2d_angles(
         ref_grid: (H_ref, W_ref) to rescale positions so the grid spans the reference grid (EVA-02's
             ``ref_feat_shape``: position ``i`` on an axis of ``n`` patches becomes ``i * ref / n``); None keeps
             integer positions.
+        scale: coordinate scale s: every position (after ``ref_grid``) is multiplied by s, as DINOv3's "box
+            jittering" does in training; 1 is the model as trained.
 
     Returns:
         (h*w, head_dim/2) angles, tokens row-major.
@@ -420,6 +423,7 @@ def rope_2d_angles(
     cols = torch.arange(w, dtype=torch.float32, device=device)  # w
     if ref_grid is not None:
         rows, cols = rows / h * ref_grid[0], cols / w * ref_grid[1]
+    rows, cols = rows * scale, cols * scale
     ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
     ang_y = ys.reshape(-1, 1) * freqs  # h*w, hd/4
     ang_x = xs.reshape(-1, 1) * freqs  # h*w, hd/4
@@ -427,7 +431,8 @@ def rope_2d_angles(
 
 
 def rope_centered_angles(
-    grid: Size2, head_dim: int, base: float = 100.0, *, indexing: str = "ij", device: torch.device | None = None
+    grid: Size2, head_dim: int, base: float = 100.0, *, indexing: str = "ij", scale: float = 1.0,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Rotation angles of DINOv3's RoPE: patch centres normalised to [-1, 1] on each axis, periods ``base ** (4k / head_dim)``.
 
@@ -440,6 +445,8 @@ def rope_centered_angles(
         base: period base (DINOv3: 100).
         indexing: "ij": the first ``head_dim/4`` angles turn with the row, the rest with the column; "xy": the
             column first.
+        scale: coordinate scale s: the centred coordinates are multiplied by s (DINOv3's training-time
+            "box jittering" draws s in [0.5, 2]); 1 is the model at inference.
 
     Returns:
         (h*w, head_dim/2) angles, tokens row-major.
@@ -452,19 +459,21 @@ def rope_centered_angles(
     periods = base ** (2.0 * torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 2))  # hd/4
     rows = 2.0 * (torch.arange(0.5, h, dtype=torch.float32, device=device) / h) - 1.0  # h
     cols = 2.0 * (torch.arange(0.5, w, dtype=torch.float32, device=device) / w) - 1.0  # w
+    rows, cols = rows * scale, cols * scale
     ys, xs = torch.meshgrid(rows, cols, indexing="ij")  # h, w
     ang_y = 2 * math.pi * ys.reshape(-1, 1) / periods  # h*w, hd/4
     ang_x = 2 * math.pi * xs.reshape(-1, 1) / periods  # h*w, hd/4
     return torch.cat([ang_y, ang_x] if indexing == "ij" else [ang_x, ang_y], dim=1)  # h*w, hd/2
 
 
-def rope_mixed_angles(freqs: Tensor, grid: Size2) -> Tensor:
+def rope_mixed_angles(freqs: Tensor, grid: Size2, *, scale: float = 1.0) -> Tensor:
     """Rotation angles of mixed RoPE (RoPE-ViT): learned 2D frequencies per head, ``angle = x * f_x + y * f_y``.
 
     Args:
         freqs: (2, ..., head_dim/2) learned frequencies, ``freqs[0]`` along the column (x), ``freqs[1]`` along
             the row (y); timm's ``rope.freqs`` is (2, depth, heads, head_dim/2).
         grid: (h, w).
+        scale: coordinate scale s: positions (in patches) are multiplied by s; 1 is the model as trained.
 
     Returns:
         (..., h*w, head_dim/2) angles, tokens row-major.
@@ -475,6 +484,7 @@ def rope_mixed_angles(freqs: Tensor, grid: Size2) -> Tensor:
         torch.arange(w, dtype=torch.float32, device=freqs.device),
         indexing="ij",
     )  # h, w
+    ys, xs = ys * scale, xs * scale
     f = freqs.float()
     return xs.reshape(-1, 1) * f[0].unsqueeze(-2) + ys.reshape(-1, 1) * f[1].unsqueeze(-2)  # ..., h*w, hd/2
 

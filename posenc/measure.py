@@ -17,13 +17,19 @@ probabilities in [0, 1], KL divergences in nats, R² unitless (1 = perfect, 0 = 
   position term removed (``model(x, position=False)``): top-1 agreement, KL(original || other) and the
   probability of the original class; for a headless model the cosine similarity of the features.
 * :func:`resolution_sweep`: top-1 and its probability at each input size the model offers.
+* :func:`rope_scale_sweep`: for a model with a rotary mechanism, the model with its RoPE coordinates multiplied by
+  s (``model(x, rope_scale=s)``) at the native input size against s = 1 (DINOv3 trains with such "box
+  jittering"); headless: the feature cosine.
+* :func:`topk_accuracy`: with class labels (:func:`folder_labels`), the sweeps and the reliance also report top-1
+  and top-5 accuracy.
 * :class:`Decodability`: a closed-form ridge regression from the tokens after each block to each token's
   image position (row, column) from the block's layout, fitted on some images and scored as R² on held-out ones, from streamed statistics.
 * token norms (:mod:`posenc.norms`): the share of high-norm output tokens per block and the decodability of the
   high-norm tokens against the rest (``"token_norms"`` in ``measures.json``).
 
-:func:`measure_folder` runs all of them over an image folder in batches, and ``python -m posenc measure`` (see
-:func:`add_parser`) writes ``measures.json`` and PNG plots.
+:func:`measure_folder` runs them all over an image folder in batches (one shard per rank under ``torchrun``,
+sums reduced across ranks: :mod:`posenc.distributed`), and ``python -m posenc measure`` (see :func:`add_parser`)
+writes ``measures.json`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from posenc import distributed
+from posenc.distributed import Ranks
 from posenc.encodings import Size2
 from posenc.hub import HubLoadError, LoadedModel
 from posenc.models import BlockTrace, Inspection
 from posenc.norms import NormStats, block_outputs
 from posenc.preprocess import ImageError, build_transform, load_image
+from posenc.synsets import SYNSET, synset_index
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,10 @@ SHUFFLE_SEEDS = (0, 1, 2)
 RIDGE = 1e-3
 #: Every ``HOLDOUT_EVERY``-th image (by sorted file name) is held out for the decodability R².
 HOLDOUT_EVERY = 5
+#: Coordinate scales s of the RoPE sweep (DINOv3's box jittering draws s in [0.5, 2]).
+ROPE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+#: Mechanisms (names of :mod:`posenc.mechanisms`) that rotate queries and keys: the models that take ``rope_scale``.
+ROTARY_MECHANISMS = ("rope_axial", "rope_mixed")
 #: File name endings treated as images in a folder.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -226,7 +239,8 @@ def compare_outputs(reference: Tensor, other: Tensor, *, headless: bool) -> dict
 
 
 def position_reliance(
-    model: nn.Module, x: Tensor, patch: Size2, *, seeds: Sequence[int] = SHUFFLE_SEEDS, reference: Tensor | None = None
+    model: nn.Module, x: Tensor, patch: Size2, *, seeds: Sequence[int] = SHUFFLE_SEEDS, reference: Tensor | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Any]:
     """The model as it is against shuffled patches (one permutation per seed) and against no position term.
 
@@ -236,23 +250,26 @@ def position_reliance(
         patch: (ph, pw) patch size in pixels.
         seeds: one seeded permutation of the patches each.
         reference: (B, K) the model's output on ``x`` when already computed.
+        labels: (B,) class indices (-1: unknown) to add accuracies; None for none (ignored when headless).
 
     Returns:
         {"shuffle": [per seed: :func:`compare_outputs` dict], "no_position": dict, "p_top1": (B,) the original
-        top-1 probability (absent when headless)}.
+        top-1 probability (absent when headless)}; with labels also "accuracy": {"original": dict, "shuffle":
+        [per seed: dict], "no_position": dict}, each :func:`topk_accuracy`.
     """
     headless = bool(getattr(model, "headless", False))
     ref = model(x) if reference is None else reference
     grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
-    shuffles = [
-        compare_outputs(ref, model(shuffle_patches(x, patch, seeded_permutation(grid[0] * grid[1], s))),
-                        headless=headless)
-        for s in seeds
-    ]
-    out: dict[str, Any] = {"shuffle": shuffles,
-                           "no_position": compare_outputs(ref, model(x, position=False), headless=headless)}
+    shuffled = [model(shuffle_patches(x, patch, seeded_permutation(grid[0] * grid[1], s))) for s in seeds]
+    plain = model(x, position=False)
+    out: dict[str, Any] = {"shuffle": [compare_outputs(ref, o, headless=headless) for o in shuffled],
+                           "no_position": compare_outputs(ref, plain, headless=headless)}
     if not headless:
         out["p_top1"] = ref.double().softmax(-1).amax(-1)
+        if labels is not None:
+            out["accuracy"] = {"original": topk_accuracy(ref, labels),
+                               "shuffle": [topk_accuracy(o, labels) for o in shuffled],
+                               "no_position": topk_accuracy(plain, labels)}
     return out
 
 
@@ -260,7 +277,8 @@ def position_reliance(
 
 
 def resolution_sweep(
-    model: nn.Module, inputs: dict[Size2, Tensor], native: Size2, reference: Tensor | None = None
+    model: nn.Module, inputs: dict[Size2, Tensor], native: Size2, reference: Tensor | None = None,
+    labels: Tensor | None = None,
 ) -> dict[Size2, dict[str, Tensor]]:
     """Top-1 and its probability at each input size (the model resamples its own positions).
 
@@ -269,10 +287,11 @@ def resolution_sweep(
         inputs: (h, w) -> (B, 3, h, w) the same images preprocessed at that size.
         native: the size whose top-1 is the reference.
         reference: (B, K) logits at ``native`` when already computed.
+        labels: (B,) class indices (-1: unknown) to add :func:`topk_accuracy` at each size; None for none.
 
     Returns:
         size -> {"top1": (B,) class, "p_top1": (B,), "agrees": (B,) 1.0 where the top-1 equals the native
-        one, "p_native_class": (B,) probability of the native top-1 class}.
+        one, "p_native_class": (B,) probability of the native top-1 class}, plus the accuracy keys with labels.
     """
     if getattr(model, "headless", False):
         raise NotApplicable("the resolution sweep needs class probabilities; this model is headless")
@@ -284,6 +303,64 @@ def resolution_sweep(
         p, top = probs.max(-1)
         out[size] = {"top1": top, "p_top1": p, "agrees": (top == native_top).double(),
                      "p_native_class": probs.gather(-1, native_top[:, None])[:, 0]}
+        if labels is not None:
+            out[size].update(topk_accuracy(lg, labels))
+    return out
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Top-1 (and top-5 when there are at least 5 classes) correctness of the labelled images.
+
+    Args:
+        logits: (B, K).
+        labels: (B,) class index, -1 for an image without a label.
+
+    Returns:
+        {"top1_accuracy": (b,), "top5_accuracy": (b,)} of 1.0 / 0.0 over the b labelled images (b may be 0).
+    """
+    known = labels >= 0  # B
+    lg, y = logits[known.to(logits.device)], labels[known].to(logits.device)  # b, K and b
+    out = {"top1_accuracy": (lg.argmax(-1) == y).double()}
+    if logits.shape[-1] >= 5:
+        out["top5_accuracy"] = (lg.topk(5, dim=-1).indices == y[:, None]).any(-1).double()
+    return out
+
+
+def has_rotary(model: nn.Module) -> bool:
+    """Whether the model has a rotary mechanism (and so takes ``model(x, rope_scale=s)``)."""
+    return any(m in ROTARY_MECHANISMS for m in getattr(model, "mechanisms", ()))
+
+
+def rope_scale_sweep(
+    model: nn.Module, x: Tensor, scales: Sequence[float] = ROPE_SCALES, *, reference: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> dict[float, dict[str, Tensor]]:
+    """The model with its RoPE coordinates multiplied by s, at the input size of ``x``, against s = 1.
+
+    Args:
+        model: a posenc model with a rotary mechanism (``model(x, rope_scale=s)``).
+        x: (B, 3, H, W) model input.
+        scales: the coordinate scales s.
+        reference: (B, K) the model's output on ``x`` (s = 1) when already computed.
+        labels: (B,) class indices (-1: unknown) to add :func:`topk_accuracy`; None for none.
+
+    Returns:
+        s -> :func:`compare_outputs` against s = 1 ({"top1_agreement", "kl", "p_original"} of (B,), with "top1"
+        (B,) the class at s; headless: {"cosine"}), plus the accuracy keys when ``labels`` is given.
+    """
+    if not has_rotary(model):
+        raise NotApplicable("the model has no rotary mechanism: the coordinate scale exists for RoPE only")
+    headless = bool(getattr(model, "headless", False))
+    ref = model(x) if reference is None else reference
+    out = {}
+    for s in scales:
+        other = ref if s == 1.0 else model(x, rope_scale=float(s))
+        found = compare_outputs(ref, other, headless=headless)
+        if not headless:
+            found["top1"] = other.argmax(-1)
+            if labels is not None:
+                found.update(topk_accuracy(other, labels))
+        out[float(s)] = found
     return out
 
 
@@ -406,10 +483,21 @@ class Folder:
 
     images: list[Path]
     skipped: list[Path]
+    root: Path | None = None
+
+
+def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return ([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES],
+            [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES])
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> Folder:
-    """Image files of ``folder`` (not recursive), sorted by name; other files are listed as skipped.
+    """Image files of ``folder``, sorted; other files are listed as skipped.
+
+    The folder's own images are taken (not recursive). A folder that holds no image itself but subfolders of
+    images is read in the ImageFolder layout: the images of each subfolder (one level), the subfolder's name being
+    the class (see :func:`folder_labels`), sorted by subfolder then name.
 
     Raises:
         ValueError: the folder does not exist, or holds no image file.
@@ -417,13 +505,96 @@ def list_images(folder: str | Path, limit: int | None = None) -> Folder:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder; pass --images a folder of JPEG or PNG files")
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    images, skipped = _image_files(root)
+    if not images:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found, other = _image_files(sub)
+            images += found
+            skipped += other
     if not images:
         raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
                          f"{len(skipped)} other file(s) were found. Point --images at a folder of photos")
-    return Folder(images[:limit] if limit else images, skipped)
+    return Folder(images[:limit] if limit else images, skipped, root)
+
+
+def read_labels_file(path: str | Path) -> dict[str, str]:
+    """A labels file: one ``filename<TAB or comma>class`` per line (class: a name, a synset id or an index).
+
+    Blank lines and lines starting with ``#`` are ignored; the file name may include the class subfolder.
+
+    Raises:
+        ValueError: a line has no separator, or the file cannot be read.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(f"cannot read the labels file {path}: {error}") from error
+    found = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        sep = "\t" if "\t" in line else ","
+        if sep not in line:
+            raise ValueError(f"{path}, line {number}: expected 'filename<TAB or comma>class', got {line!r}")
+        name, label = line.split(sep, 1)
+        found[name.strip()] = label.strip()
+    return found
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def class_index(label: str, class_names: Sequence[str]) -> int | None:
+    """The model's class index of a label: an integer index, an ImageNet synset id (1000 classes), or a class name.
+
+    Names match the model's labels ignoring case, ``_`` / ``-`` against spaces, and (for names like ImageNet's
+    "tench, Tinca tinca") any of the comma-separated synonyms. None when nothing matches.
+    """
+    text = label.strip()
+    if text.isdigit():
+        return int(text) if int(text) < len(class_names) else None
+    if SYNSET.fullmatch(text):
+        return synset_index(text) if len(class_names) == 1000 else None
+    wanted = _norm(text)
+    for i, name in enumerate(class_names):
+        if _norm(name) == wanted or wanted in (_norm(part) for part in name.split(",")):
+            return i
+    return None
+
+
+def folder_labels(paths: Sequence[Path], class_names: Sequence[str], *, root: Path | None = None,
+                  labels_file: str | Path | None = None) -> tuple[list[int], dict[str, Any]]:
+    """The class index of every image (-1: unknown), from the first source that applies.
+
+    Sources, first match wins: a labels file (:func:`read_labels_file`, keyed by the file name or its path
+    relative to ``root``); the ImageFolder layout (the image's subfolder under ``root`` names the class); an
+    ImageNet synset prefix in the file name (``n01440764_tench.JPEG``, the shared photos' naming; 1000 classes).
+
+    Returns:
+        (one index per path, {"source": str or None, "labelled": count, "unresolved": [labels that match no
+        class]}).
+    """
+    table = read_labels_file(labels_file) if labels_file is not None else None
+    found, unresolved, sources = [], set(), set()
+    for path in paths:
+        rel = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
+        if table is not None:
+            text, source = table.get(rel, table.get(path.name)), "labels file"
+        elif root is not None and path.parent != root:
+            text, source = path.parent.name, "class folders"
+        else:
+            prefix = path.name.split("_", 1)[0]
+            text, source = (prefix, "synset prefix in the file name") if SYNSET.fullmatch(prefix) else (None, None)
+        index = None if text is None else class_index(text, class_names)
+        if text is not None and index is None:
+            unresolved.add(text)
+        if index is not None:
+            sources.add(source)
+        found.append(-1 if index is None else index)
+    info = {"source": " + ".join(sorted(sources)) or None, "labelled": sum(i >= 0 for i in found),
+            "unresolved": sorted(unresolved)}
+    return found, info
 
 
 def _read(path: Path) -> Image.Image | None:
@@ -452,6 +623,9 @@ class FolderResult:
     held_out: int
     seconds: float
     token_norms: dict[str, Any] = field(default_factory=dict)
+    rope_sweep: list[dict[str, Any]] | str = "not applicable: no rotary mechanism"
+    labels: dict[str, Any] | None = None
+    processes: int = 1
 
     def to_json(self) -> dict[str, Any]:
         """The ``measures.json`` record."""
@@ -462,6 +636,7 @@ class FolderResult:
             "input_size": list(self.size),
             "images": self.images,
             "skipped": {"count": len(self.skipped), "files": self.skipped},
+            "labels": self.labels or {"source": None, "labelled": 0, "unresolved": []},
             "mean_attention_distance": _round(self.attention_distance, 3),
             "mean_attention_distance_unit": "input pixels, from each query's image position to each key's; prefix "
                                             "and padding tokens dropped as queries and keys, no renormalisation",
@@ -469,12 +644,14 @@ class FolderResult:
             "patch_embedding_filters": filters,
             "position_reliance": _round(self.reliance),
             "resolution_sweep": self.sweep if isinstance(self.sweep, str) else _round(self.sweep),
+            "rope_scale_sweep": self.rope_sweep if isinstance(self.rope_sweep, str) else _round(self.rope_sweep),
             "position_decodability": {
                 "r2_row": _round(self.decodability[:, 0]), "r2_col": _round(self.decodability[:, 1]),
                 "r2": _round(self.decodability.mean(1)), "ridge": RIDGE,
                 "train_images": self.images - self.held_out, "held_out_images": self.held_out,
             },
             "token_norms": _round(self.token_norms),
+            "processes": self.processes,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / max(self.seconds, 1e-9), 3),
         }
@@ -494,18 +671,98 @@ def _round(value: Any, digits: int = 5) -> Any:
 
 
 class _Mean:
-    """Running means of named per-image tensors."""
+    """Running sums and counts of named per-image tensors (sums, so ranks can add theirs)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
     def add(self, key: str, values: Tensor) -> None:
+        if values.numel() == 0:
+            return
         self.sums[key] = self.sums.get(key, 0.0) + float(values.double().sum())
         self.counts[key] = self.counts.get(key, 0) + values.numel()
 
-    def get(self, key: str) -> float:
-        return self.sums[key] / self.counts[key]
+    def get(self, key: str) -> float | None:
+        """The mean, or None when nothing was added (e.g. an accuracy without labelled images)."""
+        return self.sums[key] / self.counts[key] if self.counts.get(key) else None
+
+
+@dataclass
+class _Sums:
+    """What one rank accumulates over its shard; :func:`_reduce` adds the ranks' together."""
+
+    dist_sum: list[Tensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # per block: why it has no attention distance, or ""
+    means: _Mean = field(default_factory=_Mean)
+    decode: Decodability = field(default_factory=Decodability)
+    norms: NormStats = field(default_factory=lambda: NormStats(Decodability(), Decodability()))
+    skipped: list[str] = field(default_factory=list)
+    used: int = 0
+    held: int = 0
+
+
+_MOMENT_FIELDS = ("n", "sx", "sy", "xtx", "xty", "yy")
+
+
+def _flat_moments(name: str, decode: Decodability) -> dict[str, Any]:
+    """A :class:`Decodability`'s ridge moments as named sums for :func:`posenc.distributed.all_sum`."""
+    flat = {}
+    for split, moments in (("train", decode.train), ("test", decode.test)):
+        for b, m in enumerate(moments):
+            if m.n:
+                flat.update({f"{name}/{split}/{b:04d}/{f}": getattr(m, f) for f in _MOMENT_FIELDS})
+    return flat
+
+
+def _summed_moments(name: str, total: dict[str, Any], ridge: float) -> Decodability:
+    """The :class:`Decodability` whose moments are the summed ones :func:`_flat_moments` named."""
+    blocks = {int(k.split("/")[2]) for k in total if k.startswith(f"{name}/")}
+    out = Decodability(ridge=ridge)
+    for b in range(max(blocks, default=-1) + 1):
+        for split, moments in (("train", out.train), ("test", out.test)):
+            key = f"{name}/{split}/{b:04d}/"
+            moments.append(_Moments(**{f: total[key + f] for f in _MOMENT_FIELDS}) if key + "n" in total
+                           else _Moments())
+    return out
+
+
+def _reduce(sums: _Sums, ranks: Ranks) -> _Sums:
+    """Every rank's sums added (attention distances, means, ridge moments, token norms, counts); itself with one
+    process. Per-block notes are the same on every rank that measured an image; the first rank's that has them wins."""
+    if ranks.world_size == 1:
+        return sums
+    norms = sums.norms
+    flat: dict[str, Any] = {"used": sums.used, "held": sums.held, "norms/images": norms.images}
+    flat.update({f"dist/{b:04d}": d.numpy() for b, d in enumerate(sums.dist_sum)})
+    flat.update({f"sum/{k}": v for k, v in sums.means.sums.items()})
+    flat.update({f"count/{k}": v for k, v in sums.means.counts.items()})
+    flat.update(_flat_moments("decode", sums.decode))
+    flat.update(_flat_moments("high", norms.probe_high))
+    flat.update(_flat_moments("normal", norms.probe_normal))
+    for b, (high, count, patch) in enumerate(zip(norms.high, norms.total, norms.patch_norm)):
+        flat.update({f"norms/high/{b:04d}": high, f"norms/total/{b:04d}": count, f"norms/patch/{b:04d}": patch})
+        flat.update({f"norms/prefix/{b:04d}/{k}": v for k, v in norms.prefix_norm[b].items()})
+    total = distributed.all_sum(flat, ranks)
+    out = _Sums(used=total["used"], held=total["held"], skipped=distributed.all_gather_list(sums.skipped, ranks))
+    out.dist_sum = [torch.from_numpy(total[k]) for k in sorted(k for k in total if k.startswith("dist/"))]
+    out.notes = next((n for n in distributed.all_gather_list([sums.notes], ranks) if n), [])
+    out.means.sums = {k[4:]: v for k, v in total.items() if k.startswith("sum/")}
+    out.means.counts = {k[6:]: v for k, v in total.items() if k.startswith("count/")}
+    out.decode = _summed_moments("decode", total, sums.decode.ridge)
+    out.norms = NormStats(_summed_moments("high", total, norms.probe_high.ridge),
+                          _summed_moments("normal", total, norms.probe_normal.ridge), images=total["norms/images"])
+    blocks = sorted({int(k.split("/")[2]) for k in total if k.startswith("norms/high/")})
+    for b in range(max(blocks, default=-1) + 1):
+        out.norms.high.append(total.get(f"norms/high/{b:04d}", 0))
+        out.norms.total.append(total.get(f"norms/total/{b:04d}", 0))
+        out.norms.patch_norm.append(total.get(f"norms/patch/{b:04d}", 0.0))
+        prefix = f"norms/prefix/{b:04d}/"
+        out.norms.prefix_norm.append({k[len(prefix):]: v for k, v in total.items() if k.startswith(prefix)})
+    for found in distributed.all_gather_list([norms.notes], ranks):
+        for b, note in found.items():
+            out.norms.notes.setdefault(b, note)
+    return out
 
 
 def measure_folder(
@@ -516,49 +773,62 @@ def measure_folder(
     batch: int = 16,
     sizes: Sequence[Size2] | None = None,
     seeds: Sequence[int] = SHUFFLE_SEEDS,
+    rope_scales: Sequence[float] = ROPE_SCALES,
+    labels: Sequence[int] | None = None,
+    label_info: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> FolderResult:
-    """All five measurements over image files, in batches.
+    """All the measurements over image files, in batches; under torchrun each rank takes a shard.
 
     Args:
-        loaded: the model.
-        paths: image files; unreadable ones are skipped (and listed).
+        loaded: the model (on ``ranks.device`` or any device: inputs follow its parameters).
+        paths: image files, the same list on every rank; unreadable ones are skipped (and listed).
         size: (h, w) input size; None for the checkpoint's own.
         batch: images per forward pass.
         sizes: the resolution sweep's sizes; None for every size the app offers (:func:`posenc.views.input_sizes`).
         seeds: patch-shuffle seeds.
-        progress: called with the number of files done after each batch.
+        rope_scales: the RoPE coordinate scales (models with a rotary mechanism; 1 is added).
+        labels: one class index per path (-1: unknown), e.g. from :func:`folder_labels`; None: no accuracy.
+        label_info: where ``labels`` came from, recorded in ``measures.json``.
+        progress: called with the number of files done after each batch (by every rank; show it on rank 0).
+        ranks: this process among torchrun's (:func:`posenc.distributed.join`); every rank measures
+            ``paths[rank::world_size]`` and gets the same, reduced, result. None: one process.
     """
     from posenc import views
 
+    ranks = ranks or Ranks()
     started = time.perf_counter()
     model = loaded.model
     native = views.native_size(loaded) if size is None else tuple(size)
     sweep_sizes = sorted(set(views.input_sizes(loaded) if sizes is None else map(tuple, sizes)) | {native})
+    scales = sorted({float(s) for s in rope_scales} | {1.0}) if has_rotary(model) else []
     transforms = {s: build_transform(replace(loaded.preprocess, input_size=s)) for s in sweep_sizes}
     device = next(model.parameters()).device
     headless = model.headless
-    dist_sum: list[Tensor] = []
-    notes: list[str] = []
-    means, decode = _Mean(), Decodability()
-    norms = NormStats(Decodability(), Decodability())
-    skipped: list[str] = []
-    used = held = 0
-    for start in range(0, len(paths), batch):
-        chunk = paths[start : start + batch]
-        decoded = [(p, _read(p)) for p in chunk]
-        skipped += [p.name for p, img in decoded if img is None]
-        imgs = [img for _, img in decoded if img is not None]
-        if imgs:
-            holdout = [(used + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 for i in range(len(imgs))]
-            used += len(imgs)
-            held += sum(holdout)
-            _measure_batch(model, imgs, native, sweep_sizes, transforms, device, seeds, headless, holdout,
-                           dist_sum, notes, means, decode, norms)
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} images: give one label (or -1) per image")
+    labelled = labels is not None and not headless and any(i >= 0 for i in labels)
+    mine = list(ranks.shard(len(paths)))
+    sums = _Sums()
+    for start in range(0, len(mine), batch):
+        chunk = mine[start : start + batch]
+        decoded = [(i, _read(paths[i])) for i in chunk]
+        sums.skipped += [paths[i].name for i, img in decoded if img is None]
+        kept = [(i, img) for i, img in decoded if img is not None]
+        if kept:
+            holdout = [i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 for i, _ in kept]  # by place in the sorted folder
+            sums.used += len(kept)
+            sums.held += sum(holdout)
+            y = torch.tensor([labels[i] for i, _ in kept]) if labelled else None
+            _measure_batch(model, [img for _, img in kept], native, sweep_sizes, transforms, device, seeds,
+                           headless, holdout, sums, y, scales)
         if progress is not None:
             progress(len(chunk))
+    sums = _reduce(sums, ranks)
+    used, means = sums.used, sums.means
     if used == 0:
-        raise ValueError(f"none of the {len(paths)} image files could be read ({len(skipped)} skipped); "
+        raise ValueError(f"none of the {len(paths)} image files could be read ({len(sums.skipped)} skipped); "
                          "check that they are JPEG or PNG photos")
     try:
         filters: tuple[np.ndarray, np.ndarray] | str = patch_embedding_filters(patch_conv(model).weight)
@@ -571,27 +841,38 @@ def measure_folder(
     reliance["no_position"] = {m: means.get(f"nopos/{m}") for m in metrics}
     if not headless:
         reliance["p_top1"] = means.get("p_top1")
+    accuracies = [k for k in ("top1_accuracy", "top5_accuracy") if f"acc/original/{k}" in means.counts]
+    if accuracies:
+        reliance["accuracy"] = {part: {k: means.get(f"acc/{part}/{k}") for k in accuracies}
+                                for part in ("original", "shuffle", "no_position")}
+    sweep_keys = ("agrees", "p_top1", "p_native_class", *accuracies)
     sweep: list[dict[str, Any]] | str = (
         "not applicable: the model is headless" if headless else
-        [{"size": list(s), **{m: means.get(f"sweep{s}/{m}") for m in ("agrees", "p_top1", "p_native_class")}}
-         for s in sweep_sizes]
+        [{"size": list(s), **{m: means.get(f"sweep{s}/{m}") for m in sweep_keys}} for s in sweep_sizes]
+    )
+    rope_keys = ("cosine",) if headless else ("top1_agreement", "p_original", "kl", *accuracies)
+    rope_sweep: list[dict[str, Any]] | str = (
+        [{"scale": s, **{m: means.get(f"rope{s}/{m}") for m in rope_keys}} for s in scales] if scales
+        else "not applicable: no rotary mechanism"
     )
     return FolderResult(
-        model=loaded.source, size=native, images=used, skipped=skipped,
-        attention_distance=[(d / used).tolist() for d in dist_sum], distance_notes=notes, filters=filters,
-        reliance=reliance,
-        sweep=sweep, decodability=decode.r2(len(dist_sum)), held_out=held, seconds=time.perf_counter() - started,
-        token_norms=norms.to_json(),
+        model=loaded.source, size=native, images=used, skipped=sums.skipped,
+        attention_distance=[(d / used).tolist() for d in sums.dist_sum], distance_notes=sums.notes,
+        filters=filters, reliance=reliance,
+        sweep=sweep, decodability=sums.decode.r2(len(sums.dist_sum)), held_out=sums.held,
+        seconds=time.perf_counter() - started, rope_sweep=rope_sweep,
+        labels=label_info if labels is not None else None, processes=ranks.world_size,
+        token_norms=sums.norms.to_json(),
     )
 
 
 def _measure_batch(
     model: nn.Module, imgs: list[Image.Image], native: Size2, sweep_sizes: list[Size2],
     transforms: dict[Size2, Callable[[Image.Image], Tensor]], device: torch.device, seeds: Sequence[int],
-    headless: bool, holdout: list[bool], dist_sum: list[Tensor], notes: list[str], means: _Mean, decode: Decodability,
-    norms: NormStats,
+    headless: bool, holdout: list[bool], sums: _Sums, labels: Tensor | None, scales: Sequence[float],
 ) -> None:
-    """One batch of :func:`measure_folder`: one inspection pass, the reliance passes, the sweep passes."""
+    """One batch of :func:`measure_folder`: one inspection pass, the reliance, sweep and RoPE-scale passes."""
+    dist_sum, notes, means, decode, norms = sums.dist_sum, sums.notes, sums.means, sums.decode, sums.norms
     inputs = {s: torch.stack([transforms[s](img) for img in imgs]).to(device) for s in sweep_sizes}  # B, 3, h, w
     x = inputs[native]
     with torch.inference_mode():
@@ -620,18 +901,29 @@ def _measure_batch(
                     logger.debug("block %d: no decodability: %s", b, error)
             norms.add(tokens, seen, holdout)
         patch = (native[0] // seen.grid[0], native[1] // seen.grid[1])
-        rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits)
+        rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits, labels=labels)
         for s, found in zip(seeds, rel["shuffle"]):
             for m, v in found.items():
                 means.add(f"shuffle{s}/{m}", v)
                 means.add(f"shuffle/{m}", v)
         for m, v in rel["no_position"].items():
             means.add(f"nopos/{m}", v)
+        for part, found in rel.get("accuracy", {}).items():
+            for acc in found if isinstance(found, list) else [found]:
+                for m, v in acc.items():
+                    means.add(f"acc/{part}/{m}", v)
         if not headless:
             means.add("p_top1", rel["p_top1"])
-            for s, found in resolution_sweep(model, inputs, native, reference=seen.logits).items():
-                for m in ("agrees", "p_top1", "p_native_class"):
-                    means.add(f"sweep{s}/{m}", found[m])
+            swept = resolution_sweep(model, inputs, native, reference=seen.logits, labels=labels)
+            for s, found in swept.items():
+                for m, v in found.items():
+                    if m != "top1":
+                        means.add(f"sweep{s}/{m}", v)
+        if scales:
+            for s, found in rope_scale_sweep(model, x, scales, reference=seen.logits, labels=labels).items():
+                for m, v in found.items():
+                    if m != "top1":
+                        means.add(f"rope{s}/{m}", v)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -644,22 +936,59 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _scales(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.5,1,2, got {text!r}") from error
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every scale must be a positive number, got {text!r}")
+    return values
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``measure`` subcommand."""
     parser = subparsers.add_parser(
-        "measure", help="measure how a model uses position over an image folder (writes measures.json + PNG plots)")
+        "measure", help="measure how a model uses position over an image folder (writes measures.json + PNG plots)",
+        description="Runs under torchrun too (torchrun --nproc_per_node N -m posenc measure ...): each rank measures "
+                    "a shard of the folder, the sums are reduced, and rank 0 writes the files.")
     parser.add_argument("--model", required=True, help="Hub repo id (org/name) or a folder with config.json + weights")
-    parser.add_argument("--images", required=True, help="folder of images (JPEG, PNG, ...); not recursive")
+    parser.add_argument("--images", required=True,
+                        help="folder of images (JPEG, PNG, ...), not recursive; or, when it holds no image itself, "
+                             "class subfolders of images (the ImageFolder layout: the subfolder names the class)")
     parser.add_argument("--out", required=True, help="output folder for measures.json and the PNG plots")
     parser.add_argument("--size", default=None, help="input size HxW (default: the checkpoint's own)")
+    parser.add_argument("--sizes", default=None, metavar="S,S,...",
+                        help="the resolution sweep's input sizes, e.g. 224,384,448,512 or 224x224,... (default: the "
+                             "sizes the app offers); the native size is always added")
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use the first N images")
     parser.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="labels file: lines 'filename<TAB or comma>class' (a class name, an ImageNet synset id "
+                             "or an index); without it, class subfolders or a synset prefix in the file names "
+                             "(n01440764_tench.JPEG) label the images when present")
+    parser.add_argument("--rope-scales", type=_scales, default=list(ROPE_SCALES), metavar="S,S,...",
+                        help="RoPE coordinate scales for models with a rotary mechanism (default "
+                             f"{','.join(f'{s:g}' for s in ROPE_SCALES)})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda:LOCAL_RANK when a GPU is present, else the CPU")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, measure the folder, write ``OUT/measures.json`` and the plots; returns the exit status."""
+    """Load the model, measure the folder, write ``OUT/measures.json`` and the plots; returns the exit status.
+
+    Under torchrun every rank runs this; they measure their shards and rank 0 writes the files.
+    """
+    ranks = distributed.join(None if getattr(args, "device", "auto") == "auto" else args.device)
+    try:
+        return _run(args, ranks)
+    finally:
+        distributed.leave()
+
+
+def _run(args: argparse.Namespace, ranks: Ranks) -> int:
     from posenc import plots, views
     from posenc.hub import load
 
@@ -670,14 +999,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load(args.model, revision=args.revision)
         size = None if args.size is None else views.parse_size(args.size, loaded)
+        sizes = None if getattr(args, "sizes", None) is None else _sweep_sizes(args.sizes, loaded)
+        labels, info = folder_labels(folder.images, loaded.labels, root=folder.root,
+                                     labels_file=getattr(args, "labels", None))
     except (HubLoadError, ValueError) as error:
         return _fail(str(error))
+    loaded.model.to(ranks.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with _progress(len(folder.images)) as step:
-        result = _safe_measure(loaded, folder.images, size, args.batch, step)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    options = dict(size=size, sizes=sizes, batch=args.batch, rope_scales=getattr(args, "rope_scales", ROPE_SCALES),
+                   labels=labels if info["labelled"] else None, label_info=info, ranks=ranks)
+    with _progress(len(folder.images), ranks) as step:
+        try:
+            result: FolderResult | str = measure_folder(loaded, folder.images, progress=step, **options)
+        except ValueError as error:
+            result = str(error)
     if isinstance(result, str):
         return _fail(result)
+    if not ranks.main:
+        return 0
     record = result.to_json()
     record["skipped"]["files"] += [p.name for p in folder.skipped]
     record["skipped"]["count"] = len(record["skipped"]["files"])
@@ -685,27 +1026,43 @@ def run(args: argparse.Namespace) -> int:
     (out / "measures.json").write_text(json.dumps(record, indent=1) + "\n")
     skipped = record["skipped"]["count"]
     print(f"measured {result.images} images in {result.seconds:.1f} s "
-          f"({record['images_per_second']:.2f} images/s); skipped {skipped} file(s) that are not readable images; "
+          f"({record['images_per_second']:.2f} images/s, {ranks.world_size} process(es)); skipped {skipped} "
+          f"file(s) that are not readable images; labelled {info['labelled']}; "
           f"wrote {out / 'measures.json'} and {len(record['plots'])} plots", file=sys.stderr)
     return 0
 
 
-def _safe_measure(loaded: LoadedModel, images: list[Path], size: Size2 | None, batch: int,
-                  step: Callable[[int], None]) -> FolderResult | str:
-    try:
-        return measure_folder(loaded, images, size=size, batch=batch, progress=step)
-    except ValueError as error:
-        return str(error)
+def _sweep_sizes(text: str, loaded: LoadedModel) -> list[Size2]:
+    """Sizes "224,384" or "224x224,384x384" that the model takes (multiples of its size step)."""
+    found = []
+    for part in text.replace(" ", "").split(","):
+        numbers = part.lower().split("x")
+        if not part or not all(n.isdigit() and int(n) > 0 for n in numbers) or len(numbers) > 2:
+            raise ValueError(f"--sizes {text!r}: write sizes as 224,384 or 224x224,384x384")
+        size = (int(numbers[0]), int(numbers[-1]))
+        if not loaded.model.fits(size):
+            raise ValueError(f"--sizes: the model does not take {size[0]}x{size[1]} (every side must be a multiple "
+                             f"of {loaded.model.size_step()})")
+        found.append(size)
+    return found
 
 
 @contextmanager
-def _progress(total: int) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar on stderr counting files; yields its ``update``."""
+def _progress(total: int, ranks: Ranks | None = None) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar on stderr counting files, on rank 0 only (its shard's steps times the ranks); yields ``update``."""
+    ranks = ranks or Ranks()
+    if not ranks.main:
+        yield lambda _done: None
+        return
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="measuring", unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def step(done: int) -> None:
+        bar.update(min(done * ranks.world_size, total - bar.n))
+
     try:
-        yield bar.update
+        yield step
     finally:
         bar.close()
 

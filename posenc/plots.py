@@ -218,11 +218,35 @@ def sweep(rows: Sequence[dict[str, object]], *, title: str = "Resolution sweep")
     """Top-1 agreement with the native size and the top-1 probability at each input size."""
     x = list(range(len(rows)))
     labels = [f"{r['size'][0]}x{r['size'][1]}" for r in rows]
-    return lines(x, {"top-1 = native top-1": [r["agrees"] for r in rows],
-                     "p(top-1)": [r["p_top1"] for r in rows],
-                     "p(native top-1 class)": [r["p_native_class"] for r in rows]},
+    series = {"top-1 = native top-1": [r["agrees"] for r in rows],
+              "p(top-1)": [r["p_top1"] for r in rows],
+              "p(native top-1 class)": [r["p_native_class"] for r in rows]}
+    series.update({name: [r[key] for r in rows] for key, name in _ACCURACY.items() if rows and key in rows[0]})
+    return lines(x, series,
                  title=title, xlabel="input size (h x w)", ylabel="fraction / probability", xlabels=labels,
                  y_range=(0.0, 1.0))
+
+
+_ACCURACY = {"top1_accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy"}
+
+
+def rope_sweep(rows: Sequence[dict[str, object]], *, title: str = "RoPE coordinate scale") -> Image.Image:
+    """The model with its RoPE coordinates times s against s = 1 (:func:`posenc.measure.rope_scale_sweep`, means).
+
+    Classifiers: top-1 agreement, p(s = 1 class) and the accuracies when labelled; headless: feature cosine.
+    """
+    x = [float(r["scale"]) for r in rows]
+    labels = [f"{v:g}" for v in x]
+    if rows and "cosine" in rows[0]:
+        series = {"cosine with s = 1 features": [r["cosine"] for r in rows]}
+        lo = min([0.0] + [float(v) for v in series["cosine with s = 1 features"] if v is not None])
+        return lines(x, series, title=title, xlabel="coordinate scale s", ylabel="cosine similarity",
+                     xlabels=labels, y_range=(lo, 1.0))
+    series = {"same top-1 as at s = 1": [r["top1_agreement"] for r in rows],
+              "p(top-1 class at s = 1)": [r["p_original"] for r in rows]}
+    series.update({name: [r[key] for r in rows] for key, name in _ACCURACY.items() if rows and key in rows[0]})
+    return lines(x, series, title=title, xlabel="coordinate scale s (RoPE positions times s)",
+                 ylabel="fraction / probability", xlabels=labels, y_range=(0.0, 1.0))
 
 
 def decodability(r2: np.ndarray, *, title: str = "Position decodability (held-out R²)") -> Image.Image:
@@ -287,6 +311,9 @@ def write_folder_plots(result: FolderResult, out: Path) -> list[Path]:
     if not isinstance(result.sweep, str):
         written.append(viz.save_png(sweep(result.sweep, title=f"Resolution sweep ({about})"),
                                     out / "resolution_sweep.png"))
+    if not isinstance(result.rope_sweep, str):
+        written.append(viz.save_png(rope_sweep(result.rope_sweep, title=f"RoPE coordinate scale ({about})"),
+                                    out / "rope_scale_sweep.png"))
     written.append(viz.save_png(decodability(result.decodability, title=f"Position decodability, held-out R² "
                                              f"({name}, {result.held_out} held-out images)"),
                                 out / "decodability.png"))

@@ -164,7 +164,7 @@ def test_measure_tab_notes_a_measurement_that_fails_or_does_not_apply_and_runs_t
         # the /measure endpoint: None for the two, PNGs for the others, and the summary says why
         *pngs, npz, summary = h.measure(str(photo), "tiny-rope", None, progress=_no_progress)
         assert dict(zip(MEASUREMENTS, [p is not None for p in pngs])) == {
-            "distance": False, "filters": False, "reliance": True, "sweep": True}
+            "distance": False, "filters": False, "reliance": True, "sweep": True, "rope": True}
         assert "the distance broke" in summary and "does not apply" in summary
     finally:
         h.files.close()

@@ -329,7 +329,8 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     h = MeasureHandlers(lambda source, progress: (source, loaded if source == family else other))
     photo = _photo(tmp_path / "photo.png", 3)
     *pngs, npz, summary = h.measure(str(photo), family, "none", progress=_noop_progress)
-    for path in pngs:
+    assert pngs[-1] is None and "RoPE coordinate scale does not apply" in summary  # no rotary mechanism
+    for path in pngs[:-1]:
         with Image.open(path) as img:
             assert img.format == "PNG"
     numbers = np.load(npz)
@@ -363,7 +364,8 @@ def test_app_has_a_named_endpoint_per_measurement():
 
     demo = create_demo(checkpoints_dir=Path(__file__).resolve().parents[1] / "checkpoints", hub_probe=lambda: False)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
-    assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep"} <= names
+    assert {"measure", "attention_distance", "patch_filters", "position_reliance", "resolution_sweep",
+            "rope_scale_sweep"} <= names
 
 
 def test_attention_distance_plot_draws_every_head_of_every_model_in_its_colour():

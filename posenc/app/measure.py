@@ -2,7 +2,8 @@
 
 :func:`measure_tab` builds the tab inside the caller's ``gr.Blocks``; :class:`MeasureHandlers` holds its
 handlers, one named API endpoint per measurement: ``/attention_distance``, ``/patch_filters``,
-``/position_reliance``, ``/resolution_sweep``, and ``/measure`` for all four with the numbers as ``.npz``.
+``/position_reliance``, ``/resolution_sweep``, ``/rope_scale_sweep``, and ``/measure`` for all five with the
+numbers as ``.npz``.
 Position decodability needs a folder of images and is left to ``python -m posenc measure``.
 
 As in the Explore tab, one measurement that does not apply to a model, or fails, shows a one-line note in
@@ -38,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: (model choice, progress) -> (public name, loaded model), e.g. :meth:`posenc.app.state.Models.load`.
 Loader = Callable[[str | None, Callable[..., Any]], tuple[str, LoadedModel]]
-#: The four measurements of the tab: name -> the plot's label.
+#: The five measurements of the tab: name -> the plot's label.
 MEASUREMENTS = {"distance": "Mean attention distance", "filters": "Patch-embedding filters",
-                "reliance": "Position reliance", "sweep": "Resolution sweep"}
+                "reliance": "Position reliance", "sweep": "Resolution sweep", "rope": "RoPE coordinate scale"}
 
 HELP = """**How much does the model use position?** For the image and model of the Explore tab, at the model's
 native input size:
@@ -56,6 +57,9 @@ native input size:
 * **Position reliance**: the prediction against the image with its patches shuffled (seeds 0, 1, 2) and against
   the model with every position term removed: top-1 agreement, KL divergence, probability of the original class.
 * **Resolution sweep**: the top-1 and its probability at every input size the model offers.
+* **RoPE coordinate scale** (models with a rotary mechanism): the model with its RoPE positions multiplied by s
+  (0.5 ... 2) at the native input size, against s = 1: top-1 agreement and p(s = 1 class), or the feature cosine
+  for a headless model. DINOv3 trains with such rescaled coordinates ("box jittering").
 
 A measurement that does not apply to the model says so in place of its plot.
 Position decodability needs many images: run `python -m posenc measure --model ... --images DIR --out OUT`."""
@@ -63,7 +67,7 @@ Position decodability needs many images: run `python -m posenc measure --model .
 
 @dataclass
 class Measured:
-    """The four measurements of one request.
+    """The five measurements of one request.
 
     Attributes:
         name, seen: the model's public name and its inspection of the image.
@@ -72,6 +76,7 @@ class Measured:
         arrays: the numbers behind the plots, for the ``.npz``.
         reliance: the position-reliance summary (empty when it did not run).
         sweep: one row per input size (empty when it did not run).
+        rope: one row per RoPE coordinate scale (empty when it did not run).
     """
 
     name: str
@@ -81,6 +86,7 @@ class Measured:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     reliance: dict[str, Any] = field(default_factory=dict)
     sweep: list[dict[str, Any]] = field(default_factory=list)
+    rope: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, what: str, make: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...] | None:
         """Run one measurement: keep its plot and numbers, or a note in its place (it does not apply, or failed).
@@ -190,12 +196,27 @@ class MeasureHandlers:
                   **{f"sweep_{k}": np.asarray([r[k] for r in rows]) for k in ("p_top1", "p_native_class")}}
         return plots.sweep(rows, title=f"Resolution sweep ({seen.name}, this image)"), arrays, rows
 
+    @staticmethod
+    def _rope(seen: views.Seen, path: str) -> tuple[Image.Image, dict[str, np.ndarray], list[dict[str, Any]]]:
+        loaded = seen.loaded
+        x = loaded.pixels(path, seen.size)  # 1, 3, h, w
+        with torch.inference_mode():
+            found = measure.rope_scale_sweep(loaded.model, x)
+        keys = [k for k in ("top1_agreement", "p_original", "kl", "cosine") if k in found[1.0]]
+        rows = [{"scale": s, **{k: float(f[k][0]) for k in keys}} for s, f in found.items()]
+        if "top1" in found[1.0]:
+            for row, f in zip(rows, found.values()):
+                row["label"] = loaded.labels[int(f["top1"][0])]
+        arrays = {"rope_scales": np.asarray(list(found)), **{f"rope_{k}": np.asarray([r[k] for r in rows])
+                                                             for k in keys}}
+        return plots.rope_sweep(rows, title=f"RoPE coordinate scale ({seen.name}, this image)"), arrays, rows
+
     def _png(self, image: Image.Image | None, what: str, folder: Any = None) -> str | None:
         if image is None:
             return None
         return str(viz.save_png(image, (folder or self.files.folder()) / f"posenc_{what}.png"))
 
-    # ---------------------------------------------------------------- all four
+    # ---------------------------------------------------------------- all five
 
     def measure_all(self, image: Any, model: str, compare_with: str | list[str] | None, progress: Callable[..., Any]) -> Measured:
         """Every measurement of the image; one that does not apply or fails leaves a note, the others still run.
@@ -212,13 +233,14 @@ class MeasureHandlers:
         found.run("filters", lambda: self._filters(loaded))
         found.reliance = (found.run("reliance", lambda: self._reliance(seen, path)) or ({},))[0]
         found.sweep = (found.run("sweep", lambda: self._sweep(seen, path)) or ([],))[0]
+        found.rope = (found.run("rope", lambda: self._rope(seen, path)) or ([],))[0]
         return found
 
     def _saved(self, found: Measured) -> tuple[dict[str, str | None], str]:
         """The plots as PNGs by measurement (None where there is none) and the ``.npz``, in one request folder."""
         folder = self.files.folder()
         names = {"distance": "attention_distance", "filters": "patch_filters", "reliance": "position_reliance",
-                 "sweep": "resolution_sweep"}
+                 "sweep": "resolution_sweep", "rope": "rope_scale_sweep"}
         pngs = {what: self._png(found.images.get(what), names[what], folder) for what in MEASUREMENTS}
         return pngs, str(viz.save_npz(folder / "posenc_measures.npz", **found.arrays))
 
@@ -243,10 +265,10 @@ class MeasureHandlers:
     def measure(
         self, image: Any, model: str, compare_with: str | list[str] | None = None, progress: gr.Progress = gr.Progress()
     ) -> tuple[Any, ...]:
-        """All four measurements: four PNGs (None for one that does not apply or fails: the summary says why),
+        """All five measurements: five PNGs (None for one that does not apply or fails: the summary says why),
         the ``.npz`` and a summary."""
         if image is None:
-            return None, None, None, None, None, "Upload an image or pick an example in the Explore tab."
+            return (*(None for _ in MEASUREMENTS), None, "Upload an image or pick an example in the Explore tab.")
         found = self.measure_all(image, model, compare_with, progress)
         pngs, npz = self._saved(found)
         notes = "".join(f"\n\n*{note}*" for note in found.notes.values())
@@ -280,9 +302,15 @@ class MeasureHandlers:
         _, _, path, seen = self._run(image, model, progress)
         return self._png(self._sweep(seen, path)[0], "resolution_sweep")
 
+    @user_errors
+    def rope_scale_sweep(self, image: Any, model: str, progress: gr.Progress = gr.Progress()) -> str | None:
+        """PNG: the prediction (or features) with the RoPE coordinates times s against s = 1 (RoPE models)."""
+        _, _, path, seen = self._run(image, model, progress)
+        return self._png(self._rope(seen, path)[0], "rope_scale_sweep")
+
 
 def _summary(found: Measured) -> str:
-    """Markdown: the reliance numbers and the top-1 at each size (what of them was measured)."""
+    """Markdown: the reliance numbers, the top-1 at each size and at each RoPE scale (what of them was measured)."""
     seen, reliance, rows = found.seen, found.reliance, found.sweep
     lines = [f"**{found.name}** at {views.format_size(seen.size)}", ""]
     if "p_top1" in reliance:
@@ -297,6 +325,12 @@ def _summary(found: Measured) -> str:
     if rows:
         lines += ["", "| input size | top-1 | p |", "|---|---|---:|"]
         lines += [f"| {r['size'][0]}x{r['size'][1]} | {r['label']} | {r['p_top1']:.3f} |" for r in rows]
+    if found.rope and "label" in found.rope[0]:
+        lines += ["", "| RoPE scale s | top-1 | p(s = 1 class) |", "|---|---|---:|"]
+        lines += [f"| {r['scale']:g} | {r['label']} | {r['p_original']:.3f} |" for r in found.rope]
+    elif found.rope:
+        lines += ["", "RoPE scale s: feature cosine with s = 1 "
+                  + ", ".join(f"{r['scale']:g}: {r['cosine']:.3f}" for r in found.rope) + "."]
     return "\n".join(lines)
 
 
@@ -317,7 +351,7 @@ def measure_tab(h: MeasureHandlers, *, image: gr.components.Component, model: gr
                                 elem_id="measure-other")
             button = gr.Button("Measure the image of the Explore tab", variant="primary")
         summary = gr.Markdown(elem_id="measure-summary")
-        for pair in (("distance", "filters"), ("reliance", "sweep")):
+        for pair in (("distance", "filters"), ("reliance", "sweep"), ("rope",)):
             with gr.Row():
                 for what in pair:
                     with gr.Column():
@@ -337,4 +371,6 @@ def measure_tab(h: MeasureHandlers, *, image: gr.components.Component, model: gr
     hidden.click(h.position_reliance, inputs=[image, model], outputs=named["reliance"], api_name="position_reliance",
                  preprocess=False)
     hidden.click(h.resolution_sweep, inputs=[image, model], outputs=named["sweep"], api_name="resolution_sweep",
+                 preprocess=False)
+    hidden.click(h.rope_scale_sweep, inputs=[image, model], outputs=named["rope"], api_name="rope_scale_sweep",
                  preprocess=False)

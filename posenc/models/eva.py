@@ -303,25 +303,29 @@ class Eva(PosencModel):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
 
-    def _fixed_rope(self, grid: Size2, device: torch.device | None = None) -> Tensor:
-        """(h*w, head_dim/2) angles of the fixed (axial or DINOv3) RoPE for a grid."""
+    def _fixed_rope(self, grid: Size2, device: torch.device | None = None, scale: float = 1.0) -> Tensor:
+        """(h*w, head_dim/2) angles of the fixed (axial or DINOv3) RoPE for a grid, coordinates times ``scale``."""
         cfg = self.config
         if cfg.rope_type == "dinov3":
             return rope_centered_angles(grid, cfg.head_dim, cfg.rope_temperature, indexing=cfg.rope_grid_indexing,
-                                        device=device)
+                                        scale=scale, device=device)
         return rope_2d_angles(grid, cfg.head_dim, cfg.rope_temperature, indexing=cfg.rope_grid_indexing,
-                              ref_grid=cfg.ref_feat_shape, device=device)
+                              ref_grid=cfg.ref_feat_shape, scale=scale, device=device)
 
-    def rope_for(self, grid: Size2) -> Tensor | None:
-        """RoPE angles for a grid: (h*w, hd/2) for fixed RoPE, (depth, heads, h*w, hd/2) for mixed; None without."""
+    def rope_for(self, grid: Size2, scale: float = 1.0) -> Tensor | None:
+        """RoPE angles for a grid: (h*w, hd/2) for fixed RoPE, (depth, heads, h*w, hd/2) for mixed; None without.
+
+        ``scale`` multiplies the coordinates (DINOv3's "box jittering"; 1 is the model as trained).
+        """
         cfg = self.config
         if not cfg.use_rot_pos_emb:
             return None
         if self.rope is not None:
-            return rope_mixed_angles(self.rope.xy(cfg.rope_grid_indexing), grid)  # depth, heads, h*w, hd/2
-        if tuple(grid) == cfg.grid:
+            freqs = self.rope.xy(cfg.rope_grid_indexing)  # 2, depth, heads, hd/2
+            return rope_mixed_angles(freqs, grid, scale=scale)  # depth, heads, h*w, hd/2
+        if tuple(grid) == cfg.grid and scale == 1.0:
             return self.rope_angles
-        return self._fixed_rope(grid, self.rope_angles.device)
+        return self._fixed_rope(grid, self.rope_angles.device, scale)
 
     def _rope_rotation(self, grid: Size2, angles: Tensor | None) -> Tensor | None:
         """RoPE's cos and sin per channel for :meth:`rope_for`'s angles, computed once per forward pass.
@@ -331,7 +335,7 @@ class Eva(PosencModel):
         """
         if angles is None:
             return None
-        if self.rope is None and tuple(grid) == self.config.grid:
+        if self.rope is None and angles is self.rope_angles:  # the native grid at scale 1: the stored cos and sin
             return self.rope_cos_sin
         return rope_rotation(angles, interleaved=not self.config.rope_rotate_half)
 
@@ -365,10 +369,10 @@ class Eva(PosencModel):
             pooled = x[:, 0]  # B, C
         return self.head(self.fc_norm(pooled))
 
-    def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, Tensor | None, int,
-                                                                            Tensor | None, list]:
+    def _run(self, x: Tensor, need_weights: bool, position: bool, rope_scale: float = 1.0
+             ) -> tuple[Tensor, Size2, Tensor | None, int, Tensor | None, list]:
         x, grid, pos, pos_prefix = self._embed(x, position)
-        rope = self.rope_for(grid) if position else None
+        rope = self.rope_for(grid, rope_scale) if position else None
         rotation = self._rope_rotation(grid, rope)  # 2, h*w, hd or 2, depth, heads, h*w, hd; or None
         mixed = self.rope is not None
         traces = []
@@ -379,21 +383,23 @@ class Eva(PosencModel):
             traces.append(trace)
         return self._head(x), grid, pos, pos_prefix, rope, traces
 
-    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
+    def forward(self, x: Tensor, *, position: bool = True, rope_scale: float = 1.0) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits, or (B, C) pooled features when headless.
 
-        ``position=False`` leaves every position term out (no absolute embedding, no rotation).
+        ``position=False`` leaves every position term out (no absolute embedding, no rotation); ``rope_scale``
+        multiplies the RoPE coordinates (no effect without RoPE).
         """
-        return self._run(x, need_weights=False, position=position)[0]
+        return self._run(x, need_weights=False, position=position, rope_scale=rope_scale)[0]
 
-    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
+    def inspect(self, x: Tensor, *, position: bool = True, rope_scale: float = 1.0) -> Inspection:
         """Logits plus the attention and the position tensors of every block (see :class:`Inspection`).
 
         Fixed RoPE goes to ``Inspection.rope_angles`` (h*w, hd/2); mixed RoPE puts each block's angles in
         ``BlockTrace.position["rope_angles"]`` (heads, h*w, hd/2) and the learned frequencies (x then y) in
         ``Inspection.position["rope_freqs"]`` (2, depth, heads, hd/2).
         """
-        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
+        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position,
+                                                                rope_scale=rope_scale)
         mixed = self.rope is not None and rope is not None
         cfg = self.config
         names = ("cls",) if cfg.class_token else ()

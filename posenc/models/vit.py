@@ -395,14 +395,14 @@ class VisionTransformer(PosencModel):
         )  # 1, P + h*w, C
         return pos, prefix
 
-    def rope_for(self, grid: Size2) -> Tensor | None:
-        """(h*w, head_dim/2) RoPE angles for a grid, or None without RoPE."""
+    def rope_for(self, grid: Size2, scale: float = 1.0) -> Tensor | None:
+        """(h*w, head_dim/2) RoPE angles for a grid, coordinates multiplied by ``scale``; None without RoPE."""
         if not self.config.rope:
             return None
-        if tuple(grid) == self.config.grid:
+        if tuple(grid) == self.config.grid and scale == 1.0:
             return self.rope_angles
         head_dim = self.config.embed_dim // self.config.num_heads
-        return rope_2d_angles(grid, head_dim, self.config.rope_base, device=self.rope_angles.device)
+        return rope_2d_angles(grid, head_dim, self.config.rope_base, scale=scale, device=self.rope_angles.device)
 
     def _embed(self, x: Tensor, position: bool = True) -> tuple[Tensor, Size2, Tensor | None, int]:
         """Pixels to tokens with the prefix tokens and the absolute embedding added (left out without ``position``)."""
@@ -439,10 +439,10 @@ class VisionTransformer(PosencModel):
         return self.head(self.fc_norm(pooled))
 
     def _run(
-        self, x: Tensor, need_weights: bool, position: bool = True
+        self, x: Tensor, need_weights: bool, position: bool = True, rope_scale: float = 1.0
     ) -> tuple[Tensor, Size2, Tensor | None, int, Tensor | None, list]:
         x, grid, pos, pos_prefix = self._embed(x, position)
-        rope = self.rope_for(grid) if position else None
+        rope = self.rope_for(grid, rope_scale) if position else None
         traces = []
         for block in self.blocks:
             x, trace = block(x, rope=rope, num_prefix=self.config.num_prefix_tokens, grid=grid,
@@ -450,16 +450,18 @@ class VisionTransformer(PosencModel):
             traces.append(trace)
         return self._head(x), grid, pos, pos_prefix, rope, traces
 
-    def forward(self, x: Tensor, *, position: bool = True) -> Tensor:
+    def forward(self, x: Tensor, *, position: bool = True, rope_scale: float = 1.0) -> Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits, or pooled features (B, C) when headless (``num_classes == 0``).
 
-        ``position=False`` leaves every position term out.
+        ``position=False`` leaves every position term out; ``rope_scale`` multiplies the RoPE coordinates (no
+        effect without RoPE).
         """
-        return self._run(x, need_weights=False, position=position)[0]
+        return self._run(x, need_weights=False, position=position, rope_scale=rope_scale)[0]
 
-    def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
+    def inspect(self, x: Tensor, *, position: bool = True, rope_scale: float = 1.0) -> Inspection:
         """Logits plus the attention and the position tensors of every block (see :class:`Inspection`)."""
-        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
+        logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position,
+                                                                rope_scale=rope_scale)
         cfg = self.config
         layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
                                prefix_labels(cfg.prefix_names, cfg.num_prefix_tokens))

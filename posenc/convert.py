@@ -29,12 +29,14 @@ from torch import Tensor, nn
 
 from posenc.encodings import num_relative_positions, resample_abs_pos_embed, resize_rel_pos_bias_table
 from posenc.labels import id2label_list
+from posenc.models import naflexvit
 from posenc.models import (
     ARCHITECTURES,
     TIMM_PRESETS,
     ConViTConfig,
     EvaConfig,
     LeViTConfig,
+    NaFlexViTConfig,
     SamConfig,
     SwinConfig,
     SwinV2Config,
@@ -134,6 +136,7 @@ _TIMM_RULES_FOR: dict[type, list[Rule]] = {
     ConViTConfig: [],
     LeViTConfig: [],
     TinyViTConfig: [],
+    NaFlexViTConfig: naflexvit.TIMM_RULES,
 }  # fmt: skip
 _TRANSFORMERS_RULES_FOR: dict[str, list[Rule] | Callable[[Any], list[Rule]]] = {
     "vitdet": [

@@ -131,6 +131,7 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
 _ARCHITECTURE_OF_MODEL_TYPE = {
     "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
     "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit", "posenc_eva": "eva",
+    "posenc_naflexvit": "naflexvit",
 }  # fmt: skip
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from posenc.models import convit, eva, levit, sam, swin, swin_v2, tiny_vit, vit
+from posenc.models import convit, eva, levit, naflexvit, sam, swin, swin_v2, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
+from posenc.models.naflexvit import NaFlexViT, NaFlexViTConfig
 from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
     "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
     "posenc_levit": (LeViTConfig, LeViT),
     "posenc_tiny_vit": (TinyViTConfig, TinyViT),
+    "posenc_naflexvit": (NaFlexViTConfig, NaFlexViT),
 }
 
 #: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
@@ -38,6 +40,7 @@ TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
     **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
     **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
+    **{name: (NaFlexViTConfig, args) for name, args in naflexvit.TIMM_PRESETS.items()},
 }
 
 
@@ -63,6 +66,8 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "NaFlexViT",
+    "NaFlexViTConfig",
     "PosencModel",
     "SamConfig",
     "SamViT",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from posenc.views import Patch, Seen, View
 
 #: Mechanism modules of this package, in the order their views are shown.
-MODULES = ("absolute", "rel_table", "cpb", "decomposed", "offset_bias", "rope_axial", "rope_mixed", "gpsa")
+MODULES = ("absolute", "naflex", "rel_table", "cpb", "decomposed", "offset_bias", "rope_axial", "rope_mixed", "gpsa")
 #: The groups views are shown in, in order; a mechanism's ``kind`` is one of these.
 KINDS = ("absolute", "relative", "rotary", "convolutional")
 

@@ -31,6 +31,7 @@ from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
     EvaConfig,
     LeViTConfig,
+    NaFlexViTConfig,
     PosencModel,
     SamConfig,
     SwinConfig,
@@ -40,11 +41,12 @@ from posenc.models import (
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
+from posenc.models.naflexvit import TIMM_PRESETS as NAFLEX_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | NaFlexViTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -70,6 +72,9 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    # NaFlexViT on a plain image at 224 px: its 16x16 aspect-preserving table is resampled to 14x14 in every forward
+    "naflexvit_par_base": ("naflexvit_base_patch16_par_gap",
+                           NaFlexViTConfig(**NAFLEX_PRESETS["naflexvit_base_patch16_par_gap"], img_size=224)),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

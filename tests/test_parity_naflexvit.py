@@ -153,3 +153,12 @@ def test_rows_columns_view_draws_the_factorised_tables(tmp_path):
 def test_naflexvit_config_refuses_token_pooling_without_cls():
     with pytest.raises(ValueError, match="class_token"):
         NaFlexViTConfig(global_pool="token")
+
+
+@pytest.mark.parametrize("arg", [{"rope_type": "axial"}, {"embed_proj_type": "conv"}, {"dynamic_img_pad": True}])
+def test_naflexvit_options_posenc_does_not_build_are_refused_by_name(arg):
+    from posenc.convert import UnsupportedModelError
+
+    key = next(iter(arg))
+    with pytest.raises(UnsupportedModelError, match=rf"naflexvit_base_patch16_gap.*{key}"):
+        config_from_timm({"architecture": "naflexvit_base_patch16_gap.e300_s576_in1k", "model_args": arg})

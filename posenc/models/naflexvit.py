@@ -289,7 +289,7 @@ class NaFlexViT(PosencModel):
         x, grid = self.embeds(x)  # B, h*w, C
         pos, tables = self.position_embedding(grid) if position else (None, {})
         if pos is not None:
-            x = x + pos
+            x = x.add_(pos)  # in place on the projection's own fresh output, as timm adds it (its kernel, add_)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.embeds.cls_token, self.embeds.reg_token) if t is not None]
         x = torch.cat(prefix + [x], dim=1)  # B, P + h*w, C
         traces = []

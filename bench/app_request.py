@@ -29,10 +29,10 @@ import torch
 from bench.common import ROOT, SHARED_DATA, parse_args, summary, time_call, write_result
 from posenc import views, viz
 from posenc.hub import LoadedModel, load
-from posenc.models import FAMILIES, build_model
+from posenc.models import build_model
 from posenc.preprocess import build_transform, load_image
 from posenc.registry import bundled_models
-from posenc.train import cifar_model
+from posenc.train import PRESETS, cifar_model
 from posenc.app import Catalog, Handlers, HubStatus, ModelCache
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
     views_ms = sum(medians[s] for s in VIEW_STAGES)
     result = {
         "source": source,
-        "family": loaded.family,
+        "mechanisms": list(loaded.model.mechanisms),
         "input_size": list(loaded.preprocess.input_size),
         "params": loaded.num_params,
         "stages": {stage: summary(t) for stage, t in stages.items()},
@@ -148,7 +148,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="bundled checkpoints folder")
     parser.add_argument("--deit", type=Path, default=DEIT_TINY, help="DeiT-Tiny folder in timm Hub layout")
     parser.add_argument("--image", type=Path, default=IMAGE, help="the image of every request")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+    parser.add_argument("--families", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="CIFAR-10 presets to time (bundled folder cifar10-<family>, else a stand-in)")  # fmt: skip
 
 

@@ -25,8 +25,9 @@ import torch
 
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from bench.forward_cpu import build_pair, max_abs_diff
-from posenc.models import FAMILIES, build_model
+from posenc.models import build_model
 from posenc.train import (
+    PRESETS,
     ImageSet,
     Runtime,
     TrainConfig,
@@ -116,7 +117,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu only to check the script")
     parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
     parser.add_argument("--models", nargs="+", choices=INFERENCE_MODELS, default=list(INFERENCE_MODELS))
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=["learned", "windowed"],
+    parser.add_argument("--families", nargs="+", choices=PRESETS, default=["learned", "windowed"],
                         help="CIFAR-10 presets whose training throughput is measured")  # fmt: skip
     parser.add_argument("--train-steps", type=int, default=50, help="optimizer steps per timed epoch")
 

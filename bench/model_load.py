@@ -26,7 +26,7 @@ from typing import Any
 from bench.app_request import DEIT_TINY, model_folders
 from bench.common import ROOT, parse_args, peak_rss_mb, reset_peak_rss, rss_mb, summary, time_call, write_result
 from posenc.hub import load
-from posenc.models import FAMILIES
+from posenc.train import PRESETS
 from posenc.app import ModelCache
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def cache_turnover(sources: list[str], rounds: int) -> dict[str, Any]:
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="bundled checkpoints folder")
     parser.add_argument("--deit", type=Path, default=DEIT_TINY, help="DeiT-Tiny folder in timm Hub layout")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+    parser.add_argument("--families", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="CIFAR-10 presets to load (bundled folder cifar10-<family>, else a stand-in)")  # fmt: skip
 
 

@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 
 from bench.common import ROOT, parse_args, write_result
-from posenc.models import FAMILIES, build_model
-from posenc.train import cifar_model
+from posenc.models import build_model
+from posenc.train import PRESETS, cifar_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ DROPPED = "model cache: dropped "  # posenc.app.ModelCache's log line for an evi
 
 def bundled_or_stand_ins(folder: Path, checkpoints: Path = ROOT / "checkpoints") -> Path:
     """The bundled checkpoints when every family has its weights, else random-weight stand-ins written to ``folder``."""
-    if all((checkpoints / f"cifar10-{f}" / "model.safetensors").is_file() for f in FAMILIES):
+    if all((checkpoints / f"cifar10-{f}" / "model.safetensors").is_file() for f in PRESETS):
         return checkpoints
-    for seed, family in enumerate(FAMILIES):
+    for seed, family in enumerate(PRESETS):
         target = folder / f"cifar10-{family}"
         if not (target / "model.safetensors").is_file():
             torch.manual_seed(seed)
@@ -494,7 +494,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="posenc-reliability-") as tmp:
         tmp = Path(tmp)
         checkpoints = bundled_or_stand_ins(tmp / "stand-ins")
-        sources = {f: str(checkpoints / f"cifar10-{f}") for f in FAMILIES}
+        sources = {f: str(checkpoints / f"cifar10-{f}") for f in PRESETS}
         images = sample_images(tmp / "images")
         app = start_app(checkpoints, cache_size=args.cache_size, work_dir=tmp)
         try:

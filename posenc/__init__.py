@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from posenc.models import (
-    FAMILIES,
     BlockTrace,
     Inspection,
     SwinConfig,
@@ -59,7 +58,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CIFAR10_LABELS",
-    "FAMILIES",
     "HUB_MODELS",
     "ImageError",
     "ModelEntry",

@@ -111,7 +111,6 @@ class LoadedModel:
         labels: one name per class.
         source: the repo id or folder it came from.
         layout: "posenc", "timm" or "transformers".
-        family: position-encoding family (one of :data:`posenc.models.FAMILIES`).
         num_params: learned parameters.
     """
 
@@ -120,7 +119,6 @@ class LoadedModel:
     labels: list[str]
     source: str
     layout: str
-    family: str
     num_params: int
 
     def pixels(self, image: ImageSource, input_size: tuple[int, int] | None = None) -> Tensor:
@@ -657,8 +655,7 @@ def load(source: str, *, revision: str | None = None, local_files_only: bool | N
         labels=labels,
         source=source,
         layout=layout,
-        family=model.position_encoding,
         num_params=model.num_params(),
     )
-    logger.debug("loaded %s (%s layout, %s, %d parameters)", source, layout, loaded.family, loaded.num_params)
+    logger.debug("loaded %s (%s layout, %s, %d parameters)", source, layout, model.mechanisms, loaded.num_params)
     return loaded

@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from posenc.models import ARCHITECTURES, FAMILIES
+from posenc.models import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class ModelEntry:
         name: short display name.
         source: Hub repo id or local folder, as passed to :func:`posenc.hub.load`.
         architecture: the model's architecture ("vit", "deit", "beit", "swin", "swinv2", "sam", "convit", "levit", "eva", ...).
-        family: its main position mechanism (one of :data:`posenc.models.FAMILIES` or a mechanism name).
+        mechanisms: the position mechanisms it uses (names declared in :mod:`posenc.mechanisms`, as
+            ``model.mechanisms`` lists them); () for none.
         num_params: learned parameters, or None when unknown.
         accuracy: top-1 accuracy in percent on ``dataset``, or None when unknown.
         dataset: what ``accuracy`` was measured on ("ImageNet-1k", "CIFAR-10"); "" without one.
@@ -38,7 +39,7 @@ class ModelEntry:
     name: str
     source: str
     architecture: str
-    family: str
+    mechanisms: tuple[str, ...]
     num_params: int | None
     accuracy: float | None
     dataset: str
@@ -53,92 +54,112 @@ class ModelEntry:
 # microsoft/swin-tiny-patch4-window7-224 is Swin-T (timm swin_tiny_patch4_window7_224.ms_in1k; the paper says 81.2).
 # Parameter counts are exact, counted from the built models (timm 1.0.31 and transformers agree).
 HUB_MODELS: tuple[ModelEntry, ...] = (
-    ModelEntry("DeiT-Tiny", "timm/deit_tiny_patch16_224.fb_in1k", "deit", "learned", 5_717_416, 72.172, "ImageNet-1k"),
     ModelEntry(
-        "DeiT-Small distilled",
-        "timm/deit_small_distilled_patch16_224.fb_in1k",
-        "deit",
-        "learned",
-        22_436_432,
-        81.218,
+        "DeiT-Tiny", "timm/deit_tiny_patch16_224.fb_in1k", "deit", ("learned",), 5_717_416, 72.172, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "DeiT-Small distilled", "timm/deit_small_distilled_patch16_224.fb_in1k", "deit", ("learned",), 22_436_432,
+        81.218, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "ViT-S/16 AugReg", "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", "vit", ("learned",), 22_050_664, 81.384,
         "ImageNet-1k",
     ),
     ModelEntry(
-        "ViT-S/16 AugReg", "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", "vit", "learned", 22_050_664, 81.384, "ImageNet-1k"
+        "ViT-B/16 (Google)", "google/vit-base-patch16-224", "vit", ("learned",), 86_567_656, 81.786, "ImageNet-1k",
     ),
-    ModelEntry("ViT-B/16 (Google)", "google/vit-base-patch16-224", "vit", "learned", 86_567_656, 81.786, "ImageNet-1k"),
     ModelEntry(
-        "BEiT-B/16", "timm/beit_base_patch16_224.in22k_ft_in22k_in1k", "beit", "relative", 86_530_984, 85.212, "ImageNet-1k"
+        "BEiT-B/16", "timm/beit_base_patch16_224.in22k_ft_in22k_in1k", "beit", ("rel_table",), 86_530_984, 85.212,
+        "ImageNet-1k",
     ),
-    ModelEntry("Swin-T", "timm/swin_tiny_patch4_window7_224.ms_in1k", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"),
     ModelEntry(
-        "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", "windowed", 28_288_354, 81.376, "ImageNet-1k"
+        "Swin-T", "timm/swin_tiny_patch4_window7_224.ms_in1k", "swin", ("rel_table",), 28_288_354, 81.376,
+        "ImageNet-1k",
+    ),
+    ModelEntry(
+        "Swin-T (Microsoft)", "microsoft/swin-tiny-patch4-window7-224", "swin", ("rel_table",), 28_288_354, 81.376,
+        "ImageNet-1k",
     ),
     # Swin V2 (continuous position bias). Top-1 from timm's results-imagenet.csv; data2vec-vision has no timm row
     # (not a timm model), so no figure; its count is the transformers build of the repo's config (BEiT-B shape,
     # a relative table per block), as posenc loads it.
-    ModelEntry("Swin V2-T", "timm/swinv2_tiny_window8_256.ms_in1k", "swinv2", "cpb", 28_347_154, 81.820, "ImageNet-1k"),
-    ModelEntry("Swin V2-T CR", "timm/swinv2_cr_tiny_ns_224.sw_in1k", "swinv2", "cpb", 28_333_468, 81.802, "ImageNet-1k"),
     ModelEntry(
-        "data2vec-vision B/16", "facebook/data2vec-vision-base-ft1k", "data2vec-vision", "relative", 86_530_984, None,
-        "ImageNet-1k",
+        "Swin V2-T", "timm/swinv2_tiny_window8_256.ms_in1k", "swinv2", ("cpb",), 28_347_154, 81.820, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "Swin V2-T CR", "timm/swinv2_cr_tiny_ns_224.sw_in1k", "swinv2", ("cpb",), 28_333_468, 81.802, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "data2vec-vision B/16", "facebook/data2vec-vision-base-ft1k", "data2vec-vision", ("rel_table",), 86_530_984,
+        None, "ImageNet-1k",
     ),
     # SAM's ViT-B image encoder: headless (no classifier, so no top-1; model(x) gives the neck's pooled 256 features),
     # 1024 px native. No standalone transformers ViTDet checkpoint was found on the Hub, so none is listed.
     ModelEntry(
-        "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", "decomposed", 89_670_912, None, "SA-1B",
-        headless=True,
+        "SAM ViT-B encoder (headless)", "timm/samvit_base_patch16.sa1b", "sam", ("learned", "decomposed"), 89_670_912,
+        None, "SA-1B", headless=True,
     ),
     # Position by offset. The stored copy of timm's results table has no tiny_vit rows, so TinyViT's top-1 is None.
-    ModelEntry("ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", "gpsa", 5_710_512, 73.112, "ImageNet-1k"),
-    ModelEntry("LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", "offset", 7_777_058, 76.526, "ImageNet-1k"),
-    ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", "offset", 5_392_764, None, "ImageNet-1k"),
+    ModelEntry(
+        "ConViT-Ti", "timm/convit_tiny.fb_in1k", "convit", ("learned", "gpsa"), 5_710_512, 73.112, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", ("offset_bias",), 7_777_058, 76.526, "ImageNet-1k",
+    ),
+    ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", ("offset_bias",), 5_392_764, None, "ImageNet-1k"),
     # Today's absolute-embedding ViTs (parameters counted from timm 1.0.31 builds, pretrained=False). Headless ones
     # have no top-1. results-imagenet.csv as indexed has no row for the sbb register models (timm's README gives
     # 84.930 for this one, but not that table), so its figure is left out.
-    ModelEntry("DeiT III-S", "timm/deit3_small_patch16_224.fb_in1k", "deit", "learned", 22_059_496, 81.370, "ImageNet-1k"),
     ModelEntry(
-        "CLIP ViT-B/16 (OpenAI, fine-tuned)", "timm/vit_base_patch16_clip_224.openai_ft_in1k", "vit", "learned",
+        "DeiT III-S", "timm/deit3_small_patch16_224.fb_in1k", "deit", ("learned",), 22_059_496, 81.370, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "CLIP ViT-B/16 (OpenAI, fine-tuned)", "timm/vit_base_patch16_clip_224.openai_ft_in1k", "vit", ("learned",),
         86_568_424, 85.292, "ImageNet-1k",
     ),
     ModelEntry(
-        "ViT-M/16 4 registers, avg pool", "timm/vit_medium_patch16_reg4_gap_256.sbb_in12k_ft_in1k", "vit", "learned",
+        "ViT-M/16 4 registers, avg pool", "timm/vit_medium_patch16_reg4_gap_256.sbb_in12k_ft_in1k", "vit", ("learned",),
         38_881_768, None, "",
     ),
     ModelEntry(
-        "DINOv2-S/14 4 registers (headless)", "timm/vit_small_patch14_reg4_dinov2.lvd142m", "vit", "learned",
+        "DINOv2-S/14 4 registers (headless)", "timm/vit_small_patch14_reg4_dinov2.lvd142m", "vit", ("learned",),
         22_057_344, None, "", headless=True,
     ),
     ModelEntry(
-        "SigLIP ViT-B/16 (headless)", "timm/vit_base_patch16_siglip_224.webli", "vit", "learned", 92_884_224, None, "",
-        headless=True,
+        "SigLIP ViT-B/16 (headless)", "timm/vit_base_patch16_siglip_224.webli", "vit", ("learned",), 92_884_224, None,
+        "", headless=True,
     ),
     # RoPE models of timm's eva.py. The copy of results-imagenet.csv searched for this list predates them, so their
     # top-1 is None (Naver's model cards give 81.23 for axial and 81.216 for mixed ViT-S); EVA-02 mim_in22k and
     # DINOv3 lvd1689m are headless (no classifier, no top-1).
-    ModelEntry("RoPE-ViT-S axial (Naver)", "timm/vit_small_patch16_rope_224.naver_in1k", "eva", "rope", 21_984_232,
-               None, "ImageNet-1k"),
-    ModelEntry("RoPE-ViT-S mixed (Naver)", "timm/vit_small_patch16_rope_mixed_224.naver_in1k", "eva", "rope",
-               21_988_840, None, "ImageNet-1k"),
-    ModelEntry("ViT-M/16 RoPE reg1 GAP (timm SBB)", "timm/vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", "eva", "rope",
-               38_743_016, None, "ImageNet-1k"),
-    ModelEntry("EVA-02-Ti/14 MIM (headless)", "timm/eva02_tiny_patch14_224.mim_in22k", "eva", "rope", 5_502_144, None,
-               "ImageNet-22k", headless=True),
-    ModelEntry("DINOv3 ViT-S/16 (headless)", "timm/vit_small_patch16_dinov3.lvd1689m", "eva", "rope", 21_586_944, None,
-               "LVD-1689M", headless=True),
+    ModelEntry(
+        "RoPE-ViT-S axial (Naver)", "timm/vit_small_patch16_rope_224.naver_in1k", "eva", ("rope_axial",), 21_984_232,
+        None, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "RoPE-ViT-S mixed (Naver)", "timm/vit_small_patch16_rope_mixed_224.naver_in1k", "eva", ("rope_mixed",),
+        21_988_840, None, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "ViT-M/16 RoPE reg1 GAP (timm SBB)", "timm/vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", "eva",
+        ("rope_axial",), 38_743_016, None, "ImageNet-1k",
+    ),
+    ModelEntry(
+        "EVA-02-Ti/14 MIM (headless)", "timm/eva02_tiny_patch14_224.mim_in22k", "eva", ("learned", "rope_axial"),
+        5_502_144, None, "ImageNet-22k", headless=True,
+    ),
+    ModelEntry(
+        "DINOv3 ViT-S/16 (headless)", "timm/vit_small_patch16_dinov3.lvd1689m", "eva", ("rope_axial",), 21_586_944,
+        None, "LVD-1689M", headless=True,
+    ),
     # NaFlexViT with a factorised (row + column), aspect-preserving embedding: the smallest NaFlex classifier (all three
     # are ViT-B). The stored copy of results-imagenet.csv has no naflexvit rows; timm's notes give 83.63 measured the
     # NaFlex way (native aspect ratio, 576 patches), not on the 384x384 squares posenc feeds it, so it is left out.
-    ModelEntry("NaFlexViT-B/16 factorised, aspect-preserving", "timm/naflexvit_base_patch16_parfac_gap.e300_s576_in1k",
-               "naflexvit", "factorized", 86_461_672, None, "ImageNet-1k"),
+    ModelEntry(
+        "NaFlexViT-B/16 factorised, aspect-preserving", "timm/naflexvit_base_patch16_parfac_gap.e300_s576_in1k",
+        "naflexvit", ("factorized", "aspect_resample"), 86_461_672, None, "ImageNet-1k",
+    ),
 )
-
-_ARCHITECTURE_OF_MODEL_TYPE = {
-    "posenc_vit": "vit", "posenc_swin": "swin", "posenc_swinv2": "swinv2", "posenc_sam": "sam", "posenc_convit": "convit",
-    "posenc_levit": "levit", "posenc_tiny_vit": "tiny_vit", "posenc_eva": "eva",
-    "posenc_naflexvit": "naflexvit",
-}  # fmt: skip
-
 
 def checkpoints_dir() -> Path:
     """The bundled checkpoints folder: ``POSENC_CHECKPOINTS``, else ``checkpoints/`` of this repository.
@@ -216,9 +237,9 @@ def bundled_models(checkpoints_dir: str | Path) -> list[ModelEntry]:
         if model_type not in ARCHITECTURES:
             logger.debug("skipping %s: not a posenc model folder", folder)
             continue
-        config_cls, _ = ARCHITECTURES[model_type]
+        arch = ARCHITECTURES[model_type]
         try:
-            family = config_cls.from_dict(config).position_encoding
+            mechanisms = arch.config.from_dict(config).mechanisms
         except (TypeError, ValueError) as error:
             logger.warning("skipping %s: invalid config.json: %s", folder, error)
             continue
@@ -231,41 +252,11 @@ def bundled_models(checkpoints_dir: str | Path) -> list[ModelEntry]:
             ModelEntry(
                 name=folder.name,
                 source=str(folder),
-                architecture=_ARCHITECTURE_OF_MODEL_TYPE[model_type],
-                family=family,
+                architecture=arch.model.architecture,
+                mechanisms=mechanisms,
                 num_params=params,
                 accuracy=_accuracy(metrics),
                 dataset=_dataset(metrics),
             )
         )
     return entries
-
-
-def ablation_table(checkpoints_dir: str | Path) -> str:
-    """The README's ablation table, rendered from every bundled model's ``metrics.json``.
-
-    Returns:
-        A Markdown table: family, parameters, CIFAR-10 test accuracy, epochs, training time and hardware.
-    """
-    rows = []
-    for folder in sorted(Path(checkpoints_dir).iterdir()):
-        metrics = _read_json(folder / "metrics.json")
-        if not metrics or metrics.get("accuracy") is None:
-            continue
-        hardware = metrics.get("hardware", {})
-        device = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device", "?")
-        threads = hardware.get("threads")
-        rows.append(
-            (
-                FAMILIES.index(metrics["family"]) if metrics["family"] in FAMILIES else len(FAMILIES),
-                f"| {metrics['family']} | `{folder.name}` | {metrics['params']:,} | {100 * metrics['accuracy']:.1f} % "
-                f"| {metrics['epochs']} | {metrics['wall_time_s'] / 60:.0f} min | {device}"
-                + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
-                + " |",
-            )
-        )
-    header = (
-        "| family | checkpoint | parameters | CIFAR-10 test accuracy | epochs | training time | hardware |\n"
-        "|---|---|---|---|---|---|---|\n"
-    )
-    return header + "\n".join(row for _, row in sorted(rows)) + "\n"

@@ -1,7 +1,7 @@
-"""Train the position-encoding families on CIFAR-10 (or any ImageFolder): ``python -m posenc train``.
+"""Train the CIFAR-10 model presets on CIFAR-10 (or any ImageFolder): ``python -m posenc train``.
 
 The data are decoded once into a uint8 tensor (N, 3, H, W) that stays on the training device, so
-augmentation works on whole batches. Every family trains with one shared recipe (AdamW, linear
+augmentation works on whole batches. Every preset trains with one shared recipe (AdamW, linear
 warm-up + cosine, label smoothing, gradient clipping, random crop + flip); :func:`cifar_model`
 holds matched-size presets. A run is deterministic for its seed: every random stream (shuffle,
 augmentation, dropout) is re-derived from (seed, epoch, rank) when an epoch starts, so the epoch
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
+from posenc import mechanisms
 from posenc.labels import CIFAR10_LABELS
-from posenc.models import FAMILIES, PosencModel, SwinConfig, ViTConfig, build_model
+from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
 from posenc.preprocess import Preprocess, load_image
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ STATE_FILE = "train_state.pt"
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table", "absolute_pos_embed")
 # TrainConfig fields that may change when a run is resumed without changing its result.
 RUNTIME_FIELDS = ("data", "out", "resume", "stop_after", "threads", "cache_dir", "eval_every")
+#: The CIFAR-10 model presets of :func:`cifar_model`, by name (``--family``; the bundled ``cifar10-<name>`` folders).
+PRESETS = ("none", "learned", "sincos", "relative", "windowed", "rope")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class TrainConfig:
 
     data: Path  # CIFAR-10 JPEG zip, or an ImageFolder root with train/ and val/ or test/
     out: Path  # output folder: Hub-layout model + README.md + metrics.json + train_state.pt
-    family: str = "learned"  # position-encoding family, one of FAMILIES
+    family: str = "learned"  # the model preset, one of PRESETS
     epochs: int = 30
     batch_size: int = 128  # global batch, split evenly over torchrun ranks
     lr: float = 1e-3  # peak AdamW learning rate
@@ -86,8 +89,8 @@ class TrainConfig:
         for name in ("data", "out", "cache_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.family not in PRESETS:
+            raise ValueError(f"unknown family {self.family!r}; choose one of {', '.join(PRESETS)}")
         if self.pad_mode not in ("reflect", "zero"):
             raise ValueError(f"pad_mode must be 'reflect' or 'zero', got {self.pad_mode!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -303,14 +306,14 @@ def augment(images: Tensor, labels: Tensor, cfg: TrainConfig, pp: Preprocess, nu
 
 
 def cifar_model(family: str, **overrides: Any) -> ViTConfig | SwinConfig:
-    """The CIFAR-10 preset of one position-encoding family: 32x32 input, patch 4, about 0.8M parameters.
+    """One CIFAR-10 model preset, each with its own position encoding: 32x32 input, patch 4, about 0.8M parameters.
 
     Args:
-        family: one of FAMILIES; "windowed" is a two-stage Swin, the others share one ViT shape.
+        family: the preset, one of PRESETS; "windowed" is a two-stage Swin, the others share one ViT shape.
         overrides: config fields to replace (e.g. ``depth=1`` for a tiny test model).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in PRESETS:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(PRESETS)}")
     pp = Preprocess(input_size=(32, 32), interpolation="bicubic", crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     shared = dict(img_size=(32, 32), patch_size=4, num_classes=10, mlp_ratio=2.0, labels=CIFAR10_LABELS, preprocess=pp)
     if family == "windowed":
@@ -566,7 +569,7 @@ def _metrics(cfg: TrainConfig, model: PosencModel, rt: Runtime, history: list, w
     train_s = sum(h["train_s"] for h in history)
     scored = [h["accuracy"] for h in history if h["accuracy"] is not None]
     return dict(
-        accuracy=scored[-1] if scored else None, position_encoding=model.position_encoding, family=cfg.family,
+        accuracy=scored[-1] if scored else None, mechanisms=list(model.mechanisms), family=cfg.family,
         architecture=model.architecture, params=model.num_params(), dataset=str(cfg.data),
         train_images=len(train_set.labels), test_images=len(test_set.labels),
         epochs=cfg.epochs, epochs_done=history[-1]["epoch"] if history else 0, batch_size=cfg.batch_size,
@@ -591,7 +594,7 @@ def model_card_training(metrics: dict[str, Any]) -> str:
     where = f"{hw['gpu']} GPU" if hw["gpu"] else f"{hw['cpu']}, {hw['threads']} threads"
     rows = [
         ("test accuracy", f"**{100 * m['accuracy']:.2f}%** top-1 on {m['test_images']:,} held-out images"),
-        ("position encoding", m["position_encoding"]),
+        ("position mechanisms", ", ".join(m["mechanisms"]) or "none"),
         ("parameters", f"{m['params']:,}"),
         ("data", f"{m['dataset']} ({m['train_images']:,} training images)"),
         ("epochs", m["epochs"]),
@@ -614,12 +617,46 @@ def model_card_training(metrics: dict[str, Any]) -> str:
 def write_outputs(model: PosencModel, out: Path, metrics: dict[str, Any]) -> None:
     """Write the Hub-layout folder: config.json + model.safetensors, a README.md model card, metrics.json."""
     model.save_pretrained(out)
-    card = model.generate_model_card(training=model_card_training(metrics), repo_hint=str(out))
+    card = model.generate_model_card(training=model_card_training(metrics), repo_hint=str(out),
+                                     position=mechanisms.card_position(model.mechanisms))
     card.data.datasets = ["cifar10"] if metrics["dataset"].endswith(".zip") else None
     card.data.metrics = ["accuracy"]
     card.save(out / "README.md")  # replaces the card save_pretrained leaves when README.md is absent
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("wrote %s: test accuracy %.2f%%", out, 100 * metrics["accuracy"])
+
+
+def ablation_table(checkpoints_dir: str | Path) -> str:
+    """The README's ablation table, rendered from the ``metrics.json`` that training wrote in every model folder.
+
+    Returns:
+        A Markdown table, in :data:`PRESETS` order: preset, checkpoint, parameters, CIFAR-10 test accuracy,
+        epochs, training time and hardware.
+    """
+    rows = []
+    for folder in sorted(Path(checkpoints_dir).iterdir()):
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not metrics or metrics.get("accuracy") is None:
+            continue
+        hardware = metrics.get("hardware", {})
+        device = hardware.get("gpu") or hardware.get("cpu") or hardware.get("device", "?")
+        threads = hardware.get("threads")
+        preset = metrics["family"]
+        rows.append(
+            (
+                PRESETS.index(preset) if preset in PRESETS else len(PRESETS),
+                f"| {preset} | `{folder.name}` | {metrics['params']:,} | {100 * metrics['accuracy']:.1f} % "
+                f"| {metrics['epochs']} | {metrics['wall_time_s'] / 60:.0f} min | {device}"
+                + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+                + " |",
+            )
+        )
+    header = (
+        "| preset | checkpoint | parameters | CIFAR-10 test accuracy | epochs | training time | hardware |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    return header + "\n".join(row for _, row in sorted(rows)) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -629,10 +666,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``train`` on the ``python -m posenc`` subparsers."""
     d = TrainConfig
     p = subparsers.add_parser(
-        "train", help="train a position-encoding family on CIFAR-10 or an ImageFolder",
+        "train", help="train a CIFAR-10 model preset on CIFAR-10 or an ImageFolder",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--family", choices=FAMILIES, required=True, help="position encoding (the cifar_model preset)")
+    p.add_argument("--family", choices=PRESETS, required=True, help="the cifar_model preset (its position encoding)")
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 JPEG zip, or ImageFolder root with train/, val/")
     p.add_argument("--out", type=Path, required=True, help="output folder (Hub layout, README.md, metrics.json)")
     p.add_argument("--epochs", type=int, default=d.epochs)

@@ -43,22 +43,10 @@ SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 MAX_TRACE_BYTES = 640 * 2**20
 #: No input side may exceed this multiple of the native side (bounds the work of one request).
 MAX_SIZE_FACTOR = 4
-#: Human names of the position-encoding families.
-FAMILY_NAMES = {
-    "none": "no position encoding",
-    "learned": "learned absolute embedding",
-    "sincos": "fixed 2D sin-cos embedding",
-    "relative": "relative position bias (BEiT, global)",
-    "windowed": "relative position bias in (shifted) windows (Swin)",
-    "rope": "2D rotary embedding (RoPE)",
-    "decomposed": "a decomposed relative bias that depends on the query (SAM, ViTDet)",
-    "offset": "an attention bias by absolute offset (LeViT, TinyViT)",
-    "gpsa": "gated positional self-attention (ConViT)",
-}
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384
 _ABSOLUTE = ("learned", "sincos")
-_RELATIVE = ("relative", "windowed")
+_RELATIVE = ("rel_table",)
 
 
 class ViewUnavailable(ValueError):
@@ -100,10 +88,6 @@ class Seen:
     def grid(self) -> Size2:
         """(h, w) input patch grid."""
         return tuple(self.inspection.grid)
-
-    @property
-    def family(self) -> str:
-        return self.loaded.family
 
     @property
     def num_blocks(self) -> int:
@@ -398,11 +382,12 @@ def _query_rows(
 # ------------------------------------------------------------------------------------------- views
 
 
-def _require(seen: Seen, families: tuple[str, ...], what: str, hint: str) -> None:
-    """Raise :class:`ViewUnavailable` unless the model's family, or one of its mechanisms, is among ``families``."""
-    if seen.family not in families and not set(families) & set(seen.loaded.model.mechanisms):
+def _require(seen: Seen, names: tuple[str, ...], what: str, hint: str) -> None:
+    """Raise :class:`ViewUnavailable` unless one of the model's mechanisms is among ``names``."""
+    used = seen.loaded.model.mechanisms
+    if not set(names) & set(used):
         raise ViewUnavailable(
-            f"{seen.name} uses {FAMILY_NAMES.get(seen.family, seen.family)}, so it has no {what}; {hint}"
+            f"{seen.name} uses {' + '.join(used) or 'no position encoding'}, so it has no {what}; {hint}"
         )
 
 
@@ -582,7 +567,7 @@ def save_npz(path: str | Path, seen: Seen, patch: Patch, block: int, views: Iter
         "grid": np.array(seen.grid),
         "patch": np.array(patch),
         "block": np.array(block),
-        "family": np.array(seen.family),
+        "mechanisms": np.array(seen.loaded.model.mechanisms, dtype=str),
         "source": np.array(seen.loaded.source),
     }
     for view in views:

@@ -1,4 +1,4 @@
-"""The bundled CIFAR-10 checkpoints: present for every family, small, loadable like Hub models, accurate,
+"""The bundled CIFAR-10 checkpoints: present for every training preset, small, loadable like Hub models, accurate,
 and described the same way in their model cards, their metrics.json and the README's ablation table."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import posenc
-from posenc.models import FAMILIES
-from posenc.registry import ablation_table
-from posenc.train import load_cifar_zip, normalize
+from posenc.train import PRESETS, ablation_table, cifar_model, load_cifar_zip, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
@@ -37,8 +35,8 @@ def read_metrics(family: str) -> dict:
     return json.loads((checkpoint(family) / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_ships_a_small_safetensors_checkpoint(family):
+@pytest.mark.parametrize("family", PRESETS)
+def test_every_preset_ships_a_small_safetensors_checkpoint(family):
     folder = checkpoint(family)
     assert (folder / "config.json").is_file() and (folder / "README.md").is_file()
     weights = folder / "model.safetensors"
@@ -49,7 +47,7 @@ def test_every_family_ships_a_small_safetensors_checkpoint(family):
     assert 500_000 <= metrics["params"] <= 1_000_000
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PRESETS)
 def test_model_card_states_the_measured_accuracy_and_recipe(family):
     card = (checkpoint(family) / "README.md").read_text()
     metrics = read_metrics(family)
@@ -68,10 +66,10 @@ def cifar_slice(shared_data: Path):
     return load_cifar_zip(shared_data / "cifar10-jpeg.zip", "test", limit=1000, cache_dir=None)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PRESETS)
 def test_bundled_checkpoint_reaches_its_accuracy_floor(family, cifar_slice):
     loaded = posenc.load(str(checkpoint(family)))
-    assert loaded.family == family and loaded.labels[3] == "cat"
+    assert loaded.model.mechanisms == cifar_model(family).mechanisms and loaded.labels[3] == "cat"
     pp = loaded.preprocess
     with torch.inference_mode():
         logits = torch.cat([loaded.model(normalize(x, pp.mean, pp.std)) for x in cifar_slice.images.split(250)])

@@ -194,7 +194,7 @@ def test_a_config_that_does_not_fit_its_weights_is_never_materialised(folders, t
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_architecture_builds_on_the_meta_device_like_on_the_cpu(model_type):
-    config_cls, _ = ARCHITECTURES[model_type]
+    config_cls = ARCHITECTURES[model_type].config
     with torch.device("meta"):
         meta = build_model(config_cls())
     cpu = build_model(config_cls())

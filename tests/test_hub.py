@@ -27,8 +27,7 @@ from posenc.convert import config_from_timm
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source, load
 from posenc.labels import CIFAR10_LABELS, imagenet_labels, pick_labels
 from posenc.mechanisms import MECHANISMS
-from posenc.models import FAMILIES, ViTConfig, build_model
-from posenc.models.layers import DESCRIPTIONS
+from posenc.models import ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS, ModelEntry, bundled_models
 
@@ -162,14 +161,14 @@ def test_first_download_fetches_only_the_needed_files_then_the_cache_survives_th
         assert_same_model(hub_load(hub, hf_home, repo.repo_id), repo)
 
 
-def test_loaded_models_carry_layout_family_labels_and_preprocessing(hub, hf_home, posenc_repo, transformers_repo):
+def test_loaded_models_carry_layout_mechanisms_labels_and_preprocessing(hub, hf_home, posenc_repo, transformers_repo):
     hub.add_repo(transformers_repo.repo_id, transformers_repo.folder)
     own = hub_load(hub, hf_home, posenc_repo.repo_id)
-    assert (own.layout, own.family, own.labels) == ("posenc", "learned", list(CIFAR10_LABELS))
+    assert (own.layout, own.model.mechanisms, own.labels) == ("posenc", ("learned",), list(CIFAR10_LABELS))
     assert own.preprocess == Preprocess(input_size=(32, 32), crop_pct=1.0)
     assert own.num_params == sum(p.numel() for p in own.model.parameters())
     hf = hub_load(hub, hf_home, transformers_repo.repo_id)
-    assert (hf.layout, hf.family, hf.labels) == ("transformers", "learned", ["cat", "dog", "bird"])
+    assert (hf.layout, hf.model.mechanisms, hf.labels) == ("transformers", ("learned",), ["cat", "dog", "bird"])
     assert hf.preprocess.input_size == (32, 32) and hf.preprocess.mean == (0.5, 0.5, 0.5)
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
     top = hf.predict(image, top_k=5)
@@ -410,19 +409,19 @@ def test_is_safe_source_accepts_an_absolute_path_inside_the_checkpoints(checkpoi
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_each_architecture_with_a_valid_repo_id_and_family():
+def test_registry_lists_each_architecture_with_a_valid_repo_id_and_its_mechanisms():
     assert {entry.architecture for entry in HUB_MODELS} >= {"vit", "deit", "beit", "swin", "swinv2", "data2vec-vision", "sam", "convit", "levit", "tiny_vit", "eva"}
     assert len({entry.source for entry in HUB_MODELS}) == len(HUB_MODELS)
     for entry in HUB_MODELS:
         validate_repo_id(entry.source)
-        assert entry.family in (*FAMILIES, *MECHANISMS, *DESCRIPTIONS), entry.source  # offset, gpsa: described
+        assert entry.mechanisms and set(entry.mechanisms) <= set(MECHANISMS), entry.source
         assert entry.num_params > 1_000_000
         if entry.accuracy is not None:
             assert 70.0 < entry.accuracy < 90.0 and entry.dataset == "ImageNet-1k"
         if entry.source.startswith("timm/"):
             num_classes = 0 if entry.headless else 1000
             config = config_from_timm({"architecture": entry.source.split("/", 1)[1], "num_classes": num_classes})
-            assert config.position_encoding == entry.family, entry.source
+            assert config.mechanisms == entry.mechanisms, entry.source
             if isinstance(config, ViTConfig):  # blocks are identical: count one and two, extrapolate to the depth
                 one, two = (build_model(dataclasses.replace(config, depth=d)).num_params() for d in (1, 2))
                 assert one + (config.depth - 1) * (two - one) == entry.num_params, entry.source
@@ -443,8 +442,8 @@ def test_bundled_models_reads_each_checkpoint_folder_config_and_metrics(tmp_path
     entries = bundled_models(root)
     assert [e.name for e in entries] == ["b-no-metrics", "cifar-learned"]
     no_metrics, learned = entries
-    assert learned == ModelEntry("cifar-learned", str(root / "cifar-learned"), "vit", "learned", 32554, 81.25, "CIFAR-10")
-    assert (no_metrics.num_params, no_metrics.accuracy, no_metrics.family) == (params, None, "learned")
+    assert learned == ModelEntry("cifar-learned", str(root / "cifar-learned"), "vit", ("learned",), 32554, 81.25, "CIFAR-10")
+    assert (no_metrics.num_params, no_metrics.accuracy, no_metrics.mechanisms) == (params, None, ("learned",))
     assert load(no_metrics.source).labels == list(CIFAR10_LABELS)
     assert bundled_models(tmp_path / "absent") == []
 

@@ -411,7 +411,7 @@ def test_every_architecture_is_measured_or_its_blocks_reported_as_not_applicable
         _photo(images / f"p{i}.png", i)
     kwargs = TINY_KWARGS[model_type]
     size = kwargs["img_size"]
-    config_cls = ARCHITECTURES[model_type][0]
+    config_cls = ARCHITECTURES[model_type].config
     config = config_cls(**kwargs, num_classes=5, preprocess=Preprocess(input_size=(size, size), crop_pct=1.0))
     torch.manual_seed(0)
     build_model(config).save_pretrained(tmp_path / "model")

@@ -26,7 +26,7 @@ CFG = SwinV2Config(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 4), w
 def loaded() -> LoadedModel:
     torch.manual_seed(0)
     model = perturb(build_model(CFG))
-    return LoadedModel(model, CFG.preprocess, ["a", "b", "c"], "tiny-swinv2", "posenc", "cpb", model.num_params())
+    return LoadedModel(model, CFG.preprocess, ["a", "b", "c"], "tiny-swinv2", "posenc", model.num_params())
 
 
 def _seen(loaded: LoadedModel, size: tuple[int, int]) -> views.Seen:

@@ -278,5 +278,5 @@ def test_curated_eva_models_have_the_parameter_count_of_the_model_posenc_builds(
     with torch.device("meta"):
         model = build_model(config)
     assert model.num_params() == entry.num_params
-    assert model.position_encoding == entry.family
+    assert model.mechanisms == entry.mechanisms
     assert (entry.accuracy is None) or name not in HEADLESS

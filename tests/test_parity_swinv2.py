@@ -234,7 +234,7 @@ def test_posenc_swinv2_checkpoint_round_trips_through_load(tmp_path):
     ref = perturb(build_model(cfg))
     ref.save_pretrained(tmp_path)
     loaded = load(str(tmp_path))
-    assert loaded.model.config == cfg and loaded.family == "cpb"
+    assert loaded.model.config == cfg and loaded.model.mechanisms == ("cpb",)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close(loaded.model(x), ref(x), **TOL)

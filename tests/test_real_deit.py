@@ -36,7 +36,7 @@ def reference(shared_data: Path) -> tuple[Path, dict, dict]:
 
 def test_real_deit_loads_as_timm_layout_with_checkpoint_preprocessing(deit):
     assert deit.layout == "timm"
-    assert deit.family == "learned"
+    assert deit.model.mechanisms == ("learned",)
     assert deit.num_params == 5_717_416
     assert deit.labels[0] == "tench" and len(deit.labels) == 1000
     assert deit.preprocess == Preprocess(input_size=(224, 224), interpolation="bicubic", crop_pct=0.9)

@@ -52,9 +52,10 @@ from hub_server import HubServer, patched_hub_client
 from posenc import views
 from posenc.hub import HubLoadError, load
 from posenc.labels import CIFAR10_LABELS
-from posenc.models import FAMILIES, ViTConfig, build_model
+from posenc.models import ViTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.registry import HUB_MODELS
+from posenc.train import PRESETS
 from posenc.app import QUEUE_OPTIONS, Catalog, Handlers, HubStatus, ModelCache, create_demo, launch_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -547,7 +548,7 @@ def test_concurrent_clients_get_no_errors_and_the_same_answers_as_alone(
     app_process, checkpoints: Path, tmp_path: Path
 ) -> None:
     """8 clients, 48 requests over 16 distinct ones (CI counts; the script runs 200 over 40)."""
-    sources = {f: source(checkpoints, f) for f in FAMILIES}
+    sources = {f: source(checkpoints, f) for f in PRESETS}
     requests = request_mix(sample_images(tmp_path / "images"), sources, LOAD_DISTINCT)
     assert len({r.endpoint for r in requests}) == 5 and len(set(requests)) == LOAD_DISTINCT
     result = run_load(app_process.url, requests, total=LOAD_REQUESTS, clients=LOAD_CLIENTS,
@@ -563,7 +564,7 @@ def test_memory_stays_flat_and_the_cache_evicts_least_recently_used(
     app_process, checkpoints: Path, tmp_path: Path
 ) -> None:
     """240 requests over 6 models with a cache of 3 (CI count; the script runs 1,000)."""
-    sources = [source(checkpoints, f) for f in FAMILIES]
+    sources = [source(checkpoints, f) for f in PRESETS]
     result = run_memory(app_process, sources, sample_images(tmp_path / "images"), total=MEMORY_REQUESTS,
                         cache_size=CACHE_SIZE, warmup=MEMORY_WARMUP, download_dir=tmp_path / "downloads")
     assert result["errors"] == 0, result["first_errors"]

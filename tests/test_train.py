@@ -20,8 +20,11 @@ from safetensors.torch import load_file
 from torch.utils.data.distributed import DistributedSampler
 
 from posenc import cli, train
-from posenc.models import ARCHITECTURES, FAMILIES, build_model
+from posenc.models import ARCHITECTURES, build_model
 
+#: The position mechanisms each CIFAR-10 preset builds.
+PRESET_MECHANISMS = {"none": (), "learned": ("learned",), "sincos": ("sincos",), "relative": ("rel_table",),
+                     "windowed": ("rel_table",), "rope": ("rope_axial",)}
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}  # ImageFolder sorts class names
 
 
@@ -40,7 +43,7 @@ def run_cli(*argv: str) -> int:
 def load_saved(folder: Path):
     """The model in a Hub-layout output folder, through the class its config.json names."""
     model_type = json.loads((folder / "config.json").read_text())["model_type"]
-    return ARCHITECTURES[model_type][1].from_pretrained(folder)
+    return ARCHITECTURES[model_type].model.from_pretrained(folder)
 
 
 def accuracy_of(model, data: train.ImageSet) -> float:
@@ -201,11 +204,11 @@ def test_shard_indices_match_distributed_sampler(size, world):
         assert train.shard_indices(order, rank, world).tolist() == [order[i].item() for i in sampler]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cifar_preset_encodes_its_family_at_a_shared_size(family):
+@pytest.mark.parametrize("family", train.PRESETS)
+def test_cifar_preset_encodes_its_position_at_a_shared_size(family):
     config = train.cifar_model(family)
     model = build_model(config)
-    assert model.position_encoding == family
+    assert model.mechanisms == PRESET_MECHANISMS[family]
     assert 700_000 <= model.num_params() <= 900_000
     assert config.labels == train.CIFAR10_LABELS and config.img_size == (32, 32) and config.patch_size == 4
     assert config.preprocess.input_size == (32, 32) and config.preprocess.crop_pct == 1.0
@@ -230,7 +233,7 @@ def test_cli_trains_on_an_image_folder_and_saves_a_loadable_model(image_folder, 
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
     assert any(r.getMessage().startswith("epoch 1/1 loss ") and " acc " in r.getMessage() for r in caplog.records)
     model = load_saved(out)
-    assert model.position_encoding == "rope" and model.config.labels == tuple(sorted(COLOURS))
+    assert model.mechanisms == ("rope_axial",) and model.config.labels == tuple(sorted(COLOURS))
     val = train.load_image_folder(image_folder / "val", (32, 32))
     metrics = json.loads((out / "metrics.json").read_text())
     assert accuracy_of(model, val) == pytest.approx(metrics["accuracy"])
@@ -245,7 +248,7 @@ def test_cli_trains_on_cifar_zip_subset(shared_data, tmp_path):
     model = load_saved(out)
     metrics = json.loads((out / "metrics.json").read_text())
     test = train.load_cifar_zip(shared_data / "cifar10-jpeg.zip", "test", limit=100)
-    assert model.position_encoding == "windowed" and model.config.labels == train.CIFAR10_LABELS
+    assert model.architecture == "swin" and model.config.labels == train.CIFAR10_LABELS
     assert metrics["train_images"] == 300 and metrics["test_images"] == 100
     assert accuracy_of(model, test) == pytest.approx(metrics["accuracy"])
 

@@ -29,7 +29,7 @@ def _seen(**fields) -> Seen:
             model.rope.freqs.mul_(torch.linspace(0.5, 1.5, 8))  # magnitudes differ per pair
         inspection = model.inspect(torch.randn(1, 3, *cfg.img_size))
     loaded = LoadedModel(model=model, preprocess=Preprocess(), labels=["a", "b", "c"], source="tiny", layout="posenc",
-                         family=model.position_encoding, num_params=model.num_params())
+                         num_params=model.num_params())
     photo = Image.new("RGB", (cfg.img_size[1], cfg.img_size[0]), (0, 0, 0))
     return Seen("tiny", loaded, photo, cfg.img_size, inspection)
 

@@ -104,16 +104,16 @@ MUTANTS = (
     # conversion
     Mutant("q/k/v fused in the wrong order", "posenc/convert.py",
            'for name in ("query", "key", "value")}', 'for name in ("key", "query", "value")}', CONV),
-    Mutant("norm1/norm2 swapped", "posenc/convert.py",
+    Mutant("norm1/norm2 swapped", "posenc/models/declare.py",
            r'(r"\.layernorm_before\.", ".norm1."),', r'(r"\.layernorm_before\.", ".norm2."),', CONV),
-    Mutant("Swin merging not moved to the next stage", "posenc/convert.py",
+    Mutant("Swin merging not moved to the next stage", "posenc/models/declare.py",
            'f"layers.{int(m[1]) + 1}.downsample."', 'f"layers.{int(m[1])}.downsample."', CONV),
-    Mutant("pos_embed resampled with the prefix rows", "posenc/convert.py",
-           "prefix = 0 if config.no_embed_class else config.num_prefix_tokens",
-           "prefix = 0", CONV),
+    Mutant("pos_embed resampled with the prefix rows", "posenc/models/vit.py",
+           "resample_pos_embed(out, config.grid, 0 if config.no_embed_class else config.num_prefix_tokens)",
+           "resample_pos_embed(out, config.grid, 0)", CONV),
     Mutant("shape check skipped", "posenc/convert.py",
            "if k in state_dict and state_dict[k].shape != v.shape", "if k in state_dict and False", CONV),
-    Mutant("BEiT shared table not copied", "posenc/convert.py",
+    Mutant("BEiT shared table not copied", "posenc/models/vit.py",
            'out.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared)', "pass", CONV),
 )
 

@@ -26,7 +26,7 @@ from typing import Any
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
-from posenc import views
+from posenc import mechanisms, views
 from posenc.hub import HubLoadError, LoadedModel, is_safe_source
 from posenc.registry import ModelEntry, bundled_models
 
@@ -201,7 +201,7 @@ class Catalog:
     ) -> Catalog:
         """List the bundled models found in ``checkpoints_dir``, the extra folders and the registry."""
         local = tuple(
-            ModelEntry(Path(p).name, str(Path(p).resolve()), "", "", None, None, "")
+            ModelEntry(Path(p).name, str(Path(p).resolve()), "", (), None, None, "")
             for p in extra_models
             if Path(p).is_dir()
         )
@@ -296,11 +296,12 @@ class Catalog:
 
     @staticmethod
     def label(item: Listed, unavailable: bool = False, note: str = "") -> str:
-        """"cifar10-rope · rope · 0.8M · CIFAR-10 71.3% · bundled" (shortened to stay readable in a dropdown)."""
+        """"cifar10-rope · 2D axial rotary embedding (RoPE) · 0.8M · CIFAR-10 71.3% · bundled": the mechanisms by
+        their titles."""
         entry = item.entry
         parts = [entry.name]
-        if entry.family:
-            parts.append(entry.family)
+        if entry.mechanisms:
+            parts.append(mechanisms.describe(entry.mechanisms))
         if entry.num_params:
             parts.append(f"{entry.num_params / 1e6:.1f}M")
         if entry.accuracy is not None:
@@ -315,8 +316,9 @@ class Catalog:
         return first[0] if first else None
 
     def second(self, first: str | None) -> str | None:
-        """Another model for the Compare tab (a relative-bias one when bundled)."""
-        ordered = sorted(self.listed, key=lambda item: item.entry.family not in ("windowed", "relative"))
+        """Another model for the Compare tab (one with a relative mechanism when there is one)."""
+        ordered = sorted(self.listed, key=lambda item: not any(
+            m.kind == "relative" for m in mechanisms.of(item.entry.mechanisms)))
         return next((item.key for item in ordered if item.key != first), first)
 
     def uncached_hub(self) -> list[str]:

@@ -111,3 +111,8 @@ def of(names: tuple[str, ...]) -> tuple[Mechanism, ...]:
 def describe(names: tuple[str, ...]) -> str:
     """"learned absolute embedding + 2D axial RoPE", or "no position encoding"."""
     return " + ".join(m.title for m in of(names)) or "no position encoding"
+
+
+def card_position(names: tuple[str, ...]) -> str:
+    """A model card's sentence on position: the title and description of every mechanism in ``names``."""
+    return " ".join(f"{m.title}: {m.description}" for m in of(names)) or "none; the encoder is permutation-equivariant."

@@ -1,63 +1,74 @@
-"""posenc's models: a ViT with pluggable position encoding, a Swin with windowed relative bias, and Swin V2."""
+"""posenc's models, one module per architecture, each ending with its :class:`~posenc.models.declare.Architecture`.
+
+The declarations of the modules in :data:`MODULES` are collected into :data:`ARCHITECTURES` (by posenc
+``model_type``), :data:`TIMM_PRESETS` (by timm architecture name) and :data:`TRANSFORMERS_TYPES` (by transformers
+``model_type``); the converters and the registry read these tables and name no architecture.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
 from typing import Any
 
-from posenc.models import convit, eva, levit, naflexvit, sam, swin, swin_v2, tiny_vit, vit
 from posenc.models.convit import ConViT, ConViTConfig
+from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.naflexvit import NaFlexViT, NaFlexViTConfig
-from posenc.models.layers import FAMILIES, BlockTrace, Inspection, PosencModel
+from posenc.models.layers import BlockTrace, Inspection, PosencModel
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
 
-#: config ``model_type`` -> (config class, model class)
-ARCHITECTURES: dict[str, tuple[type, type[PosencModel]]] = {
-    "posenc_vit": (ViTConfig, VisionTransformer),
-    "posenc_swin": (SwinConfig, SwinTransformer),
-    "posenc_sam": (SamConfig, SamViT),
-    "posenc_convit": (ConViTConfig, ConViT),
-    "posenc_eva": (EvaConfig, Eva),
-    "posenc_swinv2": (SwinV2Config, SwinTransformerV2),
-    "posenc_levit": (LeViTConfig, LeViT),
-    "posenc_tiny_vit": (TinyViTConfig, TinyViT),
-    "posenc_naflexvit": (NaFlexViTConfig, NaFlexViT),
-}
+#: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "naflexvit")
 
-#: timm architecture name -> (config class, the config fields its registration fixes). Each model module keeps
-#: its own ``TIMM_PRESETS`` table; a new module adds one line here.
-TIMM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
-    **{name: (ViTConfig, args) for name, args in vit.TIMM_PRESETS.items()},
-    **{name: (SwinConfig, args) for name, args in swin.TIMM_PRESETS.items()},
-    **{name: (SamConfig, args) for name, args in sam.TIMM_PRESETS.items()},
-    **{name: (ConViTConfig, args) for name, args in convit.TIMM_PRESETS.items()},
-    **{name: (EvaConfig, args) for name, args in eva.TIMM_PRESETS.items()},
-    **{name: (SwinV2Config, args) for name, args in swin_v2.TIMM_PRESETS.items()},
-    **{name: (LeViTConfig, args) for name, args in levit.TIMM_PRESETS.items()},
-    **{name: (TinyViTConfig, args) for name, args in tiny_vit.TIMM_PRESETS.items()},
-    **{name: (NaFlexViTConfig, args) for name, args in naflexvit.TIMM_PRESETS.items()},
-}
+
+def _collect() -> dict[str, Architecture]:
+    found: dict[str, Architecture] = {}
+    for module in MODULES:
+        declared = importlib.import_module(f"{__name__}.{module}").ARCHITECTURE
+        if declared.model_type in found:
+            raise ValueError(f"model_type {declared.model_type!r} is declared twice")
+        found[declared.model_type] = declared
+    return found
+
+
+def _by_name(table: str) -> dict[str, tuple[Architecture, Any]]:
+    found: dict[str, tuple[Architecture, Any]] = {}
+    for arch in ARCHITECTURES.values():
+        for name, value in getattr(arch, table).items():
+            if name in found:
+                raise ValueError(f"{name!r} is declared by both {found[name][0].model_type} and {arch.model_type}")
+            found[name] = (arch, value)
+    return found
+
+
+#: posenc config ``model_type`` -> its declaration, in :data:`MODULES` order.
+ARCHITECTURES: dict[str, Architecture] = _collect()
+#: timm architecture name -> (the declaration that rebuilds it, the config fields its registration fixes).
+TIMM_PRESETS: dict[str, tuple[Architecture, Mapping[str, Any]]] = _by_name("timm_presets")
+#: transformers ``model_type`` -> (the declaration that loads it, how).
+TRANSFORMERS_TYPES: dict[str, tuple[Architecture, TransformersType]] = _by_name("transformers")
 
 
 def build_model(config: Any) -> PosencModel:
     """A freshly initialised model from a config object or a ``config.json`` dict (dispatch on ``model_type``)."""
     if not isinstance(config, dict):
-        return ARCHITECTURES[config.model_type][1](config)
+        return ARCHITECTURES[config.model_type].model(config)
     model_type = config.get("model_type", "posenc_vit")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown posenc model_type {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
-    config_cls, model_cls = ARCHITECTURES[model_type]
-    return model_cls(config_cls.from_dict(config))
+    arch = ARCHITECTURES[model_type]
+    return arch.model(arch.config.from_dict(config))
 
 
 __all__ = [
     "ARCHITECTURES",
-    "FAMILIES",
+    "Architecture",
     "BlockTrace",
     "ConViT",
     "ConViTConfig",
@@ -75,7 +86,10 @@ __all__ = [
     "SwinTransformer",
     "SwinTransformerV2",
     "SwinV2Config",
+    "MODULES",
     "TIMM_PRESETS",
+    "TRANSFORMERS_TYPES",
+    "TransformersType",
     "TinyViT",
     "TinyViTConfig",
     "ViTConfig",

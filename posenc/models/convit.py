@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from posenc.attention import Attention
 from posenc.encodings import Size2, gpsa_offsets, resample_abs_pos_embed, to_2tuple
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -88,10 +89,6 @@ class ConViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 1
-
-    @property
-    def position_encoding(self) -> str:
-        return "gpsa"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -201,10 +198,6 @@ class ConViT(PosencModel):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
     def absolute_embedding(self, grid: Size2) -> Tensor | None:
         """(1, h*w, C) learned embedding resampled to a patch grid, or None without one."""
         if self.pos_embed is None:
@@ -258,3 +251,6 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "convit_small": {"embed_dim": 48, "num_heads": 9, "local_up_to_layer": 10, "img_size": 224},
     "convit_base": {"embed_dim": 48, "num_heads": 16, "local_up_to_layer": 10, "img_size": 224},
 }
+
+
+ARCHITECTURE = Architecture(model_type="posenc_convit", config=ConViTConfig, model=ConViT, timm_presets=TIMM_PRESETS)

@@ -34,6 +34,15 @@ from posenc.encodings import (
     rope_mixed_angles,
     to_2tuple,
 )
+from posenc.models.declare import (
+    Architecture,
+    StateDict,
+    TransformersType,
+    UnsupportedModelError,
+    encoder_fields,
+    qkv_rule,
+    resample_pos_embed,
+)
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -125,13 +134,6 @@ class EvaConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
-
-    @property
-    def position_encoding(self) -> str:
-        """The family name: rope when RoPE is used, else learned or none."""
-        if self.use_rot_pos_emb:
-            return "rope"
-        return "learned" if self.use_abs_pos_emb else "none"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -295,10 +297,6 @@ class Eva(PosencModel):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
 
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
     def _fixed_rope(self, grid: Size2, device: torch.device | None = None) -> Tensor:
         """(h*w, head_dim/2) angles of the fixed (axial or DINOv3) RoPE for a grid."""
         cfg = self.config
@@ -453,3 +451,67 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "vit_large_patch16_dinov3": {**_DINOV3, **_L, "qkv_bias": False},
     "vit_large_patch16_dinov3_qkvb": {**_DINOV3, **_L, "qkv_bias": True},
 }
+
+
+
+def _dinov3_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> EvaConfig:
+    """DINOv3 as a backbone: cls + register tokens, centred RoPE, post-norm, cls pooling, no classifier."""
+    for flag in ("use_gated_mlp",):
+        if config.get(flag):
+            raise UnsupportedModelError(f"DINOv3 with {flag}=True is not supported; pick a DINOv3 ViT-S/B/L")
+    if not (config.get("mlp_bias", True) and config.get("proj_bias", True)):
+        raise UnsupportedModelError("DINOv3 without MLP or output projection biases is not supported")
+    biases = (config.get("query_bias", True), config.get("key_bias", False), config.get("value_bias", True))
+    if biases[1] and not all(biases) or biases[0] != biases[2]:
+        raise UnsupportedModelError(f"DINOv3 with query/key/value biases {biases} is not supported")
+    scale = config.get("layerscale_value", 1.0)
+    return EvaConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-5),
+           "qkv_bias": bool(biases[0])},
+        **encoder_fields(config),
+        attn_type="rope" if biases[1] else "eva",  # "rope": one bias for q, k and v; "eva": no key bias
+        init_values=scale,
+        num_reg_tokens=config.get("num_register_tokens", 0),
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=config.get("rope_theta", 100.0),
+        rope_rotate_half=True,
+        global_pool="token",
+        use_fc_norm=False,
+    )
+
+
+def _fit_positions(state_dict: StateDict, config: EvaConfig) -> StateDict:
+    """A learned embedding of another grid resampled to the config's (its prefix rows kept apart)."""
+    return resample_pos_embed(state_dict, config.grid, 0 if config.no_embed_class else config.num_prefix_tokens)
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_eva",
+    config=EvaConfig,
+    model=Eva,
+    timm_presets=TIMM_PRESETS,
+    # EVA-02 B/L keep separate q/k/v projections (no key bias): renamed here, fused into qkv on load
+    timm_rules=(qkv_rule(r"\.attn\.(q|k|v)_proj\.", ".attn."),),
+    transformers={
+        "dinov3_vit": TransformersType(
+            ("DINOv3ViTModel", "DINOv3ViTBackbone"),  # headless: model(x) is the normed cls token
+            _dinov3_from_transformers,
+            (
+                (r"^embeddings\.cls_token$", "cls_token"),
+                (r"^embeddings\.register_tokens$", "reg_token"),
+                (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+                (r"^embeddings\.mask_token$", "mask_token"),  # pre-training only: dropped
+                (r"^(model\.)?layer\.(\d+)\.", r"blocks.\2."),
+                qkv_rule(r"\.attention\.(q|k|v)_proj\.", ".attn."),
+                (r"\.attention\.o_proj\.", ".attn.proj."),
+                (r"\.layer_scale([12])\.lambda1$", r".gamma_\1"),
+                (r"\.mlp\.up_proj\.", ".mlp.fc1."),
+                (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+            ),
+        ),
+    },
+    derived=("periods", "mask_token", "k_bias"),  # DINOv3's RoPE periods are recomputed from the config
+    fit_positions=_fit_positions,
+)

@@ -16,9 +16,6 @@ from torch import Tensor, nn
 
 from posenc.encodings import Size2
 
-#: Position-encoding families, as named in configs, the registry and the app.
-FAMILIES = ("none", "learned", "sincos", "relative", "windowed", "rope")
-
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a strided conv, then an optional LayerNorm.
@@ -329,11 +326,11 @@ CARD_TEMPLATE = """---
 
 # {{ title }}
 
-A posenc **{{ family }}** model: {{ description }}
+A posenc **{{ architecture }}** model. Position: {{ position }}
 
 | | |
 |---|---|
-| position encoding | {{ family }} |
+| position mechanisms | {{ mechanisms }} |
 | architecture | {{ architecture }} |
 | parameters | {{ params }} |
 | input size | {{ input_size }} |
@@ -352,20 +349,6 @@ print(loaded.predict("photo.jpg", top_k=5))
 Inspect the position tensors with `loaded.model.inspect(pixels)`; see the posenc README.
 """
 
-DESCRIPTIONS = {
-    "none": "no position information at all; the encoder is permutation-equivariant over patches.",
-    "learned": "a learned absolute embedding added to the patch tokens.",
-    "sincos": "a fixed 2D sin-cos absolute embedding (MAE convention).",
-    "relative": "a BEiT-style learned relative position bias over the whole patch grid, with cls entries.",
-    "windowed": "a Swin-style learned relative position bias inside (shifted) local windows.",
-    "rope": "2D axial rotary position embedding applied to queries and keys.",
-    "decomposed": "a learned absolute embedding plus a decomposed relative bias that depends on the query's content "
-    "(SAM, ViTDet): q.R_h[row offset] + q.R_w[column offset].",
-    "offset": "a learned attention bias per head and absolute offset (|dy|, |dx|) between query and key (LeViT, TinyViT).",
-    "gpsa": "gated positional self-attention: each head mixes attention by offset with content attention (ConViT).",
-}
-
-
 class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeline_tag="image-classification",
                   tags=["vision", "position-encoding"], model_card_template=CARD_TEMPLATE):
     """Hub save/load for posenc models: ``config.json`` + ``model.safetensors`` + a generated model card.
@@ -374,10 +357,6 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
     """
 
     architecture: ClassVar[str] = ""
-
-    @property
-    def position_encoding(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -425,12 +404,16 @@ class PosencModel(nn.Module, PyTorchModelHubMixin, library_name="posenc", pipeli
         return sum(p.numel() for p in self.parameters())
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """A model card naming the position encoding; ``training=`` adds the recipe and measured accuracy."""
-        family = self.position_encoding
+        """A model card naming the position mechanisms; ``training=`` adds the recipe and measured accuracy.
+
+        ``position=`` is the sentence describing them (one layer up, :func:`posenc.mechanisms.card_position` gives
+        their titles and descriptions); without it the card names the mechanisms only.
+        """
+        names = " + ".join(self.mechanisms) or "none"
         card_kwargs = {
-            "title": kwargs.pop("title", f"posenc {self.architecture} ({family})"),
-            "family": family,
-            "description": DESCRIPTIONS.get(family, ""),
+            "title": kwargs.pop("title", f"posenc {self.architecture} ({names})"),
+            "position": kwargs.pop("position", f"{names}."),
+            "mechanisms": ", ".join(self.mechanisms) or "none (permutation-equivariant over patches)",
             "architecture": self.architecture,
             "params": f"{self.num_params():,}",
             "input_size": "x".join(str(s) for s in self.config.img_size),

@@ -18,14 +18,16 @@ index. Sizes must be multiples of the stem's stride (16, or 8 for the ``_s8`` st
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, resample_abs_pos_embed, to_2tuple
+from posenc.models.declare import Architecture, Rule, TransformersType, UnsupportedModelError
 from posenc.models.layers import BlockTrace, Inspection, PosencModel, config_from_dict, normalise_config
 from posenc.preprocess import Preprocess
 
@@ -90,10 +92,6 @@ class LeViTConfig:
     def grid(self) -> Size2:
         """(h, w) token grid of stage 0 at ``img_size``."""
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-    @property
-    def position_encoding(self) -> str:
-        return "offset"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -343,10 +341,6 @@ class LeViT(PosencModel):
             self.head_dist = None
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         """Attention blocks listed by :meth:`inspect` (the subsampling attentions between stages are not)."""
         return sum(self.config.depth)
@@ -418,3 +412,70 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "levit_256d": _preset((256, 384, 512), 32, (4, 6, 8), (4, 8, 6), act_layer="silu", distilled=False),
     "levit_512d": _preset((512, 640, 768), 64, (8, 10, 12), (4, 8, 6), act_layer="silu", distilled=False),
 }
+
+
+
+def _levit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> LeViTConfig:
+    stem = (config.get("kernel_size", 3), config.get("stride", 2), config.get("padding", 1), config.get("patch_size", 16))
+    if stem != (3, 2, 1, 16):
+        raise UnsupportedModelError(f"LeViT stem (kernel, stride, padding, patch) {stem} is not supported; posenc "
+                                    "rebuilds the 16-pixel stem of four 3x3 stride-2 convolutions")  # fmt: skip
+    keep = ("img_size", "in_chans", "num_classes", "labels")
+    pp = common["preprocess"]
+    if pp.crop_mode == "center":  # LevitImageProcessor resizes the shorter side to int(256 / 224 * shortest_edge)
+        shortest = round(pp.input_size[0] / pp.crop_pct)
+        pp = replace(pp, crop_pct=pp.input_size[0] / int(256 / 224 * shortest))
+    return LeViTConfig(
+        preprocess=pp,
+        embed_dim=tuple(config["hidden_sizes"]),
+        key_dim=tuple(config["key_dim"]),
+        depth=tuple(config["depths"]),
+        num_heads=tuple(config["num_attention_heads"]),
+        attn_ratio=tuple(float(r) for r in config["attention_ratio"]),
+        mlp_ratio=tuple(float(r) for r in config["mlp_ratio"]),
+        distilled="LevitForImageClassificationWithTeacher" in (config.get("architectures") or []),
+        **{k: common[k] for k in keep},
+    )
+
+
+def _levit_transformers_rules(config: LeViTConfig) -> list[Rule]:
+    """transformers LeViT keys to timm's: stage s's layers 2j and 2j+1 are block j's attention and MLP, layer
+    2*depth (the subsampling attention) and 2*depth+1 (its MLP) start stage s + 1 in timm."""
+
+    def layer(m: re.Match) -> str:
+        s, i = int(m[1]), int(m[2])
+        d = config.depth[s]
+        if i < 2 * d:
+            return f"stages.{s}.blocks.{i // 2}.{'mlp' if i % 2 else 'attn'}."
+        return f"stages.{s + 1}.downsample.{'mlp' if i > 2 * d else 'attn_downsample'}."
+
+    return [
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.convolution\.", r"stem.conv\1.linear."),
+        (r"^levit\.patch_embeddings\.embedding_layer_(\d)\.batch_norm\.", r"stem.conv\1.bn."),
+        (r"^levit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(module\.)?", layer),
+        (r"\.queries_keys_values\.", ".qkv."),
+        (r"\.keys_values\.", ".kv."),
+        (r"\.queries\.", ".q.ln."),
+        (r"\.projection\.", ".proj.ln."),
+        (r"\.linear_up\.", ".ln1."),
+        (r"\.linear_down\.", ".ln2."),
+        (r"^classifier_distill\.", "head_dist."),
+        (r"^classifier\.", "head."),
+        (r"\.batch_norm\.", ".bn."),
+    ]
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_levit",
+    config=LeViTConfig,
+    model=LeViT,
+    timm_presets=TIMM_PRESETS,
+    transformers={
+        "levit": TransformersType(
+            ("LevitForImageClassification", "LevitForImageClassificationWithTeacher"),
+            _levit_from_transformers,
+            _levit_transformers_rules,  # the layer numbering depends on the stage depths
+        ),
+    },
+    derived=("attention_bias_idxs",),  # the offset index is rebuilt for the grid in use
+)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, to_2tuple
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     Inspection,
@@ -111,11 +112,6 @@ class NaFlexViTConfig:
     def prefix_names(self) -> tuple[str, ...]:
         """A name per prefix token, in token order: "cls", "reg0", ..."""
         return ("cls",) * self.class_token + tuple(f"reg{i}" for i in range(self.reg_tokens))
-
-    @property
-    def position_encoding(self) -> str:
-        """The main mechanism's name: learned, factorized or none."""
-        return self.pos_embed
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -263,10 +259,6 @@ class NaFlexViT(PosencModel):
             class_token=config.class_token, global_pool="token" if config.class_token else "avg", num_classes=0,
         )  # fmt: skip
 
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
     def position_embedding(self, grid: Size2) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The embedding added at a patch grid, and the tables it came from (for factorised tables).
 
@@ -369,5 +361,11 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "naflexvit_huge_patch16_radio_v4": dict(embed_dim=1280, depth=32, num_heads=16, reg_tokens=9, **_RADIO),
 }  # fmt: skip
 
-#: Key rules from timm's layout: none, the names are timm's.
-TIMM_RULES: list[tuple[str, str]] = []
+# timm's names are posenc's: no key rule. The stored tables are used as they are at any grid (resampled per image in
+# the forward pass, as timm does), so nothing is fitted on load either.
+ARCHITECTURE = Architecture(
+    model_type="posenc_naflexvit",
+    config=NaFlexViTConfig,
+    model=NaFlexViT,
+    timm_presets=TIMM_PRESETS,
+)

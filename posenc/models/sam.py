@@ -38,6 +38,14 @@ from posenc.encodings import (
     window_partition,
     window_reverse,
 )
+from posenc.models.declare import (
+    TIMM_RULES,
+    Architecture,
+    StateDict,
+    TransformersType,
+    UnsupportedModelError,
+    qkv_rule,
+)
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -114,10 +122,6 @@ class SamConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 0
-
-    @property
-    def position_encoding(self) -> str:
-        return "decomposed" if self.use_rel_pos else ("learned" if self.use_abs_pos else "none")
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -288,10 +292,6 @@ class SamViT(PosencModel):
                 if table is not None:
                     nn.init.trunc_normal_(table, std=0.02)
 
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
     def absolute_embedding(self, grid: Size2) -> Tensor | None:
         """(1, h, w, C) absolute embedding for a patch grid (resampled bicubically), or None."""
         if self.pos_embed is None:
@@ -367,3 +367,61 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
         **_SAM, "embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11), "img_size": 224,
         "use_abs_pos": False, "neck_chans": None, "num_classes": 1000},
 }  # fmt: skip
+
+
+def _vitdet_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SamConfig:
+    """ViTDet's backbone: SAM's encoder without a neck, its embedding learned at ``pretrain_image_size``."""
+    if config.get("residual_block_indices"):
+        raise UnsupportedModelError(
+            f"ViTDet with residual conv blocks {config['residual_block_indices']} is not supported; pick one without")
+    windowed = set(config.get("window_block_indices") or ())
+    depth = config["num_hidden_layers"]
+    hidden = config["hidden_size"]
+    return SamConfig(
+        **{**common, "num_classes": 0, "labels": None, "norm_eps": config.get("layer_norm_eps", 1e-6)},
+        embed_dim=hidden,
+        depth=depth,
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=config.get("mlp_ratio", 4),
+        use_abs_pos=config.get("use_absolute_position_embeddings", True),
+        use_rel_pos=config.get("use_relative_position_embeddings", False),
+        window_size=config.get("window_size", 0) if windowed else 0,
+        global_attn_indexes=tuple(i for i in range(depth) if i not in windowed),
+        pretrain_img_size=config.get("pretrain_image_size", 224),
+        pos_embed_antialias=False,
+        neck=False,
+    )
+
+
+def _fit_positions(state_dict: StateDict, config: SamConfig) -> StateDict:
+    """A flat (1, P + h*w, C) ``pos_embed`` (ViTDet keeps an unused cls row first) as SAM's (1, h, w, C)."""
+    out = dict(state_dict)
+    pos = state_dict.get("pos_embed")
+    h, w = config.pos_embed_grid
+    if pos is not None and pos.ndim == 3 and pos.shape[1] >= h * w:
+        out["pos_embed"] = pos[:, pos.shape[1] - h * w :].reshape(1, h, w, pos.shape[-1])  # 1, h, w, C
+    return out
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_sam",
+    config=SamConfig,
+    model=SamViT,
+    timm_presets=TIMM_PRESETS,
+    timm_rules=TIMM_RULES,
+    transformers={
+        "vitdet": TransformersType(
+            ("VitDetBackbone", "VitDetModel"),  # headless backbones (the builder sets num_classes = 0)
+            _vitdet_from_transformers,
+            (
+                (r"^embeddings\.projection\.", "patch_embed.proj."),
+                (r"^embeddings\.position_embeddings$", "pos_embed"),  # (1, 1 + h*w, C): reshaped by _fit_positions
+                (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+                qkv_rule(r"\.attention\.(q|k|v)_proj\.", ".attn."),
+                (r"\.attention\.(o_proj|proj)\.", ".attn.proj."),
+                (r"\.attention\.", ".attn."),
+            ),
+        ),
+    },
+    fit_positions=_fit_positions,
+)

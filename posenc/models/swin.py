@@ -12,6 +12,7 @@ grid is no larger than the window uses the whole grid as its window and does not
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,15 @@ from posenc.encodings import (
     to_2tuple,
     window_partition,
     window_reverse,
+)
+from posenc.models.declare import (
+    TIMM_RULES,
+    TRANSFORMERS_RULES,
+    Architecture,
+    StateDict,
+    TransformersType,
+    UnsupportedModelError,
+    fit_relative_tables,
 )
 from posenc.models.layers import (
     BlockTrace,
@@ -88,10 +98,6 @@ class SwinConfig:
     @property
     def grid(self) -> Size2:
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-    @property
-    def position_encoding(self) -> str:
-        return "windowed"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -318,10 +324,6 @@ class SwinTransformer(WindowedStages, PosencModel):
         self.head = nn.Linear(self.num_features, config.num_classes)
         self.apply(init_weights)
 
-    @property
-    def position_encoding(self) -> str:
-        return "windowed"
-
 
 
 # ------------------------------------------------------------------------------------------- timm presets
@@ -343,3 +345,41 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "swin_large_patch4_window12_384": {**SWIN_L, "window_size": 12, "img_size": 384},
 }
 
+
+
+def _swin_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SwinConfig:
+    if config.get("use_absolute_embeddings"):
+        raise UnsupportedModelError("Swin with absolute position embeddings is not supported")
+    return SwinConfig(
+        embed_dim=config["embed_dim"],
+        depths=tuple(config["depths"]),
+        num_heads=tuple(config["num_heads"]),
+        window_size=config.get("window_size", 7),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        **{**common, "norm_eps": config.get("layer_norm_eps", 1e-5)},
+    )
+
+
+def _fit_positions(state_dict: StateDict, config: SwinConfig) -> StateDict:
+    """Every stage's relative tables resized to that stage's window (which shrinks to a smaller stage grid)."""
+    windows = [window for _, window, _ in config.stage_geometry()]
+
+    def window_of(key: str) -> Size2 | None:
+        stage = re.match(r"layers\.(\d+)\.", key)
+        return windows[int(stage[1])] if stage is not None and int(stage[1]) < len(windows) else None
+
+    return fit_relative_tables(state_dict, window_of, cls_token=False)
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_swin",
+    config=SwinConfig,
+    model=SwinTransformer,
+    timm_presets=TIMM_PRESETS,
+    timm_rules=TIMM_RULES,
+    transformers={
+        "swin": TransformersType(("SwinForImageClassification",), _swin_from_transformers, TRANSFORMERS_RULES),
+    },
+    derived=("relative_position_index", "attn_mask", "mask_token"),
+    fit_positions=_fit_positions,
+)

@@ -43,6 +43,14 @@ from posenc.encodings import (
     window_partition,
     window_reverse,
 )
+from posenc.models.declare import (
+    TIMM_RULES,
+    TRANSFORMERS_NEXT_LAYOUT,
+    TRANSFORMERS_RULES,
+    Architecture,
+    TransformersType,
+    UnsupportedModelError,
+)
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -125,10 +133,6 @@ class SwinV2Config:
     @property
     def grid(self) -> Size2:
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-    @property
-    def position_encoding(self) -> str:
-        return "cpb"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -379,10 +383,6 @@ class SwinTransformerV2(WindowedStages, PosencModel):
         self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
         self.apply(init_weights)
 
-    @property
-    def position_encoding(self) -> str:
-        return "cpb"
-
     def _check_input(self, x: Tensor) -> None:
         self.patch_embed.grid(tuple(x.shape[-2:]))  # a size the patch does not divide: its own message
         self.config.check_size(tuple(x.shape[-2:]))
@@ -429,3 +429,40 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "swinv2_cr_giant_224": {**_CR, **_CR_G, "window_size": 7, "img_size": 224},
     "swinv2_cr_giant_384": {**_CR, **_CR_G, "window_size": 12, "img_size": 384},
 }
+
+
+def _swinv2_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> SwinV2Config:
+    if config.get("use_absolute_embeddings"):
+        raise UnsupportedModelError("Swin V2 with absolute position embeddings is not supported")
+    depths = tuple(config["depths"])
+    return SwinV2Config(
+        embed_dim=config["embed_dim"],
+        depths=depths,
+        num_heads=tuple(config["num_heads"]),
+        window_size=config.get("window_size", 7),
+        pretrained_window_sizes=tuple(config.get("pretrained_window_sizes") or (0,) * len(depths)),
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        **{**common, "norm_eps": config.get("layer_norm_eps", 1e-5), "qkv_bias": "qv" if common["qkv_bias"] else False},
+    )
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_swinv2",
+    config=SwinV2Config,
+    model=SwinTransformerV2,
+    timm_presets=TIMM_PRESETS,
+    # swinv2_cr spells the stages and the bias MLP differently from swinv2
+    timm_rules=(*TIMM_RULES, (r"^stages\.", "layers."), (r"\.attn\.meta_mlp\.fc1\.", ".attn.cpb_mlp.0."),
+                (r"\.attn\.meta_mlp\.fc2\.", ".attn.cpb_mlp.2.")),
+    transformers={
+        "swinv2": TransformersType(("Swinv2ForImageClassification",), _swinv2_from_transformers, (
+            (r"^swinv2\.", ""),
+            *TRANSFORMERS_NEXT_LAYOUT,
+            (r"\.attention\.(?:self\.)?continuous_position_bias_mlp\.", ".attn.cpb_mlp."),
+            (r"\.attention\.(?:self\.)?logit_scale$", ".attn.logit_scale"),
+            *TRANSFORMERS_RULES,
+        )),
+    },
+    # coordinate tables and indices are rebuilt for the window in use
+    derived=("relative_position_index", "attn_mask", "mask_token", "relative_coords_table", "relative_coordinates_log"),
+)  # fmt: skip

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, to_2tuple, window_partition, window_reverse
+from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
     DropPath,
@@ -76,10 +77,6 @@ class TinyViTConfig:
     def grid(self) -> Size2:
         """(h, w) token grid after the stem at ``img_size``."""
         return (-(-self.img_size[0] // 4), -(-self.img_size[1] // 4))
-
-    @property
-    def position_encoding(self) -> str:
-        return "offset"
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -290,10 +287,6 @@ class TinyViT(PosencModel):
         self.head = ClassifierHead(config.embed_dims[-1], config.num_classes)
 
     @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
-
-    @property
     def num_blocks(self) -> int:
         """Attention blocks listed by :meth:`inspect` (stage 0's MBConv blocks have no attention)."""
         return sum(self.config.depths[1:])
@@ -358,3 +351,12 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny_vit_21m_512": dict(embed_dims=(96, 192, 384, 576), depths=_DEPTHS, num_heads=(3, 6, 12, 18),
                              window_sizes=(16, 16, 32, 16), img_size=512),
 }
+
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_tiny_vit",
+    config=TinyViTConfig,
+    model=TinyViT,
+    timm_presets=TIMM_PRESETS,
+    derived=("attention_bias_idxs",),  # the offset index is rebuilt from the window
+)

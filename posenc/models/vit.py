@@ -21,6 +21,18 @@ from torch import Tensor, nn
 
 from posenc.attention import Attention, AttentionTrace
 from posenc.encodings import Size2, resample_abs_pos_embed, rope_2d_angles, sincos_2d, to_2tuple
+from posenc.models.declare import (
+    TIMM_RULES,
+    TRANSFORMERS_NEXT_LAYOUT,
+    TRANSFORMERS_RULES,
+    Architecture,
+    StateDict,
+    TransformersType,
+    UnsupportedModelError,
+    encoder_fields,
+    fit_relative_tables,
+    resample_pos_embed,
+)
 from posenc.models.layers import (
     ACTIVATIONS,
     BlockTrace,
@@ -114,15 +126,6 @@ class ViTConfig:
         """A name per prefix token, in token order: "cls", "dist", "reg0", ..."""
         names = ("cls",) * self.class_token + ("dist",) * self.distilled
         return names + tuple(f"reg{i}" for i in range(self.reg_tokens))
-
-    @property
-    def position_encoding(self) -> str:
-        """The family name: none, learned, sincos, relative or rope."""
-        if self.rel_pos_bias:
-            return "relative"
-        if self.rope:
-            return "rope"
-        return self.pos_embed
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -246,10 +249,6 @@ class VisionTransformer(PosencModel):
         for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
-
-    @property
-    def position_encoding(self) -> str:
-        return self.config.position_encoding
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
@@ -541,3 +540,171 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
         16, 832, 21, 13, 448, **_GAP, mlp_ratio=34 / 13, init_values=1e-05, qkv_bias=False, reg_tokens=1
     ),
 }
+
+
+# ------------------------------------------------------------------------------------------- transformers configs
+
+
+def _vit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    return ViTConfig(**common, **encoder_fields(config))
+
+
+def _deit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    return ViTConfig(**common, **encoder_fields(config), distilled=True)
+
+
+def _beit_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    scale = config.get("layer_scale_init_value", 0.1)
+    return ViTConfig(
+        **{**common, "qkv_bias": "qv"},
+        **encoder_fields(config),
+        pos_embed="learned" if config.get("use_absolute_position_embeddings") else "none",
+        rel_pos_bias=bool(config.get("use_relative_position_bias") or config.get("use_shared_relative_position_bias")),
+        global_pool="avg" if config.get("use_mean_pooling", True) else "token",
+        init_values=scale if scale and scale > 0 else None,
+    )
+
+
+def _dinov2_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    """DINOv2 (with or without registers): layer scale; the classifier reads the cls token and the patch mean.
+
+    The base model returns the normed cls token. transformers resamples the embedding bicubically, with
+    antialiasing only for the version with registers.
+    """
+    if config.get("use_swiglu_ffn"):
+        raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (giant) is not supported")
+    registers = int(config.get("num_register_tokens", 0)) if config.get("model_type") == "dinov2_with_registers" else 0
+    scale = config.get("layerscale_value", 1.0)
+    return ViTConfig(
+        **common,
+        **{**encoder_fields(config), "mlp_ratio": float(config.get("mlp_ratio", 4))},
+        init_values=scale,
+        reg_tokens=registers,
+        no_embed_class=registers > 0,  # the cls position is folded into cls_token (see _fix_transformers_layout)
+        global_pool="token_avg" if common["num_classes"] else "token",
+        fc_norm=False,
+        pos_embed_antialias=registers > 0,
+    )
+
+
+def _ijepa_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    """I-JEPA: no cls token, the classifier averages every token after the final norm."""
+    return ViTConfig(**common, **encoder_fields(config), class_token=False, global_pool="avg", fc_norm=False,
+                     pos_embed_antialias=False)
+
+
+def _vit_msn_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    """ViT-MSN: a ViT whose classifier reads the cls token."""
+    return ViTConfig(**common, **encoder_fields(config), pos_embed_antialias=False)
+
+
+def _siglip_from_transformers(config: dict[str, Any], common: dict[str, Any]) -> ViTConfig:
+    """SigLIP's vision tower as a classifier: no cls token, tanh GELU, the mean of every token after the final norm."""
+    vision = config.get("vision_config") or {}
+    acts = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+    act = vision.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in acts:
+        raise UnsupportedModelError(f"SigLIP activation {act!r} is not supported; posenc supports {sorted(acts)}")
+    size = vision.get("image_size", 224)
+    return ViTConfig(
+        **{**common, "img_size": size, "patch_size": vision.get("patch_size", 16),
+           "in_chans": vision.get("num_channels", 3), "norm_eps": vision.get("layer_norm_eps", 1e-6)},
+        **encoder_fields({"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, **vision}),
+        act_layer=acts[act], class_token=False, global_pool="avg", fc_norm=False, pos_embed_antialias=False,
+    )  # fmt: skip
+
+
+def _fix_transformers_layout(state_dict: StateDict, config: ViTConfig) -> StateDict:
+    """Bring tensors whose layout differs from timm's to it (shapes only; values and results unchanged).
+
+    * ``pos_embed`` stored as an embedding table (N, C) (SigLIP) becomes (1, N, C).
+    * A ``pos_embed`` with a cls row for a model whose registers carry no position (transformers'
+      DINOv2 with registers adds the cls position, then inserts the registers): the cls row is folded into
+      ``cls_token``, as timm stores it, since the cls row is never resampled.
+    """
+    out = dict(state_dict)
+    pos = out.get("pos_embed")
+    if pos is None:
+        return out
+    if pos.ndim == 2:
+        out["pos_embed"] = pos = pos[None]  # 1, N, C
+    patches = config.grid[0] * config.grid[1]
+    cls = out.get("cls_token")
+    if config.no_embed_class and config.class_token and cls is not None and pos.shape[1] == patches + 1:
+        out["cls_token"] = cls + pos[:, :1]  # 1, 1, C
+        out["pos_embed"] = pos[:, 1:]  # 1, h*w, C
+    return out
+
+
+def _fit_positions(state_dict: StateDict, config: ViTConfig) -> StateDict:
+    """BEiT's shared relative table copied into every block, tables resized to the grid, ``pos_embed`` resampled.
+
+    A shared table for a config without relative bias is left in place, so the state-dict check reports it.
+    """
+    out = dict(state_dict)
+    shared = out.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None and config.rel_pos_bias:
+        for i in range(config.depth):
+            out.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared)
+    elif shared is not None:
+        out["rel_pos_bias.relative_position_bias_table"] = shared
+    out = fit_relative_tables(out, lambda key: config.grid, config.class_token)
+    return resample_pos_embed(out, config.grid, 0 if config.no_embed_class else config.num_prefix_tokens)
+
+
+def _use_rel_pos_bias(value: Any, model_args: Any) -> dict[str, Any]:
+    """timm BEiT's ``use_rel_pos_bias`` / ``use_shared_rel_pos_bias``: either gives every block a table."""
+    return {"rel_pos_bias": bool(model_args.get("use_rel_pos_bias", True) or model_args.get("use_shared_rel_pos_bias"))}
+
+
+def _hf(architectures: tuple[str, ...], build: Any, rules: Any, headless: tuple[str, ...] = ()) -> TransformersType:
+    return TransformersType(architectures, build, rules, headless, fix_layout=_fix_transformers_layout)
+
+
+_LAYER_SCALE = (r"\.layer_scale([12])\.lambda1$", r".ls\1.gamma")
+
+ARCHITECTURE = Architecture(
+    model_type="posenc_vit",
+    config=ViTConfig,
+    model=VisionTransformer,
+    timm_presets=TIMM_PRESETS,
+    timm_rules=TIMM_RULES,
+    timm_args={
+        "use_abs_pos_emb": lambda value, model_args: {"pos_embed": "learned" if value else "none"},
+        "use_rel_pos_bias": _use_rel_pos_bias,
+        "use_shared_rel_pos_bias": _use_rel_pos_bias,
+    },
+    transformers={
+        "vit": _hf(("ViTForImageClassification",), _vit_from_transformers, TRANSFORMERS_RULES),
+        "deit": _hf(("DeiTForImageClassificationWithTeacher",), _deit_from_transformers, TRANSFORMERS_RULES),
+        "beit": _hf(("BeitForImageClassification",), _beit_from_transformers, TRANSFORMERS_RULES),
+        "dinov2": _hf(
+            ("Dinov2ForImageClassification", "Dinov2Model"), _dinov2_from_transformers,
+            ((r"^dinov2\.", ""), _LAYER_SCALE, *TRANSFORMERS_RULES), headless=("Dinov2Model",),
+        ),
+        "dinov2_with_registers": _hf(
+            ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersModel"), _dinov2_from_transformers,
+            ((r"^dinov2_with_registers\.", ""), (r"^embeddings\.register_tokens$", "reg_token"), _LAYER_SCALE,
+             *TRANSFORMERS_RULES),
+            headless=("Dinov2WithRegistersModel",),
+        ),
+        "ijepa": _hf(("IJepaForImageClassification",), _ijepa_from_transformers,
+                     ((r"^ijepa\.layers\.", "blocks."), (r"^ijepa\.", ""), *TRANSFORMERS_RULES)),
+        "vit_msn": _hf(("ViTMSNForImageClassification",), _vit_msn_from_transformers,
+                       ((r"^vit\.layers\.", "blocks."), *TRANSFORMERS_RULES)),
+        "siglip": _hf(("SiglipForImageClassification",), _siglip_from_transformers, (
+            (r"^vision_model\.head\.", "unused_map_head."),  # the classifier averages tokens; its MAP head is unused
+            (r"^vision_model\.embeddings\.patch_embedding\.", "patch_embed.proj."),
+            (r"^vision_model\.embeddings\.position_embedding\.weight$", "pos_embed"),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.", r"blocks.\1."),
+            (r"\.layer_norm([12])\.", r".norm\1."),
+            (r"^vision_model\.post_layernorm\.", "norm."),
+            *TRANSFORMERS_RULES,
+        )),
+        # BEiT's architecture under another name
+        "data2vec-vision": _hf(("Data2VecVisionForImageClassification",), _beit_from_transformers,
+                               ((r"^data2vec_vision\.", ""), *TRANSFORMERS_NEXT_LAYOUT, *TRANSFORMERS_RULES)),
+    },
+    derived=("relative_position_index", "k_bias", "mask_token"),  # BEiT's key bias is zero; mask tokens pre-train
+    fit_positions=_fit_positions,
+)  # fmt: skip

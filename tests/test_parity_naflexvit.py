@@ -138,7 +138,7 @@ def test_aspect_view_shows_the_crop_of_the_square_grid_only_when_aspect_preservi
     assert np.allclose(here, top_left, atol=1e-5) is crop
     assert view.arrays["similarity_to_square"].shape == (6, 6)
     assert bool(np.isclose(view.arrays["similarity_to_square"][5, 2], 1.0, atol=1e-5)) is crop
-    assert view.image.width > view.image.height
+    assert view.image.height > view.image.width  # two rows: the pair, then the similarity (fits the app column)
 
 
 def test_rows_columns_view_draws_the_factorised_tables(tmp_path):

@@ -33,14 +33,18 @@ def _tensor(seen: Seen, key: str, what: str) -> torch.Tensor:
     return value.detach().float().cpu()
 
 
-def _side_by_side(images: list[Image.Image], gap: int = 12) -> Image.Image:
-    """Images in one row on white, tops aligned."""
-    width = sum(im.width for im in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, max(im.height for im in images)), (255, 255, 255))
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width + gap
+def _arrange(rows: list[list[Image.Image]], gap: int = 12) -> Image.Image:
+    """Rows of images on white, each row centred, tops aligned within a row."""
+    widths = [sum(im.width for im in row) + gap * (len(row) - 1) for row in rows]
+    heights = [max(im.height for im in row) for row in rows]
+    out = Image.new("RGB", (max(widths), sum(heights) + gap * (len(rows) - 1)), (255, 255, 255))
+    y = 0
+    for row, width, height in zip(rows, widths, heights):
+        x = (out.width - width) // 2
+        for im in row:
+            out.paste(im, (x, y))
+            x += im.width + gap
+        y += height + gap
     return out
 
 
@@ -48,7 +52,7 @@ def square_vs_aspect(seen: Seen, block: int, patch: Patch) -> View:
     """The embedding for the square grid of the longer side beside the one as added at this aspect ratio.
 
     Both are coloured by the same three principal components (fitted to both at once), so equal colours mean equal
-    embeddings; the third panel is the clicked patch's embedding compared with every entry of the square one.
+    embeddings; below, the clicked patch's embedding compared with every entry of the square one.
     """
     if seen.inspection.pos_embed is None:
         raise ViewUnavailable(f"{seen.name} ran without a position embedding; pick a NaFlexViT model")
@@ -68,7 +72,7 @@ def square_vs_aspect(seen: Seen, block: int, patch: Patch) -> View:
         viz.overlay(None, sims, vmax=1.0, title=f"patch {patch} vs the square grid",
                     colorbar_label="cosine similarity", min_side=px, max_side=px),
     ]  # fmt: skip
-    return View(_side_by_side(panels), {
+    return View(_arrange([panels[:2], panels[2:]]), {
         "pos_embed_square": square.numpy(), "pos_embed": here.numpy(), "pca_rgb_square": rgb_square,
         "pca_rgb": rgb_here, "similarity_to_square": sims,
     })  # fmt: skip
@@ -97,7 +101,7 @@ _SUM_HELP = (
 )
 _ASPECT_HELP = (
     "NaFlex resamples its position table for each image's own grid. Left: the embedding for the square grid of "
-    "the longer side; middle: as added at this input's grid, coloured by the same principal components; right: the "
+    "the longer side; right: as added at this input's grid, coloured by the same principal components; below: the "
     "clicked patch's embedding against every entry of the square one. A plain resize squeezes the square table to "
     "the aspect ratio; an aspect-preserving one (timm's *par* models, RADIO) keeps its top-left part."
 )

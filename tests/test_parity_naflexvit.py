@@ -162,3 +162,24 @@ def test_naflexvit_options_posenc_does_not_build_are_refused_by_name(arg):
     key = next(iter(arg))
     with pytest.raises(UnsupportedModelError, match=rf"naflexvit_base_patch16_gap.*{key}"):
         config_from_timm({"architecture": "naflexvit_base_patch16_gap.e300_s576_in1k", "model_args": arg})
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "factorized"])
+def test_naflexvit_folder_measurement_runs_at_a_non_square_size(tmp_path, pos_embed):
+    import math
+
+    from posenc import measure
+    from posenc.preprocess import Preprocess
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    config = NaFlexViTConfig(**{**TINY, "reg_tokens": 1, "global_pool": "avg", "pos_embed": pos_embed},
+                             preprocess=Preprocess(input_size=(32, 32), crop_pct=1.0))
+    torch.manual_seed(0)
+    build_model(config).save_pretrained(tmp_path / "model")
+    loaded = posenc.load(str(tmp_path / "model"))
+    record = measure.measure_folder(loaded, sorted(images.iterdir()), batch=2, sizes=[(32, 48)], seeds=(0,)).to_json()
+    measured = [v for heads in record["mean_attention_distance"] for v in heads if v is not None]
+    assert record["images"] == 4 and measured and all(0 < v < 48 * math.sqrt(2) for v in measured)

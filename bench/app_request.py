@@ -5,29 +5,39 @@ preprocess the image, one inspection forward pass, every view the Explore tab dr
 and the PNG files it hands Gradio (also the user's downloads). Each stage is timed on its own in the
 order the handler runs them, and the whole handler call is timed as the request.
 
-Models: the bundled CIFAR-10 checkpoints in ``checkpoints/`` (or, while there are none, freshly built
-models of the same presets saved with ``save_pretrained``: timing does not depend on the weights) and
-the real DeiT-Tiny at 224 from ``../shared/data``.
+Two sets of models:
+
+* the bundled CIFAR-10 checkpoints in ``checkpoints/`` (or, while there are none, freshly built models of the
+  same presets saved with ``save_pretrained``: timing does not depend on the weights) and the real DeiT-Tiny at
+  224 from ``../shared/data``;
+* one curated model of every architecture the app serves (:data:`ARCHITECTURE_MODELS`), each built by timm with
+  random weights of the real size and saved in the timm Hub layout, so it loads, converts and preprocesses as the
+  Hub checkpoint does, and runs at the app's default size for it. Its views are timed one by one.
 
     python -m bench.app_request                     # writes bench/results/app_request.json
     python -m bench.app_request --quick --out /tmp  # one iteration of each figure
+    python -m bench.app_request --families --deit none --architectures levit_128s sam_base --name app_request_more
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.models import save_for_hf
 
 from bench.common import ROOT, SHARED_DATA, parse_args, summary, time_call, write_result
-from posenc import views, viz
+from posenc import mechanisms, views, viz
 from posenc.hub import LoadedModel, load
 from posenc.models import build_model
 from posenc.preprocess import build_transform, load_image
@@ -43,7 +53,27 @@ IMAGE = ROOT / "assets" / "examples" / "airplane.png"  # the app's first example
 REQUEST_TARGET_MS = 150.0
 #: drawing every view may take at most this fraction of DeiT-Tiny's forward pass (the issue's target)
 VIEWS_TARGET = 0.5
-VIEW_STAGES = ("patch_picker", "predictions", "absolute_views", "relative_views", "rope_view", "attention_view")
+#: One curated model of every architecture the app serves: row name -> (timm name with the curated tag, the
+#: curated Hub repo it stands for). Built with random weights of the real size at the tag's input size.
+ARCHITECTURE_MODELS: dict[str, tuple[str, str]] = {
+    "deit_tiny": ("deit_tiny_patch16_224.fb_in1k", "timm/deit_tiny_patch16_224.fb_in1k"),
+    "clip_base": ("vit_base_patch16_clip_224.openai_ft_in1k", "timm/vit_base_patch16_clip_224.openai_ft_in1k"),
+    "dinov2_reg4_small": ("vit_small_patch14_reg4_dinov2.lvd142m", "timm/vit_small_patch14_reg4_dinov2.lvd142m"),
+    "beit_base": ("beit_base_patch16_224.in22k_ft_in22k_in1k", "timm/beit_base_patch16_224.in22k_ft_in22k_in1k"),
+    "swin_tiny": ("swin_tiny_patch4_window7_224.ms_in1k", "timm/swin_tiny_patch4_window7_224.ms_in1k"),
+    "swinv2_tiny": ("swinv2_tiny_window8_256.ms_in1k", "timm/swinv2_tiny_window8_256.ms_in1k"),
+    "sam_base": ("samvit_base_patch16.sa1b", "timm/samvit_base_patch16.sa1b"),
+    "convit_tiny": ("convit_tiny.fb_in1k", "timm/convit_tiny.fb_in1k"),
+    "eva02_tiny": ("eva02_tiny_patch14_224.mim_in22k", "timm/eva02_tiny_patch14_224.mim_in22k"),
+    "rope_mixed_small": ("vit_small_patch16_rope_mixed_224.naver_in1k", "timm/vit_small_patch16_rope_mixed_224.naver_in1k"),
+    "dinov3_small": ("vit_small_patch16_dinov3.lvd1689m", "timm/vit_small_patch16_dinov3.lvd1689m"),
+    "levit_128s": ("levit_128s.fb_dist_in1k", "timm/levit_128s.fb_dist_in1k"),
+    "tiny_vit_5m": ("tiny_vit_5m_224.in1k", "timm/tiny_vit_5m_224.in1k"),
+}  # fmt: skip
+#: a curated model's whole request must take less than this: 1 s for the ViT-S class and smaller, 2 s for the
+#: ViT-B class and SAM (models above :data:`LARGE_PARAMS` parameters)
+ARCHITECTURE_REQUEST_TARGET_MS = {"small": 1000.0, "large": 2000.0}
+LARGE_PARAMS = 50_000_000
 
 
 def stand_in_models(folder: Path, families: list[str]) -> dict[str, Path]:
@@ -69,37 +99,66 @@ def model_folders(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     return folders
 
 
+def architecture_folders(names: list[str], tmp: Path) -> dict[str, Path]:
+    """Each named model of :data:`ARCHITECTURE_MODELS`, built by timm with random weights, in the timm Hub layout."""
+    folders = {}
+    for name in names:
+        timm_name, _ = ARCHITECTURE_MODELS[name]
+        torch.manual_seed(0)
+        reference = timm.create_model(timm_name, pretrained=False)  # the tag's input size, classes and head
+        path = tmp / "architectures" / name
+        save_for_hf(reference, str(path), safe_serialization=True)
+        del reference
+        folders[name] = path
+    return folders
+
+
 def _no_progress(*_: Any, **__: Any) -> None:
     """Stands in for ``gr.Progress`` outside a Gradio event."""
 
 
-def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> dict[str, float]:
-    """One request's stages, in the handler's order, each timed on its own (seconds)."""
+def _timed(times: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    times[name] = time.perf_counter() - start
+    return out
+
+
+def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """One request's stages in the handler's order, each timed on its own, and each view's share (seconds).
+
+    The request runs at the app's default size for the model and draws what the Explore tab draws: the patch
+    picker, the top-5, every view of every mechanism the model uses (block 0, the default patch), the attention.
+
+    Returns:
+        stage -> seconds (``views`` is the sum of the views), and view -> seconds (``mechanism/view`` keys, plus
+        ``patch_picker``, ``predictions`` and ``attention``).
+    """
     times: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        out = fn()
-        times[name] = time.perf_counter() - start
-        return out
-
-    pixels = timed("preprocess", lambda: build_transform(loaded.preprocess)(load_image(image)))  # 3, h, w
+    drawing: dict[str, float] = {}
+    size = views.parse_size(None, loaded)  # what the app runs when no size is asked for
+    pp = replace(loaded.preprocess, input_size=size)
+    pixels = _timed(times, "preprocess", lambda: build_transform(pp)(load_image(image)))  # 3, h, w
     with torch.inference_mode():
-        timed("forward_inspect", lambda: loaded.model.inspect(pixels[None]))
-        timed("forward_fast", lambda: loaded.model(pixels[None]))  # not part of a request: the reference
-    seen = views.inspect_image(loaded, image)  # the request's own record (preprocess + forward, timed above)
+        _timed(times, "forward_inspect", lambda: loaded.model.inspect(pixels[None]))
+        _timed(times, "forward_fast", lambda: loaded.model(pixels[None]))  # not part of a request: the reference
+    seen = views.inspect_image(loaded, image, size)  # the request's own record (preprocess + forward, timed above)
     patch, block = views.default_patch(seen.grid), 0
-    timed("patch_picker", lambda: views.patch_picker(seen, patch))
-    timed("predictions", lambda: views.predictions(seen))
-    absolute, _ = timed("absolute_views", lambda: views.try_view(lambda: views.absolute_views(seen, patch)))
-    relative, _ = timed("relative_views", lambda: views.try_view(lambda: views.relative_views(seen, block, patch)))
-    rope, _ = timed("rope_view", lambda: views.try_view(lambda: views.rope_view(seen, patch)))
-    attention = timed("attention_view", lambda: views.attention_view(seen, block, patch))
-    drawn = [*(absolute or ()), *(relative or ()), rope, attention]
-    timed("export_npz", lambda: views.save_npz(export_dir / "request.npz", seen, patch, block, drawn))
-    images = [views.patch_picker(seen, patch)] + [v.image for v in drawn if v is not None]
-    timed("png_encode", lambda: [viz.save_png(img, export_dir / f"view{i}.png") for i, img in enumerate(images)])
-    return times
+    picker = _timed(drawing, "patch_picker", lambda: views.patch_picker(seen, patch))
+    _timed(drawing, "predictions", lambda: views.predictions(seen))
+    drawn = []
+    for mechanism in mechanisms.of(loaded.model.mechanisms):
+        for spec in mechanism.views:
+            view, _ = _timed(drawing, f"{mechanism.name}/{spec.key}",
+                             lambda: views.try_view(lambda: spec.draw(seen, block, patch)))  # fmt: skip
+            drawn.append(view)
+    attention = _timed(drawing, "attention", lambda: views.attention_view(seen, block, patch))
+    times["views"] = sum(drawing.values())
+    drawn.append(attention)
+    _timed(times, "export_npz", lambda: views.save_npz(export_dir / "request.npz", seen, patch, block, drawn))
+    images = [picker] + [v.image for v in drawn if v is not None]
+    _timed(times, "png_encode", lambda: [viz.save_png(img, export_dir / f"view{i}.png") for i, img in enumerate(images)])
+    return times, drawing
 
 
 def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, export_dir: Path) -> dict[str, Any]:
@@ -108,38 +167,46 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
     catalog = Catalog.build(folder.parent, (), [folder])
     cache = ModelCache(load, size=1)
     handlers = Handlers(cache=cache, catalog=catalog, hub=HubStatus(lambda: False))
-    loaded = cache.get(source)
 
     def request() -> None:  # the handler writes every view as PNG (its downloads) and hands Gradio the paths
         handlers.api.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
 
+    request()  # loads the model into the cache under its public name, as the app does (untimed)
+    loaded = cache.get(cache.sources()[-1])
+
     stages: dict[str, list[float]] = {}
+    drawing: dict[str, list[float]] = {}
     for _ in range(args.warmup):
         stage_timings(loaded, image, export_dir)
     started = time.perf_counter()
     while True:
-        for stage, seconds in stage_timings(loaded, image, export_dir).items():
+        times, per_view = stage_timings(loaded, image, export_dir)
+        for stage, seconds in times.items():
             stages.setdefault(stage, []).append(seconds)
+        for view, seconds in per_view.items():
+            drawing.setdefault(view, []).append(seconds)
         n = len(stages["preprocess"])
         if n >= args.repeats and time.perf_counter() - started >= args.min_seconds:
             break
     request_times = time_call(request, args.repeats, args.warmup, args.min_seconds)
     medians = {stage: statistics.median(t) * 1e3 for stage, t in stages.items()}
-    views_ms = sum(medians[s] for s in VIEW_STAGES)
     result = {
         "source": source,
         "mechanisms": list(loaded.model.mechanisms),
-        "input_size": list(loaded.preprocess.input_size),
+        "input_size": list(views.parse_size(None, loaded)),
+        "native_size": list(loaded.preprocess.input_size),
         "params": loaded.num_params,
+        "headless": loaded.headless,
         "stages": {stage: summary(t) for stage, t in stages.items()},
-        "views_ms": views_ms,
-        "views_over_forward_inspect": views_ms / medians["forward_inspect"],
-        "views_over_forward_fast": views_ms / medians["forward_fast"],
+        "views": {view: summary(t) for view, t in drawing.items()},
+        "views_ms": medians["views"],
+        "views_over_forward_inspect": medians["views"] / medians["forward_inspect"],
+        "views_over_forward_fast": medians["views"] / medians["forward_fast"],
         "request": summary(request_times),
     }
     logger.info(
         "%s: request %.1f ms (forward %.1f ms, views %.1f ms, png %.1f ms)",
-        name, result["request"]["median_ms"], medians["forward_inspect"], views_ms, medians["png_encode"],
+        name, result["request"]["median_ms"], medians["forward_inspect"], medians["views"], medians["png_encode"],
     )  # fmt: skip
     return result
 
@@ -148,31 +215,64 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="bundled checkpoints folder")
     parser.add_argument("--deit", type=Path, default=DEIT_TINY, help="DeiT-Tiny folder in timm Hub layout")
     parser.add_argument("--image", type=Path, default=IMAGE, help="the image of every request")
-    parser.add_argument("--families", nargs="+", choices=PRESETS, default=list(PRESETS),
+    parser.add_argument("--families", nargs="*", choices=PRESETS, default=list(PRESETS),
                         help="CIFAR-10 presets to time (bundled folder cifar10-<family>, else a stand-in)")  # fmt: skip
+    parser.add_argument("--architectures", nargs="*", choices=list(ARCHITECTURE_MODELS),
+                        default=list(ARCHITECTURE_MODELS),
+                        help="curated models to time, one per architecture (random weights of the real size)")  # fmt: skip
+    parser.add_argument("--name", default="app_request", help="result file name (bench/results/<name>.json)")
+
+
+def request_target_ms(params: int) -> float:
+    """The request budget of a curated model: :data:`ARCHITECTURE_REQUEST_TARGET_MS` by its size class."""
+    return ARCHITECTURE_REQUEST_TARGET_MS["large" if params > LARGE_PARAMS else "small"]
+
+
+def write(args: argparse.Namespace, models: dict[str, Any], architectures: dict[str, Any]) -> None:
+    """Write the result file with the models measured so far."""
+    cifar_requests = {n: m["request"]["median_ms"] for n, m in models.items() if n.startswith("cifar10-")}
+    deit = models.get("deit_tiny_224")
+    write_result(args.out, args.name, args, {
+        "method": "stages timed one by one in the handler's order; 'request' is Handlers.analyse with the model "
+                  "cached, which writes every view as PNG; medians over repeated requests; 'architectures': one "
+                  "curated model per architecture, built by timm with random weights (pretrained=False) and saved "
+                  "in the timm Hub layout, at the app's default size",
+        "image": str(args.image.relative_to(ROOT) if args.image.is_relative_to(ROOT) else args.image),
+        "targets": {"request_ms": REQUEST_TARGET_MS, "views_over_forward": VIEWS_TARGET,
+                    "architecture_request_ms": ARCHITECTURE_REQUEST_TARGET_MS, "large_params": LARGE_PARAMS},
+        "met": {
+            "request_under_target": {n: ms < REQUEST_TARGET_MS for n, ms in cifar_requests.items()},
+            "views_over_forward": None if deit is None else deit["views_over_forward_inspect"] <= VIEWS_TARGET,
+            "architecture_request_under_target": {n: a["request_met"] for n, a in architectures.items()},
+            "architecture_views_over_forward": {n: a["views_met"] for n, a in architectures.items()},
+        },
+        "models": models,
+        "architectures": architectures,
+    })  # fmt: skip
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], repeats=10, warmup=2, min_seconds=20.0, extra=_options)
+    if not args.name.startswith("app_request"):
+        raise SystemExit("--name must start with 'app_request' (the report finds it so)")
+    models: dict[str, Any] = {}
+    architectures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="posenc-bench-") as tmp:
         tmp = Path(tmp)
-        models: dict[str, Any] = {}
         for name, folder in sorted(model_folders(args, tmp).items()):  # the CIFAR-10 models, then DeiT-Tiny
             bundled = name.startswith("cifar10-") and not folder.is_relative_to(tmp)  # stand-ins are written to tmp
             models[name] = {"bundled": bundled, **bench_model(name, folder, args.image, args, tmp)}
-    cifar_requests = {n: m["request"]["median_ms"] for n, m in models.items() if n.startswith("cifar10-")}
-    deit = models.get("deit_tiny_224")
-    write_result(args.out, "app_request", args, {
-        "method": "stages timed one by one in the handler's order; 'request' is Handlers.analyse with the model "
-                  "cached, which writes every view as PNG; medians over repeated requests",
-        "image": str(args.image.relative_to(ROOT) if args.image.is_relative_to(ROOT) else args.image),
-        "targets": {"request_ms": REQUEST_TARGET_MS, "views_over_forward": VIEWS_TARGET},
-        "met": {
-            "request_under_target": {n: ms < REQUEST_TARGET_MS for n, ms in cifar_requests.items()},
-            "views_over_forward": None if deit is None else deit["views_over_forward_inspect"] <= VIEWS_TARGET,
-        },
-        "models": models,
-    })  # fmt: skip
+        for name in args.architectures:  # one at a time: the folder is written, timed and deleted
+            folder = architecture_folders([name], tmp)[name]
+            row = bench_model(name, folder, args.image, args, tmp)
+            timm_name, curated = ARCHITECTURE_MODELS[name]
+            target = request_target_ms(row["params"])
+            architectures[name] = {"timm_name": timm_name, "stands_for": curated, **row, "request_target_ms": target,
+                                   "request_met": row["request"]["median_ms"] < target,
+                                   "views_met": row["views_over_forward_inspect"] <= VIEWS_TARGET}  # fmt: skip
+            shutil.rmtree(folder)
+            write(args, models, architectures)  # after every model, so a long session keeps what it has measured
+    write(args, models, architectures)
 
 
 if __name__ == "__main__":

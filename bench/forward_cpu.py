@@ -11,8 +11,12 @@ Two controls say how far a ratio can be trusted:
 - **Kernels**: the aten operators each forward pass calls, counted with ``torch.profiler``. When posenc calls
   exactly timm's operators the same number of times, a ratio within the A/A noise is a tie.
 
+On a shared machine one run can land in a busy minute; ``--runs N`` repeats every figure N times (the models
+taking turns) and reports the run with the median ratio, with every run's ratio, A/A and load average beside it.
+
     python -m bench.forward_cpu                     # writes bench/results/forward_cpu.json
     python -m bench.forward_cpu --quick --out /tmp  # one iteration of each figure
+    python -m bench.forward_cpu --models eva02_tiny levit_128s --runs 3 --name forward_cpu_eva_levit
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 from collections import Counter
 from typing import Any
 
@@ -29,24 +34,35 @@ import torch
 from bench.common import parse_args, ratio, summary, time_pairs, write_result
 from posenc.convert import check_state_dict, convert_state_dict
 from posenc.models import (
+    CaiTConfig,
+    CoaTConfig,
     EvaConfig,
     LeViTConfig,
+    MViTv2Config,
     NaFlexViTConfig,
     PosencModel,
     SamConfig,
     SwinConfig,
     SwinV2Config,
+    TwinsConfig,
     ViTConfig,
+    XCiTConfig,
     build_model,
+    cait,
+    coat,
+    twins,
     vit,
 )
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
+from posenc.models.xcit import TIMM_PRESETS as XCIT_PRESETS
+from posenc.models.mvitv2 import TIMM_PRESETS as MVITV2_PRESETS
 from posenc.models.naflexvit import TIMM_PRESETS as NAFLEX_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
-MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | NaFlexViTConfig]] = {
+MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig
+                         | MViTv2Config | CaiTConfig | NaFlexViTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -72,6 +88,14 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "eva02_tiny": ("eva02_tiny_patch14_224", EvaConfig(**EVA_PRESETS["eva02_tiny_patch14_224"], num_classes=0)),
     "dinov3_small": ("vit_small_patch16_dinov3", EvaConfig(**EVA_PRESETS["vit_small_patch16_dinov3"], num_classes=0)),
     "levit_128s": ("levit_128s", LeViTConfig()),  # attention bias by absolute offset; timm caches the gathered bias
+    # convolutional position: Twins' PEG (windowed and sub-sampled attention), CoaT's CPE and CRPE (factorised)
+    "twins_svt_small": ("twins_svt_small", TwinsConfig(**twins.TIMM_PRESETS["twins_svt_small"])),
+    "coat_tiny": ("coat_tiny", CoaTConfig(**coat.TIMM_PRESETS["coat_tiny"])),
+    "xcit_nano": ("xcit_nano_12_p16_224", XCiTConfig(**XCIT_PRESETS["xcit_nano_12_p16_224"])),  # Fourier embedding
+    # pooling attention with the decomposed bias on the pooled key grid (56x56 queries over 14x14 keys in stage 0)
+    "mvitv2_tiny": ("mvitv2_tiny", MViTv2Config(**MVITV2_PRESETS["mvitv2_tiny"])),
+    "cait_xxs24": ("cait_xxs24_224", CaiTConfig(**cait.TIMM_PRESETS["cait_xxs24_224"])),  # talking heads, class attention
+    "vit_small_18x2": ("vit_small_patch16_18x2_224", ViTConfig(**vit.TIMM_PRESETS["vit_small_patch16_18x2_224"])),
     # NaFlexViT on a plain image at 224 px: its 16x16 aspect-preserving table is resampled to 14x14 in every forward
     "naflexvit_par_base": ("naflexvit_base_patch16_par_gap",
                            NaFlexViTConfig(**NAFLEX_PRESETS["naflexvit_base_patch16_par_gap"], img_size=224)),
@@ -114,9 +138,9 @@ def kernel_counts(model: torch.nn.Module, x: torch.Tensor) -> Counter[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x)
     skip = ("view", "reshape", "as_strided", "transpose", "permute", "unsqueeze", "squeeze", "expand", "t",
-            "select", "slice", "split", "unbind", "flatten", "empty", "empty_like", "empty_strided", "detach",
-            "alias", "_unsafe_view", "contiguous", "lift", "resolve_conj", "resolve_neg",
-            "dropout", "to")  # eval-mode dropout returns its input; a real conversion shows as _to_copy
+            "select", "slice", "split", "chunk", "narrow", "unbind", "flatten", "empty", "empty_like",
+            "empty_strided", "detach", "alias", "_unsafe_view", "contiguous", "lift", "resolve_conj", "resolve_neg",
+            "dropout", "to", "type_as")  # eval-mode dropout returns its input; a real conversion shows as _to_copy
     counts: Counter[str] = Counter()
     for event in prof.events():
         name = event.name
@@ -150,6 +174,7 @@ def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: arg
             target = TARGETS.get(batch)
             rows["forward"].append({
                 "batch": batch,
+                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 "posenc": summary(t_posenc),
                 "timm": summary(t_timm),
                 "ratio": r,
@@ -177,23 +202,55 @@ def bench_model(name: str, batch_sizes: list[int], inspect_batch: int, args: arg
     return rows
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's figures from several runs: per batch, the row of the run with the median ratio, plus every run.
+
+    Each forward row gains ``runs``: the pair-median ratio, the A/A ratio, the load average and the kernel check
+    of every run, in the order they ran.
+    """
+    out = {**runs[0], "forward": [], "inspect": sorted(
+        (r["inspect"] for r in runs), key=lambda i: i["ratio"]["pair_median"])[len(runs) // 2]}
+    for rows in zip(*(r["forward"] for r in runs)):
+        chosen = sorted(rows, key=lambda row: row["ratio"]["pair_median"])[len(rows) // 2]
+        each = [{"ratio": row["ratio"]["pair_median"], "control": row["control_timm_timm"]["pair_median"],
+                 "load_average_1min": row["load_average_1min"], "same_kernels": row["same_kernels"]} for row in rows]
+        out["forward"].append({**chosen, "runs": each})
+    return out
+
+
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="what to time")
+    parser.add_argument("--runs", type=int, default=1, help="repeat every figure this many times (report the median)")
+    parser.add_argument("--name", default="forward_cpu", help="result file name (bench/results/<name>.json)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batches of the timm comparison")
     parser.add_argument("--inspect-batch", type=int, default=1, help="batch of the inspection figure (the app's)")
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], repeats=20, warmup=3, min_seconds=40.0, extra=_options)
-    models = {name: bench_model(name, args.batch_sizes, args.inspect_batch, args) for name in args.models}
-    write_result(args.out, "forward_cpu", args, {
+def write_runs(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], done: int) -> None:
+    """Write the result file with the ``done`` runs measured so far."""
+    models = {name: median_run(figures) for name, figures in runs.items()}
+    write_result(args.out, args.name, args, {
         "method": "interleaved pairs (posenc, timm alternate which runs first), torch.inference_mode, random input; "
                   "a target is met when the median of the per-pair ratios is at most the target; "
                   "control_timm_timm times timm against an identical copy the same way (the noise floor); "
-                  "same_kernels compares the aten operators each forward calls (torch.profiler)",
+                  "same_kernels compares the aten operators each forward calls (torch.profiler); "
+                  "with several runs, each row is the run with the median ratio and 'runs' lists them all",
+        "runs": done,
         "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
         "models": models,
     })  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], repeats=20, warmup=3, min_seconds=40.0, extra=_options)
+    if args.runs < 1 or not args.name.startswith("forward_cpu"):
+        raise SystemExit("--runs must be at least 1 and --name start with 'forward_cpu' (the report finds it so)")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.models}
+    for run in range(args.runs):  # the models take turns, so a busy minute does not fall on one model's every run
+        for name in args.models:
+            logger.info("run %d of %d: %s", run + 1, args.runs, name)
+            runs[name].append(bench_model(name, args.batch_sizes, args.inspect_batch, args))
+        write_runs(args, runs, run + 1)  # after every run, so a long session keeps what it has measured
 
 
 if __name__ == "__main__":

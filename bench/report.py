@@ -18,7 +18,6 @@ from typing import Any
 from bench.common import RESULTS
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-VIEW_STAGES = ("patch_picker", "predictions", "absolute_views", "relative_views", "rope_view", "attention_view")
 
 
 def _ms(value: float | None) -> str:
@@ -62,9 +61,19 @@ def _ratio_short(r: dict[str, Any]) -> str:
     return f"{r['pair_median']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def _runs(row: dict[str, Any]) -> str:
+    """Every run's posenc / timm ratio with its A/A ratio and the 1-minute load average, in the order they ran."""
+    return "; ".join(f"{r['ratio']:.3f} (A/A {r['control']:.3f}, load {r['load_average_1min']:.1f})"
+                     for r in row["runs"])  # fmt: skip
+
+
 def forward_cpu(record: dict[str, Any]) -> list[str]:
+    runs = record.get("runs", 1)
+    title = "Forward latency on the CPU: posenc fast path vs timm"
+    if record["benchmark"] != "forward_cpu":
+        title += f" ({', '.join(record['models'])}; `--name {record['benchmark']}`)"
     lines = [
-        *_section("Forward latency on the CPU: posenc fast path vs timm", record),
+        *_section(title, record),
         "Ratios are medians of per-pair ratios with their 95 % interval. **A/A** times timm against an identical "
         "copy of itself the same way: the noise floor of the moment. **Same kernels**: each forward calls the same "
         "aten operators the same number of times (torch.profiler).",
@@ -72,6 +81,9 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
         "| model | batch | posenc ms | timm ms | posenc / timm | A/A: timm / timm | same kernels | target | met |",
         "|---|---:|---:|---:|---|---|---|---:|---|",
     ]
+    if runs > 1:
+        lines[-4] += (f" {runs} runs, the models taking turns; each row is the run with the median ratio, and the "
+                      "table below it lists every run.")
     for name, m in record["models"].items():
         for row in m["forward"]:
             posenc, timm = _ms(row["posenc"]["median_ms"]), _ms(row["timm"]["median_ms"])
@@ -91,15 +103,29 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
         i = m["inspect"]
         inspect, fast = _ms(i["inspect"]["median_ms"]), _ms(i["fast"]["median_ms"])
         lines.append(f"| {name} | {i['batch']} | {inspect} | {fast} | {_ratio_short(i['ratio'])} |")
+    if runs > 1:
+        lines += ["", "| model | batch | every run: posenc / timm (A/A, 1-minute load average) |", "|---|---:|---|"]
+        lines += [f"| {name} | {row['batch']} | {_runs(row)} |" for name, m in record["models"].items()
+                  for row in m["forward"]]  # fmt: skip
     return lines
 
 
+def _slowest_views(m: dict[str, Any], count: int = 2) -> str:
+    """The ``count`` most expensive views of a model row, with their medians in ms."""
+    ranked = sorted(m["views"].items(), key=lambda kv: -kv[1]["median_ms"])[:count]
+    return ", ".join(f"{k} {_ms(v['median_ms'])}" for k, v in ranked)
+
+
 def app_request(record: dict[str, Any]) -> list[str]:
-    lines = [
-        *_section("End-to-end app request (Explore tab, model cached)", record),
-        "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    title = "End-to-end app request (Explore tab, model cached)"
+    if record["benchmark"] != "app_request":
+        title += f" (`--name {record['benchmark']}`)"
+    lines = _section(title, record)
+    if record["models"]:
+        lines += [
+            "| model | input | preprocess | forward (inspect) | views | npz | PNG encode | request ms | views / forward |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for name, m in record["models"].items():
         s = {k: v["median_ms"] for k, v in m["stages"].items()}
         label = name if m["bundled"] or name.startswith("deit") else f"{name} (stand-in)"
@@ -111,10 +137,35 @@ def app_request(record: dict[str, Any]) -> list[str]:
         lines.append(f"| {' | '.join(cells)} |")
     deit = record["models"].get("deit_tiny_224")
     if deit is not None:
-        per_view = ", ".join(f"{v} {_ms(deit['stages'][v]['median_ms'])}" for v in VIEW_STAGES)
+        per_view = ", ".join(f"{v} {_ms(t['median_ms'])}" for v, t in deit["views"].items())
         fast = _ms(deit["stages"]["forward_fast"]["median_ms"])
         lines += ["", f"DeiT-Tiny views (ms): {per_view}; fast-path forward {fast} ms "
                       f"(views / fast forward {deit['views_over_forward_fast']:.2f})."]
+    architectures = record.get("architectures")
+    if architectures:
+        lines += [""] if record["models"] else []
+        lines += [
+            "One curated model of every architecture, built by timm with random weights of the real size "
+            "(`pretrained=False`), loaded from the timm Hub layout and run at the app's default size; block 0, "
+            "the default patch. Budget: 1 s for the ViT-S class and smaller, 2 s for the ViT-B class and SAM.",
+            "",
+            "| model | stands for | mechanisms | parameters | input | forward (inspect) | views | PNG encode | "
+            "request ms | budget | views / forward | costliest views (ms) |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, m in architectures.items():
+            s = {k: v["median_ms"] for k, v in m["stages"].items()}
+            request = f"{_ms(m['request']['median_ms'])}" + ("" if m["request_met"] else " **(over)**")
+            ratio = f"{m['views_over_forward_inspect']:.2f}" + ("" if m["views_met"] else " **(over)**")
+            size = "x".join(map(str, m["input_size"]))
+            if m["input_size"] != m["native_size"]:
+                size += f" (native {'x'.join(map(str, m['native_size']))})"
+            cells = [
+                name, f"`{m['stands_for']}`", " + ".join(m["mechanisms"]) or "none", f"{m['params'] / 1e6:.1f}M",
+                size, _ms(s["forward_inspect"]), _ms(m["views_ms"]), _ms(s["png_encode"]), request,
+                f"{m['request_target_ms'] / 1000:.0f} s", ratio, _slowest_views(m),
+            ]  # fmt: skip
+            lines.append(f"| {' | '.join(cells)} |")
     return lines
 
 
@@ -160,8 +211,8 @@ def gpu(record: dict[str, Any]) -> list[str]:
 def targets(records: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's speed targets against the figures that decide them (the worst case where there are several)."""
     rows = []
-    forward = records.get("forward_cpu")
-    if forward is not None:
+    for forward in (r for name, r in records.items() if name.startswith("forward_cpu")):
+        which = "" if forward["benchmark"] == "forward_cpu" else f" (`{forward['benchmark']}`)"
         for key, goal in forward["targets"].items():
             batch = int(key.split("_")[1])
             found = [(row["ratio"]["pair_median"], name, row) for name, m in forward["models"].items()
@@ -171,8 +222,10 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
                 control = row.get("control_timm_timm")
                 noise = f"; A/A {control['pair_median']:.3f}" if control else ""
                 kernels = "; same kernels" if row.get("same_kernels") else ""
-                rows.append((f"posenc / timm forward, batch {batch}", f"<= {goal}",
+                rows.append((f"posenc / timm forward, batch {batch}{which}", f"<= {goal}",
                              f"{worst:.3f} (worst: {name}{noise}{kernels})", _met(worst <= goal)))  # fmt: skip
+    apps = [r for name, r in records.items() if name.startswith("app_request")]
+    architectures = {n: m for r in apps for n, m in (r.get("architectures") or {}).items()}
     app = records.get("app_request")
     if app is not None:
         deit = app["models"].get("deit_tiny_224")
@@ -181,6 +234,17 @@ def targets(records: dict[str, dict[str, Any]]) -> list[str]:
             value = deit["views_over_forward_inspect"]
             name = "drawing all views / forward, DeiT-Tiny 224"
             rows.append((name, f"<= {goal}", f"{value:.2f}", _met(value <= goal)))
+        if architectures:  # from every app_request*.json
+            over = [n for n, m in architectures.items() if not m["views_met"]]
+            value, name = max((m["views_over_forward_inspect"], n) for n, m in architectures.items())
+            rows.append(("drawing all views / forward, one curated model per architecture", f"<= {goal}",
+                         f"worst {value:.2f} ({name}); over: {', '.join(over) or 'none'}",
+                         _met(not over)))  # fmt: skip
+            over = [n for n, m in architectures.items() if not m["request_met"]]
+            value, name = max((m["request"]["median_ms"] / m["request_target_ms"], n) for n, m in architectures.items())
+            rows.append(("curated model request, 2 threads", "< 1 s (ViT-S class), < 2 s (ViT-B class, SAM)",
+                         f"worst {value:.2f} of its budget ({name}); over: {', '.join(over) or 'none'}",
+                         _met(not over)))  # fmt: skip
         requests = [(m["request"]["median_ms"], n) for n, m in app["models"].items() if n.startswith("cifar10-")]
         if requests:
             goal = app["targets"]["request_ms"]
@@ -260,16 +324,22 @@ RENDERERS = {
 }
 
 
+def _renderer(name: str) -> Any:
+    """The renderer of a result file: by its name, or by the benchmark it was saved from with ``--name``."""
+    return next(fn for base, fn in RENDERERS.items() if name == base or name.startswith(f"{base}_"))
+
+
 def render(results: Path) -> str:
     """The Markdown of every result file present in ``results``: the targets first, then each benchmark."""
-    records = {
-        name: json.loads((results / f"{name}.json").read_text())
-        for name in RENDERERS
-        if (results / f"{name}.json").is_file()
-    }
+    names = [n for n in RENDERERS if (results / f"{n}.json").is_file()]
+    for base in ("forward_cpu", "app_request"):  # further runs saved with ``--name``, after the main one
+        extra = sorted(p.stem for p in results.glob(f"{base}_*.json"))
+        at = names.index(base) + 1 if base in names else len(names)
+        names[at:at] = extra
+    records = {name: json.loads((results / f"{name}.json").read_text()) for name in names}
     if not records:
         raise SystemExit(f"no benchmark results in {results}; run e.g. `python -m bench.forward_cpu` first")
-    parts = [targets(records)] + [RENDERERS[name](record) for name, record in records.items()]
+    parts = [targets(records)] + [_renderer(name)(record) for name, record in records.items()]
     return "\n\n".join("\n".join(lines) for lines in parts) + "\n"
 
 

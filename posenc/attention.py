@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from posenc.encodings import (
     Size2,
-    apply_rope,
     gather_relative_bias,
     num_relative_positions,
     relative_position_index,
     resize_rel_pos_bias_table,
+    rope_rotation,
+    rotate,
 )
 
 
@@ -121,6 +122,7 @@ class Attention(nn.Module):
         *,
         mask: Tensor | None = None,
         rope: Tensor | None = None,
+        rotation: Tensor | None = None,
         num_prefix: int = 0,
         grid: Size2 | None = None,
         need_weights: bool = False,
@@ -132,6 +134,9 @@ class Attention(nn.Module):
             x: (..., N, C) tokens; leading dims are batch-like (Swin passes (B, nW, N, C)).
             mask: additive mask broadcastable to (..., N, N), e.g. Swin's (nW, N, N) shift mask.
             rope: (N - num_prefix, head_dim/2) RoPE angles, or (heads, N - num_prefix, head_dim/2) per head; or None.
+            rotation: the same RoPE as :func:`~posenc.encodings.rope_rotation` of the angles (in this module's
+                ``rope_interleaved`` layout), (2, [heads,] N - num_prefix, head_dim): a model that computes it once
+                per forward pass passes this instead of ``rope``.
             num_prefix: leading tokens that RoPE leaves unrotated.
             grid: (h, w) token grid for the relative bias when it differs from the table's window.
             need_weights: take the inspection path and return an :class:`AttentionTrace`.
@@ -143,15 +148,19 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # ..., N, 3C
         q, k, v = rearrange(qkv, "... n (three h d) -> three ... h n d", three=3, h=self.num_heads)  # ..., heads, N, hd
         q_raw, k_raw = q, k
+        if rope is not None and rotation is not None:
+            raise ValueError("pass RoPE either as angles (rope) or as their rotation (rotation), not both")
         if not position:
-            rope = None
+            rope = rotation = None
         if rope is not None:
-            q = apply_rope(q, rope, num_prefix, interleaved=self.rope_interleaved)
-            k = apply_rope(k, rope, num_prefix, interleaved=self.rope_interleaved)
+            rotation = rope_rotation(rope, interleaved=self.rope_interleaved)  # 2, ..., N', hd
+        if rotation is not None:
+            q = rotate(q, rotation, num_prefix, interleaved=self.rope_interleaved)
+            k = rotate(k, rotation, num_prefix, interleaved=self.rope_interleaved)
         pos = self.position_bias(grid) if position else None  # heads, N, N or None
         mask = mask[..., None, :, :] if mask is not None else None  # ..., 1, N, N
         if need_weights:
-            out, trace = self._inspect(q, k, v, pos, mask, (q_raw, k_raw) if rope is not None else None)
+            out, trace = self._inspect(q, k, v, pos, mask, (q_raw, k_raw) if rotation is not None else None)
         else:
             out, trace = self._fast(q, k, v, pos, mask), None  # ..., heads, N, hd
         out = rearrange(out, "... h n d -> ... n (h d)")  # ..., N, C

@@ -1,4 +1,4 @@
-"""Command line: ``python -m posenc {predict,train,measure,space} ...``.
+"""Command line: ``python -m posenc {predict,train,measure,atlas,space} ...``.
 
 Each subcommand lives in the module that owns the concept and registers itself
 through an ``add_parser(subparsers)`` function, so this file stays a dispatcher.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per command."""
-    from posenc import measure, predict, space, train
+    from posenc import atlas, measure, predict, space, train
 
     parser = argparse.ArgumentParser(prog="python -m posenc", description="See how Vision Transformers encode position.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_parser(sub)
     train.add_parser(sub)
     measure.add_parser(sub)
+    atlas.add_parser(sub)
     space.add_parser(sub)
     return parser
 

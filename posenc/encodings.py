@@ -228,27 +228,28 @@ def decomposed_rel_pos_factors(q: Tensor, rel_h: Tensor, rel_w: Tensor, grid: Si
     """The two factors of the decomposed relative bias: each query's dot product with its row and column offsets.
 
     ``bias[q, k] = factor_h[q, row(k)] + factor_w[q, col(k)]`` with ``factor_h[q, kr] = q . R_h[row(q) - kr]``.
+    The key grid (kh, kw) may differ from the query grid (MViTv2 pools its keys).
 
     Args:
-        q: (..., h*w, head_dim) queries (unscaled), row-major over the grid.
-        rel_h: (h, h, head_dim) from :func:`decomposed_rel_pos` for the rows.
-        rel_w: (w, w, head_dim) for the columns.
-        grid: (h, w).
+        q: (..., h*w, head_dim) queries (unscaled), row-major over the query grid.
+        rel_h: (h, kh, head_dim) from :func:`decomposed_rel_pos` for the rows.
+        rel_w: (w, kw, head_dim) for the columns.
+        grid: (h, w) the query grid.
 
     Returns:
-        (..., h*w, h) and (..., h*w, w).
+        (..., h*w, kh) and (..., h*w, kw).
     """
     h, w = grid
     q = q.reshape(*q.shape[:-2], h, w, q.shape[-1])  # ..., h, w, hd
-    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, h
-    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, w
-    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, h and ..., h*w, w
+    factor_h = torch.einsum("...hwc,hkc->...hwk", q, rel_h)  # ..., h, w, kh
+    factor_w = torch.einsum("...hwc,wkc->...hwk", q, rel_w)  # ..., h, w, kw
+    return factor_h.flatten(-3, -2), factor_w.flatten(-3, -2)  # ..., h*w, kh and ..., h*w, kw
 
 
 def decomposed_rel_pos_bias(factor_h: Tensor, factor_w: Tensor) -> Tensor:
-    """The bias of every (query, key) pair from its two factors: (..., N, h) and (..., N, w) -> (..., N, h*w)."""
-    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, h, w
-    return bias.flatten(-2)  # ..., N, h*w
+    """The bias of every (query, key) pair from its two factors: (..., N, kh) and (..., N, kw) -> (..., N, kh*kw)."""
+    bias = factor_h[..., :, None] + factor_w[..., None, :]  # ..., N, kh, kw
+    return bias.flatten(-2)  # ..., N, kh*kw
 
 
 def pad_to_window(x: Tensor, window: Size2) -> Tensor:
@@ -478,6 +479,50 @@ def rope_mixed_angles(freqs: Tensor, grid: Size2) -> Tensor:
     return xs.reshape(-1, 1) * f[0].unsqueeze(-2) + ys.reshape(-1, 1) * f[1].unsqueeze(-2)  # ..., h*w, hd/2
 
 
+def rope_rotation(angles: Tensor, *, interleaved: bool = False) -> Tensor:
+    """The cosines and sines of RoPE angles, one per channel: what :func:`rotate` multiplies by.
+
+    A model can compute this once per forward pass (or keep it for its native grid as a non-persistent buffer,
+    as timm keeps its sin/cos embedding), so that its blocks only multiply and add.
+
+    Args:
+        angles: (..., N', head_dim/2).
+        interleaved: the channel pairs are ``(2i, 2i+1)`` (timm's EVA layout); otherwise ``(i, i + head_dim/2)``.
+
+    Returns:
+        (2, ..., N', head_dim): ``[cos, sin]``, each angle's value on both channels of its pair.
+    """
+    cos_sin = torch.stack([angles.cos(), angles.sin()])  # 2, ..., N', hd/2
+    if interleaved:
+        return cos_sin.repeat_interleave(2, dim=-1)  # 2, ..., N', hd: channels 2i and 2i+1 share angle i
+    return torch.cat([cos_sin, cos_sin], dim=-1)  # 2, ..., N', hd: channels i and i + hd/2 share angle i
+
+
+def rotate(x: Tensor, rotation: Tensor, num_prefix: int = 0, *, interleaved: bool = False) -> Tensor:
+    """Rotate query or key vectors by a :func:`rope_rotation`; prefix (cls, register) tokens are left unrotated.
+
+    Each pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)``, computed for the whole head as
+    ``x * cos + turn(x) * sin`` with ``turn(a, b) = (-b, a)``, as timm does; the result is bitwise the same.
+
+    Args:
+        x: (..., N, head_dim) with ``N = num_prefix + N'``.
+        rotation: (2, ..., N', head_dim) from :func:`rope_rotation` with the same ``interleaved``, broadcast
+            against ``x`` (e.g. (2, N', hd), or (2, heads, N', hd) per head).
+
+    Returns:
+        Tensor of the same shape and dtype as ``x``.
+    """
+    prefix, tokens = x[..., :num_prefix, :], x[..., num_prefix:, :]
+    cos, sin = rotation  # ..., N', hd each
+    if interleaved:
+        turned = torch.stack([-tokens[..., 1::2], tokens[..., 0::2]], dim=-1).reshape(tokens.shape)  # ..., N', hd
+    else:
+        a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
+        turned = torch.cat([-b, a], dim=-1)  # ..., N', hd
+    rotated = (tokens * cos + turned * sin).to(x.dtype)
+    return torch.cat([prefix, rotated], dim=-2) if num_prefix else rotated
+
+
 def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0, *, interleaved: bool = False) -> Tensor:
     """Rotate query or key vectors by RoPE angles; prefix (cls, register) tokens are left unrotated.
 
@@ -490,16 +535,7 @@ def apply_rope(x: Tensor, angles: Tensor, num_prefix: int = 0, *, interleaved: b
     Returns:
         Tensor of the same shape.
     """
-    prefix, tokens = x[..., :num_prefix, :], x[..., num_prefix:, :]
-    cos, sin = angles.cos(), angles.sin()  # ..., N', hd/2
-    if interleaved:
-        a, b = tokens[..., 0::2], tokens[..., 1::2]  # ..., N', hd/2
-        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # ..., N', hd
-    else:
-        a, b = tokens.chunk(2, dim=-1)  # ..., N', hd/2
-        rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)  # ..., N', hd
-    rotated = rotated.to(x.dtype)
-    return torch.cat([prefix, rotated], dim=-2) if num_prefix else rotated
+    return rotate(x, rope_rotation(angles, interleaved=interleaved), num_prefix, interleaved=interleaved)
 
 
 # --------------------------------------------------------------------------- biases by absolute offset, GPSA offsets

@@ -8,17 +8,21 @@ probabilities in [0, 1], KL divergences in nats, R² unitless (1 = perfect, 0 = 
   attention-weighted Euclidean distance between the centre of the query patch and the centres of the key
   patches, averaged over query patches. Convention: prefix tokens (cls, distillation, registers) are dropped
   as queries and as keys, and the attention left over is **not** renormalised, so a head that sends a third of
-  its attention to cls reports two thirds of its patch-to-patch distance. Windowed blocks are measured on
-  their own stage grid, each token at its place before the cyclic shift, converted to input pixels.
+  its attention to cls reports two thirds of its patch-to-patch distance. Positions come from each block's
+  token layout (:class:`~posenc.models.TokenLayout`): windowed blocks put each token at its place before the
+  cyclic shift and drop padding tokens the same way; subsampled or pooled blocks measure from each query's
+  position to each key's. A block whose attention is not between image tokens gets a note instead.
 * :func:`patch_embedding_filters` (Fig. 7 left): the top principal components of the patch-embedding conv.
 * :func:`position_reliance`: the model as it is against seeded patch shuffles and against itself with every
   position term removed (``model(x, position=False)``): top-1 agreement, KL(original || other) and the
   probability of the original class; for a headless model the cosine similarity of the features.
 * :func:`resolution_sweep`: top-1 and its probability at each input size the model offers.
-* :class:`Decodability`: a closed-form ridge regression from the tokens after each block to each patch's
-  centre (row, column), fitted on some images and scored as R² on held-out ones, from streamed statistics.
+* :class:`Decodability`: a closed-form ridge regression from the tokens after each block to each token's
+  image position (row, column) from the block's layout, fitted on some images and scored as R² on held-out ones, from streamed statistics.
+* token norms (:mod:`posenc.norms`): the share of high-norm output tokens per block and the decodability of the
+  high-norm tokens against the rest (``"token_norms"`` in ``measures.json``).
 
-:func:`measure_folder` runs all five over an image folder in batches, and ``python -m posenc measure`` (see
+:func:`measure_folder` runs all of them over an image folder in batches, and ``python -m posenc measure`` (see
 :func:`add_parser`) writes ``measures.json`` and PNG plots.
 """
 
@@ -42,9 +46,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from posenc.encodings import Size2, window_partition
+from posenc.encodings import Size2
 from posenc.hub import HubLoadError, LoadedModel
 from posenc.models import BlockTrace, Inspection
+from posenc.norms import NormStats, block_outputs
 from posenc.preprocess import ImageError, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -68,68 +73,67 @@ class NotApplicable(ValueError):
 # ------------------------------------------------------------------------------------ 1. attention distance
 
 
-def patch_centres(grid: Size2, image_size: Size2) -> Tensor:
-    """Centres of a (h, w) token grid laid over an image, in input pixels.
+def block_attention_distance(trace: BlockTrace) -> Tensor:
+    """Mean attention distance of every head of one block, per image, from the block's token layout.
 
-    Returns:
-        (h, w, 2) float64 (y, x): token (r, c) covers ``image_size / grid`` pixels and sits at its middle.
-    """
-    (h, w), (img_h, img_w) = grid, image_size
-    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * (img_h / h)  # h
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (img_w / w)  # w
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # h, w
-    return torch.stack((yy, xx), dim=-1)  # h, w, 2
-
-
-def block_token_centres(trace: BlockTrace, image_size: Size2) -> Tensor:
-    """Where each query/key token of a block's attention sits, in input pixels.
-
-    Global attention: one "window" holding the whole grid row-major. Windowed attention: the block rolled its
-    grid by ``-shift`` and partitioned it, so each window token is mapped back to its place before the roll.
-
-    Returns:
-        (nW, T, 2) float64 (y, x); nW = 1 and T = h*w for global attention, T = Wh*Ww for windows.
-    """
-    centres = patch_centres(trace.grid, image_size)  # h, w, 2
-    if trace.window is None:
-        return centres.reshape(1, -1, 2)  # 1, h*w, 2
-    if trace.grid[0] % trace.window[0] or trace.grid[1] % trace.window[1]:
-        raise NotApplicable(f"windows {trace.window} do not tile the {trace.grid} grid: padded windows are skipped")
-    shift = trace.shift or (0, 0)
-    rolled = torch.roll(centres, shifts=(-shift[0], -shift[1]), dims=(0, 1))  # h, w, 2 as the block saw it
-    return window_partition(rolled[None], trace.window)[0]  # nW, Wh*Ww, 2
-
-
-def block_attention_distance(trace: BlockTrace, num_prefix: int, image_size: Size2) -> Tensor:
-    """Mean attention distance of every head of one block, per image.
+    Each query's distance is its attention-weighted distance to the keys, from the query's image position to each
+    key's (so subsampled or pooled blocks measure across their two grids). Prefix keys and padding keys are dropped
+    without renormalising; prefix and padding queries are not averaged; a block without prefix tokens drops none.
 
     Args:
-        trace: the block's trace; ``attn`` is (B, heads, P + h*w, P + h*w) or windowed (B, nW, heads, T, T).
-        num_prefix: leading prefix tokens P, dropped as queries and keys (no renormalisation).
-        image_size: (H, W) of the input in pixels.
+        trace: the block's trace; ``attn`` is (B, heads, Nq, Nk) or windowed (B, nW, heads, n, n), read through
+            ``trace.layout``.
 
     Returns:
-        (B, heads) float64, in input pixels, averaged over query patches (summed in the attention's dtype).
+        (B, heads) float64, in input pixels, averaged over the patch queries (summed in the attention's dtype).
+
+    Raises:
+        NotApplicable: the block's attention is not between image tokens, or it has no patch queries.
     """
-    centres = block_token_centres(trace, image_size)  # nW, T, 2
-    attn = trace.attn.float()
-    dist = torch.cdist(centres, centres).to(device=attn.device, dtype=attn.dtype)  # nW, T, T
-    if attn.ndim == 4:  # B, heads, N, N: global attention, prefix first
-        attn = attn[:, None, :, num_prefix:, num_prefix:]  # B, 1, heads, T, T
-    elif attn.ndim != 5:
-        raise NotApplicable(f"attention of shape {tuple(trace.attn.shape)} is neither global nor windowed")
-    if attn.shape[-2:] != dist.shape[-2:] or attn.shape[1] != dist.shape[0]:
-        raise NotApplicable(
-            f"attention {tuple(trace.attn.shape)} does not match the block's {trace.grid} grid: queries and keys "
-            "must be the grid's patches (after dropping prefix tokens)"
-        )
-    per_query = torch.einsum("bwhqk,wqk->bwhq", attn, dist)  # B, nW, heads, T
-    return per_query.double().mean(dim=(1, 3))  # B, heads
+    note = _distance_note(trace)
+    if note:
+        raise NotApplicable(note)
+    layout = trace.layout
+    try:
+        attn = layout.grouped(trace.attn.float())  # B, G, heads, nq, nk
+    except ValueError as error:  # attention that does not match its layout
+        raise NotApplicable(str(error)) from None
+    queries, keys = layout.query_is_patch, layout.key_is_patch  # G, nq / G, nk
+    q_pix = layout.query_pixels[layout.query_tokens.clamp(min=0)]  # G, nq, 2
+    k_pix = layout.key_pixels[layout.key_tokens.clamp(min=0)]  # G, nk, 2
+    dist = torch.cdist(q_pix, k_pix).masked_fill_(~(queries[:, :, None] & keys[:, None, :]), 0.0)  # G, nq, nk
+    dist = dist.to(device=attn.device, dtype=attn.dtype)
+    per_query = torch.einsum("bghqk,gqk->bghq", attn, dist)  # B, G, heads, nq
+    weight = (queries.double() / queries.sum()).to(attn.device)  # G, nq
+    return torch.einsum("bghq,gq->bh", per_query.double(), weight)  # B, heads
 
 
-def mean_attention_distance(inspection: Inspection, image_size: Size2) -> list[Tensor]:
-    """:func:`block_attention_distance` of every block: a list of (B, heads) tensors in input pixels."""
-    return [block_attention_distance(t, inspection.num_prefix_tokens, image_size) for t in inspection.blocks]
+def mean_attention_distance(inspection: Inspection) -> list[Tensor]:
+    """:func:`block_attention_distance` of every block: a list of (B, heads) tensors in input pixels.
+
+    A block the measure does not apply to (see :func:`attention_distance_notes`) gives NaN.
+    """
+    out = []
+    for trace in inspection.blocks:
+        try:
+            out.append(block_attention_distance(trace))
+        except NotApplicable:
+            out.append(torch.full((trace.attn.shape[0], trace.attn.shape[-3]), math.nan, dtype=torch.float64))
+    return out
+
+
+def attention_distance_notes(inspection: Inspection) -> list[str]:
+    """Per block, why it has no attention distance ("" where it has one), without computing the distances."""
+    return [_distance_note(trace) for trace in inspection.blocks]
+
+
+def _distance_note(trace: BlockTrace) -> str:
+    """Why a block has no attention distance, or ""."""
+    if trace.layout is None:
+        return trace.no_layout
+    if not trace.layout.query_is_patch.any():
+        return "this block has no patch queries (class attention): it has no attention distance"
+    return ""
 
 
 # ------------------------------------------------------------------------------------ 2. patch-embedding filters
@@ -286,39 +290,19 @@ def resolution_sweep(
 # ------------------------------------------------------------------------------------ 5. decodability
 
 
-@contextmanager
-def block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect the tokens after each transformer block during the calls made inside the ``with``.
-
-    Blocks are the modules with ``attn`` and ``mlp`` children, in order. Forward hooks are registered for the
-    ``with`` only and removed after, so run one call at a time inside it (the CLI does; the app does not use it).
-
-    Yields:
-        A list that fills with one tensor per block call: (B, N, C) or (B, h, w, C).
-    """
-    found: list[Tensor] = []
-    blocks = [m for m in model.modules() if isinstance(getattr(m, "attn", None), nn.Module)
-              and isinstance(getattr(m, "mlp", None), nn.Module)]
-
-    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
-        found.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [b.register_forward_hook(keep) for b in blocks]
+def patch_tokens(tokens: Tensor, trace: BlockTrace) -> Tensor:
+    """A block's output as its patch tokens (the block's queries, prefix dropped): (B, Pq + hq*wq, C) or
+    (B, hq, wq, C) -> (B, hq*wq, C); their positions are ``trace.layout.query_pixels[Pq:]``."""
     try:
-        yield found
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def patch_tokens(tokens: Tensor, trace: BlockTrace, num_prefix: int) -> Tensor:
-    """A block's output as patch tokens: (B, N, C) or (B, h, w, C) -> (B, h*w, C), prefix tokens dropped."""
-    h, w = trace.grid
+        layout = trace.tokens()
+    except ValueError as error:
+        raise NotApplicable(str(error)) from None
+    p, (h, w) = len(layout.query_prefix), layout.query_grid
     if tokens.ndim == 4 and tuple(tokens.shape[1:3]) == (h, w):
         return tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, h*w, C
-    if tokens.ndim != 3 or tokens.shape[1] != num_prefix + h * w:
-        raise NotApplicable(f"block output {tuple(tokens.shape)} is not {num_prefix} prefix + {h}x{w} patch tokens")
-    return tokens[:, num_prefix:]  # B, h*w, C
+    if tokens.ndim != 3 or tokens.shape[1] != p + h * w:
+        raise NotApplicable(f"block output {tuple(tokens.shape)} is not {p} prefix + {h}x{w} patch tokens")
+    return tokens[:, p:]  # B, h*w, C
 
 
 def ridge_fit(xtx: np.ndarray, xty: np.ndarray, n: int, sx: np.ndarray, sy: np.ndarray, ridge: float = RIDGE
@@ -377,17 +361,26 @@ class Decodability:
     train: list[_Moments] = field(default_factory=list)
     test: list[_Moments] = field(default_factory=list)
 
-    def add(self, block: int, tokens: Tensor, targets: Tensor, held_out: Sequence[bool]) -> None:
-        """tokens (B, h*w, C), targets (h*w, 2) in pixels, held_out (B,) per image."""
+    def add(self, block: int, tokens: Tensor, targets: Tensor, held_out: Sequence[bool],
+            score: Tensor | None = None) -> None:
+        """tokens (B, h*w, C), targets (h*w, 2) in pixels, held_out (B,) per image; score (B, h*w) bool: the tokens
+        of held-out images scored (default all)."""
         while len(self.train) <= block:
             self.train.append(_Moments())
             self.test.append(_Moments())
         x = tokens.detach().double().cpu().numpy()  # B, h*w, C
         y = targets.double().cpu().numpy()  # h*w, 2
         for split, keep in ((self.train[block], [not h for h in held_out]), (self.test[block], list(held_out))):
-            if any(keep):
-                chosen = x[np.asarray(keep)]  # b, h*w, C
-                split.add(chosen.reshape(-1, x.shape[-1]), np.tile(y, (len(chosen), 1)))
+            if not any(keep):
+                continue
+            chosen = x[np.asarray(keep)]  # b, h*w, C
+            targets_b = np.broadcast_to(y, (len(chosen), *y.shape))  # b, h*w, 2
+            if score is not None and split is self.test[block]:
+                mask = score.cpu().numpy()[np.asarray(keep)]  # b, h*w
+                if mask.any():
+                    split.add(chosen[mask], targets_b[mask])
+            else:
+                split.add(chosen.reshape(-1, x.shape[-1]), targets_b.reshape(-1, y.shape[-1]))
 
     def r2(self, blocks: int | None = None) -> np.ndarray:
         """(blocks, 2) held-out R² of the row (y) and column (x) coordinate for every block (NaN: not fitted)."""
@@ -451,12 +444,14 @@ class FolderResult:
     images: int
     skipped: list[str]
     attention_distance: list[list[float]]
+    distance_notes: list[str]
     filters: tuple[np.ndarray, np.ndarray] | str
     reliance: dict[str, Any]
     sweep: list[dict[str, Any]] | str
     decodability: np.ndarray
     held_out: int
     seconds: float
+    token_norms: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``measures.json`` record."""
@@ -468,8 +463,9 @@ class FolderResult:
             "images": self.images,
             "skipped": {"count": len(self.skipped), "files": self.skipped},
             "mean_attention_distance": _round(self.attention_distance, 3),
-            "mean_attention_distance_unit": "input pixels; prefix tokens dropped as queries and keys, no "
-                                            "renormalisation; windowed blocks on their own stage grid",
+            "mean_attention_distance_unit": "input pixels, from each query's image position to each key's; prefix "
+                                            "and padding tokens dropped as queries and keys, no renormalisation",
+            "mean_attention_distance_notes": {str(b): note for b, note in enumerate(self.distance_notes) if note},
             "patch_embedding_filters": filters,
             "position_reliance": _round(self.reliance),
             "resolution_sweep": self.sweep if isinstance(self.sweep, str) else _round(self.sweep),
@@ -478,6 +474,7 @@ class FolderResult:
                 "r2": _round(self.decodability.mean(1)), "ridge": RIDGE,
                 "train_images": self.images - self.held_out, "held_out_images": self.held_out,
             },
+            "token_norms": _round(self.token_norms),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / max(self.seconds, 1e-9), 3),
         }
@@ -542,7 +539,9 @@ def measure_folder(
     device = next(model.parameters()).device
     headless = model.headless
     dist_sum: list[Tensor] = []
+    notes: list[str] = []
     means, decode = _Mean(), Decodability()
+    norms = NormStats(Decodability(), Decodability())
     skipped: list[str] = []
     used = held = 0
     for start in range(0, len(paths), batch):
@@ -555,7 +554,7 @@ def measure_folder(
             used += len(imgs)
             held += sum(holdout)
             _measure_batch(model, imgs, native, sweep_sizes, transforms, device, seeds, headless, holdout,
-                           dist_sum, means, decode)
+                           dist_sum, notes, means, decode, norms)
         if progress is not None:
             progress(len(chunk))
     if used == 0:
@@ -579,15 +578,18 @@ def measure_folder(
     )
     return FolderResult(
         model=loaded.source, size=native, images=used, skipped=skipped,
-        attention_distance=[(d / used).tolist() for d in dist_sum], filters=filters, reliance=reliance,
+        attention_distance=[(d / used).tolist() for d in dist_sum], distance_notes=notes, filters=filters,
+        reliance=reliance,
         sweep=sweep, decodability=decode.r2(len(dist_sum)), held_out=held, seconds=time.perf_counter() - started,
+        token_norms=norms.to_json(),
     )
 
 
 def _measure_batch(
     model: nn.Module, imgs: list[Image.Image], native: Size2, sweep_sizes: list[Size2],
     transforms: dict[Size2, Callable[[Image.Image], Tensor]], device: torch.device, seeds: Sequence[int],
-    headless: bool, holdout: list[bool], dist_sum: list[Tensor], means: _Mean, decode: Decodability,
+    headless: bool, holdout: list[bool], dist_sum: list[Tensor], notes: list[str], means: _Mean, decode: Decodability,
+    norms: NormStats,
 ) -> None:
     """One batch of :func:`measure_folder`: one inspection pass, the reliance passes, the sweep passes."""
     inputs = {s: torch.stack([transforms[s](img) for img in imgs]).to(device) for s in sweep_sizes}  # B, 3, h, w
@@ -597,20 +599,26 @@ def _measure_batch(
             seen = model.inspect(x)
         for b, trace in enumerate(seen.blocks):
             try:
-                d = block_attention_distance(trace, seen.num_prefix_tokens, native)  # B, heads
-            except NotApplicable as error:  # NaN in measures.json (null), logged
+                d = block_attention_distance(trace)  # B, heads
+            except NotApplicable as error:  # NaN in measures.json (null), with the block's note
                 logger.debug("block %d: no attention distance: %s", b, error)
                 d = torch.full((x.shape[0], trace.attn.shape[-3]), math.nan, dtype=torch.float64)
+                note = str(error)
+            else:
+                note = ""
             if len(dist_sum) <= b:
                 dist_sum.append(torch.zeros(d.shape[1], dtype=torch.float64))
+                notes.append(note)
             dist_sum[b] += d.sum(0).cpu()
         if len(tokens) == len(seen.blocks):
             for b, (out, trace) in enumerate(zip(tokens, seen.blocks)):
-                targets = patch_centres(trace.grid, native).reshape(-1, 2)  # h*w, 2
                 try:
-                    decode.add(b, patch_tokens(out, trace, seen.num_prefix_tokens), targets, holdout)
+                    found = patch_tokens(out, trace)  # B, hq*wq, C
+                    targets = trace.layout.query_pixels[len(trace.layout.query_prefix) :]  # hq*wq, 2
+                    decode.add(b, found, targets, holdout)
                 except NotApplicable as error:  # that block's R² stays NaN
                     logger.debug("block %d: no decodability: %s", b, error)
+            norms.add(tokens, seen, holdout)
         patch = (native[0] // seen.grid[0], native[1] // seen.grid[1])
         rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits)
         for s, found in zip(seeds, rel["shuffle"]):

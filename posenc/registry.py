@@ -107,6 +107,31 @@ HUB_MODELS: tuple[ModelEntry, ...] = (
         "LeViT-128S", "timm/levit_128s.fb_dist_in1k", "levit", ("offset_bias",), 7_777_058, 76.526, "ImageNet-1k",
     ),
     ModelEntry("TinyViT-5M", "timm/tiny_vit_5m_224.in1k", "tiny_vit", ("offset_bias",), 5_392_764, None, "ImageNet-1k"),
+    # Convolutional position (zero padding read by depthwise convs). Top-1 from timm's results-imagenet.csv.
+    ModelEntry("Twins-SVT-S", "timm/twins_svt_small.in1k", "twins", ("conv_pos",), 24_060_776, 81.678, "ImageNet-1k"),
+    ModelEntry("CoaT-Ti", "timm/coat_tiny.in1k", "coat", ("conv_pos", "conv_rel_pos"), 5_498_540, 78.426,
+               "ImageNet-1k"),
+    # Fourier position embedding and channel (cross-covariance) attention; the tag trained with distillation (72.310,
+    # the plain fb_in1k one has 69.962), same weights' shapes, no extra head
+    ModelEntry("XCiT-Nano/16", "timm/xcit_nano_12_p16_224.fb_dist_in1k", "xcit", ("fourier",), 3_053_224, 72.310,
+               "ImageNet-1k"),
+    # Pooling attention with a decomposed relative bias on the pooled key grid (results-imagenet.csv: 82.410).
+    ModelEntry(
+        "MViTv2-T", "timm/mvitv2_tiny.fb_in1k", "mvitv2", ("decomposed",), 24_173_320, 82.410, "ImageNet-1k",
+    ),
+    # CaiT: a learned embedding without a cls entry; the cls token joins late, in class-attention blocks. Top-1 and
+    # parameters from timm's results-imagenet.csv (11.96 M, matching the count of the built model). timm publishes no
+    # weights for the 18x2 parallel-block ViTs.
+    ModelEntry(
+        "CaiT-XXS24", "timm/cait_xxs24_224.fb_dist_in1k", "cait", ("learned", "class_attention"), 11_956_264, 78.384,
+        "ImageNet-1k",
+    ),
+    # The parallel-block kind with weights: timm's SBB ViT-pwee (ParallelScalingBlock, one register, average pooling).
+    # Like the other sbb register models it has no row in the indexed results-imagenet.csv, so no top-1.
+    ModelEntry(
+        "ViT-pwee/16 parallel blocks reg1 GAP (timm SBB)", "timm/vit_pwee_patch16_reg1_gap_256.sbb_in1k", "vit",
+        ("learned",), 15_253_480, None, "ImageNet-1k",
+    ),
     # Today's absolute-embedding ViTs (parameters counted from timm 1.0.31 builds, pretrained=False). Headless ones
     # have no top-1. results-imagenet.csv as indexed has no row for the sbb register models (timm's README gives
     # 84.930 for this one, but not that table), so its figure is left out.

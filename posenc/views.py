@@ -1,14 +1,17 @@
-"""Model-aware glue between loaded models and the pure views of :mod:`posenc.viz`, for the app.
+"""What every view shares, between loaded models and the pure views of :mod:`posenc.viz`, for the app.
 
 A request runs one inspection (:func:`inspect_image`) and every view is a function of that
 :class:`Seen` record, a patch and a block: it picks the tensors the view needs from the
 :class:`~posenc.models.Inspection`, calls :mod:`posenc.viz` and returns the picture together with the
-raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download.
+raw arrays behind it (:class:`View`), which :func:`save_npz` writes for download. This module holds the generic
+parts (sizes, patches, blocks, the attention and prefix-share views); each position mechanism's views live in
+its module of :mod:`posenc.mechanisms`.
 
 Conventions:
 
 * Sizes are ``(h, w)`` in pixels, grids ``(h, w)`` in patches, patches ``(row, col)`` on the input patch
-  grid (stage 0 for Swin); a Swin block of a later stage maps the patch onto its coarser grid.
+  grid. In a block, the clicked patch is the block's patch query nearest its centre, and rows are drawn on the
+  block's key grid, all read from the block's token layout (:mod:`posenc.queries`).
 * Nothing is stored between calls and no module hooks are used, so concurrent requests cannot mix.
 * Errors a user can cause raise ``ValueError`` (:class:`ViewUnavailable` when a view does not apply to
   the model) with a message that says what to do.
@@ -25,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from posenc import viz
-from posenc.attention import Attention
-from posenc.encodings import Size2, padded_grid, resize_rel_pos_bias_table
+from posenc import norms, plots, queries, rollout, viz
+from posenc.encodings import Size2
 from posenc.hub import LoadedModel
-from posenc.models import BlockTrace, Inspection
+from posenc.models import Inspection
 from posenc.preprocess import ImageSource, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ MAX_TRACE_BYTES = 640 * 2**20
 MAX_SIZE_FACTOR = 4
 #: Shortest longer side, in pixels, of the single-map overlays (small inputs such as CIFAR's are enlarged).
 OVERLAY_SIDE = 384
-_ABSOLUTE = ("learned", "sincos")
-_RELATIVE = ("rel_table",)
 
 
 class ViewUnavailable(ValueError):
@@ -76,6 +76,9 @@ class Seen:
         photo: the image the model saw (resized and cropped, before normalisation), RGB (w, h) = size[::-1].
         size: (h, w) input size in pixels.
         inspection: logits and every position tensor of the forward pass.
+        pixels: (1, 3, h, w) the normalised input, for views that run the model again (rollout without position
+            for a model whose position enters only at the input); None when not kept.
+        norms: the output-token norms of every block (:func:`posenc.norms.token_norms`), or () when not collected.
     """
 
     name: str
@@ -83,6 +86,8 @@ class Seen:
     photo: Image.Image
     size: Size2
     inspection: Inspection
+    pixels: torch.Tensor | None = None
+    norms: tuple = ()
 
     @property
     def grid(self) -> Size2:
@@ -267,10 +272,11 @@ def inspect_image(
     pp = replace(loaded.preprocess, input_size=size)
     pixels = build_transform(pp)(load_image(image))  # 3, h, w
     device = next(loaded.model.parameters()).device
-    with torch.inference_mode():
-        inspection = loaded.model.inspect(pixels[None].to(device))
+    x = pixels[None].to(device)  # 1, 3, h, w
+    inspection, block_norms = norms.inspect_with_outputs(loaded.model, x)
     logger.debug("inspected %s at %s: %d blocks", loaded.source, format_size(size), len(inspection.blocks))
-    return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection)
+    return Seen(name or loaded.source, loaded, _photo(pixels, pp.mean, pp.std), size, inspection, x,
+                tuple(block_norms))
 
 
 #: What :func:`predictions` says for a headless model.
@@ -314,178 +320,59 @@ def num_blocks(loaded: LoadedModel) -> int:
     return loaded.model.num_blocks
 
 
-def _attention_modules(seen: Seen) -> list[Attention]:
-    """Every block's attention module, in the order of ``Inspection.blocks``."""
-    model = seen.loaded.model
-    if hasattr(model, "layers"):
-        return [block.attn for layer in model.layers for block in layer.blocks]
-    return [block.attn for block in model.blocks]
 
 
 def describe_block(seen: Seen, block: int) -> str:
-    """One line about a block: its stage, grid, window and shift for Swin."""
+    """One line about a block: its stage and what it attends over (windows, shift, padding, query and key grids)."""
     trace = seen.inspection.blocks[block]
-    if trace.window is None:
-        return f"block {block} of {seen.num_blocks} (global attention over the {trace.grid[0]}x{trace.grid[1]} grid)"
-    shifted = f"shifted by {trace.shift[0]}x{trace.shift[1]}" if trace.shift and any(trace.shift) else "not shifted"
-    padded = padded_grid(trace.grid, trace.window)
-    if padded != tuple(trace.grid):
-        shifted += f", grid padded to {padded[0]}x{padded[1]}"
-    return (f"block {block} of {seen.num_blocks}: stage {trace.stage}, {trace.grid[0]}x{trace.grid[1]} grid, "
-            f"{trace.window[0]}x{trace.window[1]} windows, {shifted}")
+    head = f"block {block} of {seen.num_blocks}"
+    if trace.layout is None:
+        return f"{head}: {trace.no_layout}"
+    stage = f"stage {trace.stage}, " if trace.stage else ""
+    return f"{head}: {stage}{trace.layout.describe()}"
 
 
-def _block_patch(seen: Seen, trace: BlockTrace, patch: Patch) -> Patch:
-    """The input patch on the block's (stage) grid."""
-    return tuple(p * g // g0 for p, g, g0 in zip(patch, trace.grid, seen.grid))
+def block_query(seen: Seen, block: int, patch: Patch) -> queries.Query:
+    """The chosen block's query nearest the clicked input patch (:func:`posenc.queries.block_query`).
 
-
-def _window_keys(seen: Seen, trace: BlockTrace, patch: Patch) -> viz.SwinWindowKeys:
-    """The clicked patch's window; keys are on the block's grid padded to whole windows (SAM pads, Swin never needs to)."""
-    grid = padded_grid(trace.grid, trace.window)
-    return viz.swin_window_keys(_block_patch(seen, trace, patch), grid, trace.window, trace.shift or (0, 0))
-
-
-def window_row_to_grid(trace: BlockTrace, keys: viz.SwinWindowKeys, values: torch.Tensor) -> np.ndarray:
-    """Per-key values of one window, (..., Wh*Ww), on the block's grid (..., gh, gw): NaN outside the window, at
-    masked keys, and padded keys dropped."""
-    gh, gw = trace.grid
-    return viz.window_values_to_grid(values, keys.keys, padded_grid(trace.grid, trace.window), keys.masked)[..., :gh, :gw]
-
-
-def _query_rows(
-    seen: Seen, trace: BlockTrace, per_pair: torch.Tensor, patch: Patch
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """From a per-pair tensor, the clicked query's row over the patch keys.
-
-    Args:
-        per_pair: (heads, N, N), or for Swin (nW, heads, N, N) attention or a (heads, N, N) bias shared by all windows.
-
-    Returns:
-        (heads, gh, gw) on the block's grid (NaN where the query cannot attend) and the (heads, P) values of
-        the prefix keys (cls, dist), or None without prefix tokens.
+    Raises:
+        ViewUnavailable: the block's attention is not between image tokens, or it has no queries at all.
     """
-    if trace.window is not None:
-        keys = _window_keys(seen, trace, patch)
-        if per_pair.ndim == 4:
-            per_pair = per_pair[keys.window_index]  # heads, Wh*Ww, Wh*Ww
-        values = per_pair[:, keys.query_index, :]  # heads, Wh*Ww
-        return window_row_to_grid(trace, keys, values), None
-    gh, gw = trace.grid
-    prefix = per_pair.shape[-1] - gh * gw
-    row, col = _block_patch(seen, trace, patch)  # a later stage of a hierarchical model (LeViT) has a coarser grid
-    q = prefix + row * gw + col
-    rows = per_pair[:, q, prefix:].reshape(-1, gh, gw)  # heads, gh, gw
-    return rows.float().numpy(), (per_pair[:, q, :prefix].float().numpy() if prefix else None)
+    try:
+        return queries.block_query(seen.inspection.blocks[block], patch, seen.grid, seen.size)
+    except ValueError as error:  # NoTokenLayout, or a block without patch queries
+        raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
+
+
+def query_row(seen: Seen, block: int, per_pair: torch.Tensor, patch: Patch
+              ) -> tuple[np.ndarray, np.ndarray | None, queries.Query]:
+    """:func:`posenc.queries.query_row` for the chosen block of a :class:`Seen`; ViewUnavailable for a block without
+    token attention or without patch queries, or a tensor that does not match the block's layout."""
+    try:
+        return queries.query_row(seen.inspection.blocks[block], per_pair, patch, seen.grid, seen.size)
+    except ValueError as error:  # NoTokenLayout, no patch queries, a tensor that does not match the layout
+        raise ViewUnavailable(f"block {block} of {seen.name}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------- views
 
 
-def _require(seen: Seen, names: tuple[str, ...], what: str, hint: str) -> None:
-    """Raise :class:`ViewUnavailable` unless one of the model's mechanisms is among ``names``."""
-    used = seen.loaded.model.mechanisms
-    if not set(names) & set(used):
-        raise ViewUnavailable(
-            f"{seen.name} uses {' + '.join(used) or 'no position encoding'}, so it has no {what}; {hint}"
-        )
-
-
-def absolute_views(seen: Seen, patch: Patch) -> tuple[View, View, View]:
-    """Views of an absolute (learned or sin-cos) embedding, as resampled for this input size.
-
-    Returns:
-        The ViT-paper similarity grid (one tile per patch), the clicked patch's similarity on the photo, and
-        the top three principal components as RGB on the photo.
-    """
-    if seen.inspection.pos_embed is None:  # EVA-02 and the RoPE-ViT _ape models have one beside RoPE
-        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
-    insp = seen.inspection
-    if insp.pos_embed is None:
-        _require(seen, _ABSOLUTE, "absolute position embedding", "pick a learned or sin-cos model (ViT, DeiT)")
-    pos = insp.pos_embed[0, insp.pos_embed_prefix :].detach().float()  # h*w, C
-    grid = seen.grid
-    size = f"{grid[0]}x{grid[1]} grid"
-    with torch.inference_mode():
-        sims = viz.cosine_similarity_matrix(pos, grid)  # N, N
-        tiles = viz.pos_embed_similarity_grid(pos, grid, title=f"{seen.name}: position embedding similarity ({size})")
-        sim = viz.similarity_map(pos, grid, patch)  # gh, gw
-        pca = viz.pos_embed_pca_rgb(pos, grid)  # gh, gw, 3
-    clicked = viz.overlay(seen.photo, sim, vmax=1.0, mark=patch, title=f"Similarity to patch {patch}",
-                          colorbar_label="cosine similarity of position embeddings", min_side=OVERLAY_SIDE)
-    pca_img = viz.overlay(seen.photo, pca, alpha=0.75, title="Embedding PCA as RGB",
-                          min_side=OVERLAY_SIDE)
-    return (
-        View(tiles.image, {"pos_embed": pos.numpy(), "pos_similarity": sims}),
-        View(clicked, {"pos_similarity_to_patch": sim}),
-        View(pca_img, {"pos_pca_rgb": pca}),
-    )
-
-
-def relative_views(seen: Seen, block: int, patch: Patch) -> tuple[View, View]:
-    """The chosen block's relative position bias: its table for every head, and the clicked query's bias on the photo.
-
-    For BEiT the table is the one the model used at this grid (resized bicubically from the trained one); for
-    Swin the window is fixed, the clicked patch is mapped to the block's stage grid, and only the keys of its
-    (shifted) window are coloured, keys of other shift regions masked.
-    """
-    _require(seen, _RELATIVE, "relative position bias", "pick a BEiT or Swin model (relative / windowed)")
-    trace = seen.inspection.blocks[block]
-    attn = _attention_modules(seen)[block]
-    with torch.inference_mode():
-        table, window = attn.relative_position_bias_table, attn.rel_pos_window  # R, heads
-        if trace.window is None and tuple(trace.grid) != tuple(window):
-            table = resize_rel_pos_bias_table(table, trace.grid, window, attn.rel_pos_cls)  # R', heads
-            window = tuple(trace.grid)
-        table = table.detach().float()
-        table_img = viz.bias_table_heatmaps(
-            table, window, cls_entries=attn.rel_pos_cls,
-            title=f"{seen.name}: relative position bias table\n{describe_block(seen, block)}").image
-        rows, prefix = _query_rows(seen, trace, trace.pos_bias.float(), patch)  # heads, gh, gw
-        block_patch = _block_patch(seen, trace, patch)
-        query_img = viz.query_bias_overlays(
-            seen.photo, rows, block_patch, cls_bias=None if prefix is None else prefix[:, 0],
-            title=f"{seen.name}: bias from patch {block_patch} to the keys it attends to\n"
-                  f"{describe_block(seen, block)}").image
-    arrays = {"bias_table": table.numpy(), "bias_window": np.array(window), "query_bias": rows,
-              "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)}
-    if prefix is not None:
-        arrays["query_bias_to_prefix"] = prefix
-    return View(table_img, {k: arrays[k] for k in ("bias_table", "bias_window")}), View(
-        query_img, {k: v for k, v in arrays.items() if k not in ("bias_table", "bias_window")})
-
-
-def rope_view(seen: Seen, patch: Patch) -> View:
-    """RoPE's relative-phase similarity between the clicked position and every other (angles at this grid).
-
-    The colour scale is fitted to the map's own values: the mean cosine rarely falls far below zero, and a fixed
-    -1..1 scale would hide how it falls off.
-    """
-    if seen.inspection.rope_angles is None:  # no RoPE, or mixed RoPE (angles per block and head, its own views)
-        _require(seen, (), "axial rotary embedding", "pick a RoPE model (mixed RoPE has its own per-head views)")
-    angles = seen.inspection.rope_angles.detach().float()  # h*w, head_dim/2
-    sim = viz.rope_phase_similarity(angles, seen.grid, patch)  # gh, gw
-    img = viz.overlay(seen.photo, sim, cmap="viridis", mark=patch,
-                      title=f"RoPE similarity to {patch}", colorbar_label="mean cos(angle difference)",
-                      min_side=OVERLAY_SIDE)
-    return View(img, {"rope_angles": angles.numpy(), "rope_similarity": sim})
-
-
 def attention_view(seen: Seen, block: int, patch: Patch) -> View:
-    """Every head's attention from the clicked patch in the chosen block, on the photo.
+    """Every head's attention from the clicked patch in the chosen block (from its prefix query in a block without
+    patch queries, such as class attention), on the photo.
 
     For relative-bias and RoPE models a second row shows the same attention with the position term left out.
     """
     trace = seen.inspection.blocks[block]
-    rows, prefix = _query_rows(seen, trace, trace.attn[0].float(), patch)  # heads, gh, gw
+    rows, prefix, query = query_row(seen, block, trace.attn[0], patch)  # heads, hk, wk
     no_pos = None
     if trace.attn_no_pos is not None:
-        no_pos, _ = _query_rows(seen, trace, trace.attn_no_pos[0].float(), patch)  # heads, gh, gw
-    block_patch = _block_patch(seen, trace, patch)
+        no_pos, _, _ = query_row(seen, block, trace.attn_no_pos[0], patch)  # heads, hk, wk
+    block_patch = query.patch
     sheet = viz.attention_overlays(
         seen.photo, rows, block_patch, attn_no_pos=no_pos, prefix_attn=prefix,
         no_pos_label="without the position term",
-        title=f"{seen.name}: attention from patch {block_patch}\n{describe_block(seen, block)}")
+        title=f"{seen.name}: attention from {query.describe()}\n{describe_block(seen, block)}")
     arrays = {"attention": rows, "attention_no_pos": no_pos, "attention_to_prefix": prefix}
     return View(sheet.image, {k: v for k, v in arrays.items() if v is not None})
 
@@ -495,31 +382,45 @@ def prefix_attention_shares(seen: Seen) -> tuple[np.ndarray, tuple[str, ...]]:
 
     Groups, in order: "cls" and "dist" where present, "registers" (all register tokens together) and "patches".
     Shares are attention probabilities summed over a group's keys and averaged over the patch queries (prefix
-    queries left out), so the groups of one head and block add up to 1.
+    queries and padding left out; over every query in a block without patch queries), so the groups of one head
+    and block add up to 1 less what goes to padding keys. Each block's prefix keys come from its token layout: a
+    block without prefix tokens (ConViT's GPSA blocks) gives its prefix groups 0.
 
     Returns:
-        (blocks, heads, G) shares and the G group names.
+        (blocks, heads, G) shares and the G group names; a block without token attention is NaN.
 
     Raises:
-        ViewUnavailable: windowed attention (Swin) or a model without prefix tokens.
+        ViewUnavailable: no block of the model has prefix keys.
     """
     insp = seen.inspection
-    names = insp.prefix_labels
+    names: list[str] = []
+    for trace in insp.blocks:
+        names += [n for n in (trace.layout.key_prefix if trace.layout is not None else ()) if n not in names]
     if not names:
         raise ViewUnavailable(f"{seen.name} has no cls token or registers: every key is a patch")
-    if any(trace.window is not None for trace in insp.blocks):
-        raise ViewUnavailable(f"{seen.name} attends within windows, without prefix tokens")
-    groups = [(n, [i]) for i, n in enumerate(names) if not n.startswith("reg")]
-    registers = [i for i, n in enumerate(names) if n.startswith("reg")]
+    groups = [(n, [n]) for n in names if not n.startswith("reg")]
+    registers = [n for n in names if n.startswith("reg")]
     if registers:
         groups.append(("registers", registers))
-    p = len(names)
-    shares = []
-    for trace in insp.blocks:
-        per_key = trace.attn[0, :, p:, :].float().mean(dim=1)  # heads, N  (mean over patch queries)
-        columns = [per_key[:, idx].sum(dim=-1) for _, idx in groups] + [per_key[:, p:].sum(dim=-1)]  # G x (heads,)
-        shares.append(torch.stack(columns, dim=-1))  # heads, G
-    return torch.stack(shares).numpy(), tuple(n for n, _ in groups) + ("patches",)  # blocks, heads, G
+    heads = max(trace.attn.shape[-3] for trace in insp.blocks)
+    shares = np.full((len(insp.blocks), heads, len(groups) + 1), np.nan, dtype=np.float32)  # blocks, heads, G
+    for b, trace in enumerate(insp.blocks):
+        if trace.layout is None:
+            continue
+        layout = trace.layout
+        attn = layout.grouped(trace.attn[0]).float()  # G, heads, nq, nk
+        queries_used = layout.query_is_patch if layout.query_is_patch.any() else layout.query_tokens >= 0  # G, nq
+        weight = queries_used.to(attn.dtype) / queries_used.sum()  # G, nq
+        per_slot = torch.einsum("ghqk,gq->ghk", attn, weight)  # G, heads, nk: mean over the chosen queries
+        tokens = layout.key_tokens  # G, nk
+        columns = []
+        for _, members in groups:
+            idx = [i for i, n in enumerate(layout.key_prefix) if n in members]
+            hit = torch.isin(tokens, torch.tensor(idx, dtype=tokens.dtype))  # G, nk
+            columns.append((per_slot * hit[:, None]).sum(dim=(0, 2)))  # heads
+        columns.append((per_slot * layout.key_is_patch[:, None]).sum(dim=(0, 2)))  # heads
+        shares[b, : attn.shape[1]] = torch.stack(columns, dim=-1).numpy()  # heads, G
+    return shares, tuple(n for n, _ in groups) + ("patches",)
 
 
 def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
@@ -537,6 +438,102 @@ def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
         footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
         mark_row=block)  # fmt: skip
     return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
+
+
+def _hstack(parts: list[Image.Image], gap: int = 8) -> Image.Image:
+    """Pictures side by side on white, tops aligned."""
+    out = Image.new("RGB", (sum(p.width for p in parts) + gap * (len(parts) - 1), max(p.height for p in parts)),
+                    (255, 255, 255))
+    x = 0
+    for p in parts:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
+def rollout_maps(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
+    """Rollout up to ``block`` from the clicked patch's token (and from cls where there is one), with and without
+    position, on the input patch grid.
+
+    Returns:
+        (2, R, h0, w0) with / without position, (2, R, P) their shares on the input prefix tokens, the R start names,
+        and one line saying what "without position" is for this model.
+
+    Raises:
+        ViewUnavailable: no block attends between tokens.
+    """
+    insp = seen.inspection
+    try:
+        after = rollout.block_tokens(insp)[block]
+    except rollout.RolloutUnavailable as error:
+        raise ViewUnavailable(f"{seen.name}: {error}") from None
+    token = after.nearest(queries.patch_pixel(patch, seen.grid, seen.size))
+    starts = [token] + ([after.prefix.index("cls")] if "cls" in after.prefix else [])
+    names = (f"patch {patch}",) + (("cls",) if len(starts) > 1 else ())
+    select = torch.eye(len(after), dtype=torch.float64)[starts]  # R, len(after)
+    if seen.pixels is None and rollout.needs_position_free_run(insp):
+        raise ViewUnavailable(f"{seen.name}: the rollout without position needs the input; inspect it again")
+    with_pos, without, rule = rollout.rollout_pair(seen.loaded.model, seen.pixels, insp, block=block, select=select)
+    grids, prefixes = zip(*(r.on_grid() for r in (with_pos, without)))
+    return np.stack([g[0] for g in grids]), np.stack([p[0] for p in prefixes]), names, rule
+
+
+def rollout_view(seen: Seen, block: int, patch: Patch) -> View:
+    """Attention rollout up to the chosen block, with position, without, and the difference, on the photo: from the
+    clicked patch, and from cls where there is one (:mod:`posenc.rollout`)."""
+    maps, prefix, names, rule = rollout_maps(seen, block, patch)  # 2, R, h0, w0
+    grid0 = maps.shape[-2:]
+    mark = map_patch(patch, seen.grid, grid0)
+    rows = []
+    for r, name in enumerate(names):
+        vmax = float(np.nanmax(maps[:, r]))
+        diff = maps[0, r] - maps[1, r]
+        span = float(np.nanmax(np.abs(diff))) or 1e-12
+        share = f"; on prefix tokens {prefix[0, r].sum():.2f} / {prefix[1, r].sum():.2f}" if prefix.shape[-1] else ""
+        panels = [viz.overlay(seen.photo, maps[0, r], vmin=0.0, vmax=vmax, mark=mark, title=f"from {name}: with position",
+                              colorbar_label="rollout share", min_side=224, max_side=320),
+                  viz.overlay(seen.photo, maps[1, r], vmin=0.0, vmax=vmax, mark=mark, title="without position",
+                              colorbar_label="rollout share", min_side=224, max_side=320),
+                  viz.overlay(seen.photo, diff, cmap="RdBu_r", vmin=-span, vmax=span, mark=mark,
+                              title="with - without", colorbar_label="share from position", min_side=224, max_side=320)]
+        rows.append(_hstack(panels))
+        rows.append(viz.text_strip(f"{name}: total variation between with and without "
+                                   f"{0.5 * np.abs(diff).sum() + 0.5 * np.abs(prefix[0, r] - prefix[1, r]).sum():.3f}"
+                                   f"{share}", rows[-1].width, 12))
+    head = viz.text_strip(f"{seen.name}: attention rollout through blocks 0..{block} (heads averaged, + identity, rows "
+                          f"renormalised); {rule}", rows[0].width, 13)
+    arrays = {"rollout": maps[0], "rollout_no_pos": maps[1], "rollout_to_prefix": prefix[0],
+              "rollout_no_pos_to_prefix": prefix[1], "rollout_starts": np.array(names)}
+    return View(viz.vstack([head, *rows]), arrays)
+
+
+def token_norms_view(seen: Seen, block: int, patch: Patch) -> View:
+    """The norm of every output token of the chosen block on its grid, the high-norm tokens, and a histogram with
+    the threshold and the cls / register norms marked (:mod:`posenc.norms`)."""
+    if not seen.norms:
+        raise ViewUnavailable(f"{seen.name}: the block outputs were not collected for this inspection")
+    found = seen.norms[block]
+    if isinstance(found, str):
+        raise ViewUnavailable(f"{seen.name}: {found}")
+    values, high = found.patches[0], found.high[0]  # hq, wq
+    mark = map_patch(patch, seen.grid, values.shape)
+    threshold = float(found.threshold[0])
+    panels = [viz.overlay(seen.photo, values, mark=mark, title=f"token norms after block {block}",
+                          colorbar_label="L2 norm", min_side=224, max_side=360),
+              viz.overlay(seen.photo, np.where(high, values, np.nan), cmap="magma", vmin=threshold,
+                          vmax=max(threshold, float(values.max())), mark=mark,
+                          title=f"high-norm tokens: {int(high.sum())} of {high.size}",
+                          colorbar_label="L2 norm", min_side=224, max_side=360)]
+    marks = {"threshold": threshold, **{n: float(v) for n, v in zip(found.prefix_names, found.prefix[0])}}
+    hist = plots.histogram(values, title=f"patch-token norms after block {block}", xlabel="L2 norm", marks=marks)
+    top = _hstack(panels)
+    rule = viz.text_strip(f"{seen.name}: high-norm rule: {norms.HIGH_NORM_RULE}; prefix norms: "
+                          + (", ".join(f"{n} {v:.1f}" for n, v in zip(found.prefix_names, found.prefix[0])) or "none"),
+                          max(top.width, hist.width), 12)
+    arrays = {"token_norms": values, "token_norms_high": high, "token_norms_prefix": found.prefix[0],
+              "token_norms_prefix_names": np.array(found.prefix_names, dtype=str),
+              "token_norms_threshold": np.array(threshold)}
+    return View(viz.vstack([rule, top, hist]), arrays)
 
 
 def try_view(make: Callable[[], View | tuple[View, ...]]) -> tuple[View | tuple[View, ...] | None, str]:

@@ -128,7 +128,7 @@ def _norm(values: np.ndarray, vmin: float | None, vmax: float | None, *, symmetr
     return Normalize(vmin=lo, vmax=hi)
 
 
-def _fmt(v: float) -> str:
+def format_number(v: float) -> str:
     """Short number for labels, with a typographic minus."""
     text = f"{v:.3g}"
     return text.replace("-", "\u2212")
@@ -487,7 +487,7 @@ def _wrap(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
 
 
 @lru_cache(maxsize=512)
-def _text_strip(text: str, width: int, size: int, *, lines: int | None = None) -> Image.Image:
+def text_strip(text: str, width: int, size: int, *, lines: int | None = None) -> Image.Image:
     """A white strip holding ``text`` (``\\n`` splits lines) centred, shrinking the font to fit, then wrapping.
 
     ``lines`` reserves room for that many lines, so strips of one row of panels line up. Memoised (rendering
@@ -505,8 +505,8 @@ def _text_strip(text: str, width: int, size: int, *, lines: int | None = None) -
 
 
 @lru_cache(maxsize=512)
-def _label(text: str, size: int, colour: tuple[int, int, int]) -> Image.Image:
-    """``text`` on white, cropped to its ink box; memoised like :func:`_text_strip`."""
+def text_label(text: str, size: int, colour: tuple[int, int, int]) -> Image.Image:
+    """``text`` on white, cropped to its ink box; memoised like :func:`text_strip`."""
     font = _font(size)
     x0, y0, x1, y1 = font.getbbox(text)
     img = Image.new("RGB", (max(1, x1 - x0), max(1, y1 - y0)), (255, 255, 255))
@@ -514,12 +514,12 @@ def _label(text: str, size: int, colour: tuple[int, int, int]) -> Image.Image:
     return img
 
 
-def _paste_label(
+def paste_label(
     canvas: Image.Image, text: str, xy: tuple[float, float], anchor: str, *, size: int = 11,
     colour: tuple[int, int, int] = (0, 0, 0),
 ) -> None:
     """Paste a small label at ``xy``; ``anchor`` is two letters: l/m/r horizontally, then t/m/b vertically."""
-    img = _label(text, size, colour)
+    img = text_label(text, size, colour)
     dx = {"l": 0.0, "m": 0.5, "r": 1.0}[anchor[0]] * img.width
     dy = {"t": 0.0, "m": 0.5, "b": 1.0}[anchor[1]] * img.height
     canvas.paste(img, (round(xy[0] - dx), round(xy[1] - dy)))
@@ -529,7 +529,7 @@ def _paste_label(
 def _colorbar_strip(cmap: str, vmin: float, vmax: float, width: int, size: int, label: str | None) -> Image.Image:
     """A horizontal colour bar from ``vmin`` to ``vmax`` with min / middle / max tick labels and an optional label.
 
-    Memoised like :func:`_text_strip`: callers paste it and never draw on it.
+    Memoised like :func:`text_strip`: callers paste it and never draw on it.
     """
     font = _font(size)
     pad = max(10, width // 16)
@@ -549,11 +549,11 @@ def _colorbar_strip(cmap: str, vmin: float, vmax: float, width: int, size: int, 
     for frac, anchor in ((0.0, "lt"), (0.5, "mt"), (1.0, "rt")):
         x = pad + frac * (bar_w - 1)
         draw.line((x, top + bar_h, x, top + bar_h + 3), fill=(60, 60, 60), width=1)
-        draw.text((x, top + bar_h + 4), _fmt(lo + frac * (hi - lo)), font=font, fill=(0, 0, 0), anchor=anchor)
+        draw.text((x, top + bar_h + 4), format_number(lo + frac * (hi - lo)), font=font, fill=(0, 0, 0), anchor=anchor)
     return strip
 
 
-def _vstack(parts: Sequence[Image.Image]) -> Image.Image:
+def vstack(parts: Sequence[Image.Image]) -> Image.Image:
     """Stack images top to bottom, each centred on the widest."""
     width = max(p.width for p in parts)
     out = Image.new("RGB", (width, sum(p.height for p in parts)), (255, 255, 255))
@@ -618,11 +618,11 @@ def overlay(
     size = int(np.clip(round(width / 22), 11, 18))
     parts = []
     if title:
-        parts.append(_text_strip(title, width, size + 1))
+        parts.append(text_strip(title, width, size + 1))
     parts.append(img)
     if colorbar and norm is not None:
         parts.append(_colorbar_strip(cmap, float(norm.vmin), float(norm.vmax), width, size, colorbar_label))
-    return _vstack(parts)
+    return vstack(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -690,12 +690,12 @@ def _compose(
         placed.append((img, (head - img.width) // 2 if x is None else x, y))
         return y + img.height
 
-    y = place(_text_strip(title, head, size + 3), 0)
+    y = place(text_strip(title, head, size + 3), 0)
     for r in range(math.ceil(len(panels) / ncols)):
         if row_labels is not None:
-            y = place(_text_strip(row_labels[r], head, size + 1), y)
+            y = place(text_strip(row_labels[r], head, size + 1), y)
         ks = [k for k in range(r * ncols, min((r + 1) * ncols, len(panels))) if panels[k] is not None]
-        strips = {k: _text_strip(titles[k], pw, size, lines=title_lines) for k in ks}
+        strips = {k: text_strip(titles[k], pw, size, lines=title_lines) for k in ks}
         strip_h = max((s.height for s in strips.values()), default=0)
         for k in ks:
             x = left + (k - r * ncols) * (pw + _GAP)
@@ -706,7 +706,7 @@ def _compose(
     bar_w = min(head - 2 * _MARGIN, max(320, 2 * pw))
     y = place(_colorbar_strip(cmap, float(norm.vmin), float(norm.vmax), bar_w, size, colorbar_label), y)
     if footer:
-        y = place(_text_strip(footer, head, size), y)
+        y = place(text_strip(footer, head, size), y)
     canvas = Image.new("RGB", (width, y), (255, 255, 255))
     for img, x, top in placed:
         canvas.paste(img, (x, top))
@@ -721,23 +721,27 @@ def _heads_maps(maps: Array, name: str) -> np.ndarray:
     return m
 
 
-def similarity_mosaic(pos_embed: Array, grid: Sequence[int]) -> np.ndarray:
+def similarity_mosaic(pos_embed: Array, grid: Sequence[int], *, similarity: Array | None = None) -> np.ndarray:
     """ViT Figure 7's mosaic: tile (i, j) is the cosine similarity of patch (i, j)'s embedding to every patch.
 
-    Tiles are (gh, gw) and separated by NaN gaps one cell wide.
+    Tiles are (gh, gw) and separated by NaN gaps one cell wide. ``similarity``, the (N, N)
+    :func:`cosine_similarity_matrix` when already computed, is used as it is.
 
     Returns:
         (gh*(gh+1)-1, gw*(gw+1)-1) float32 array: tile (i, j) occupies rows ``i*(gh+1) + [0, gh)`` and
         columns ``j*(gw+1) + [0, gw)``.
     """
     gh, gw = _check_grid(grid)
-    sims = torch.from_numpy(cosine_similarity_matrix(pos_embed, (gh, gw))).reshape(gh, gw, gh, gw)  # i, j, a, b
+    if similarity is None:
+        similarity = cosine_similarity_matrix(pos_embed, (gh, gw))  # N, N
+    sims = torch.as_tensor(_to_numpy(similarity, "similarity")).reshape(gh, gw, gh, gw)  # i, j, a, b
     padded = F.pad(sims, (0, 1, 0, 1), value=float("nan"))  # i, j, a+1, b+1
     return rearrange(padded, "i j a b -> (i a) (j b)")[:-1, :-1].numpy()  # gh*(gh+1)-1, gw*(gw+1)-1
 
 
 def pos_embed_similarity_grid(
-    pos_embed: Array, grid: Sequence[int], *, title: str = "Position embedding similarity", cmap: str = "viridis"
+    pos_embed: Array, grid: Sequence[int], *, title: str = "Position embedding similarity", cmap: str = "viridis",
+    similarity: Array | None = None,
 ) -> Sheet:
     """ViT Figure 7 style: one tile per patch, holding its embedding's cosine similarity to every patch.
 
@@ -750,12 +754,13 @@ def pos_embed_similarity_grid(
         grid: ``(gh, gw)``.
         title: sheet title.
         cmap: matplotlib colormap name.
+        similarity: the (N, N) :func:`cosine_similarity_matrix` when already computed.
 
     Returns:
         A :class:`Sheet` with one panel: the mosaic, ``cell`` pixels per mosaic entry.
     """
     gh, gw = _check_grid(grid)
-    mosaic = similarity_mosaic(pos_embed, (gh, gw))  # gh*(gh+1)-1, gw*(gw+1)-1
+    mosaic = similarity_mosaic(pos_embed, (gh, gw), similarity=similarity)  # gh*(gh+1)-1, gw*(gw+1)-1
     cell = max(2, math.ceil(_MOSAIC_SIDE / max(mosaic.shape)))
     norm = Normalize(float(np.nanmin(mosaic)), 1.0) if np.nanmin(mosaic) < 1.0 else Normalize(0.0, 1.0)
     cm = matplotlib.colormaps[cmap]
@@ -765,10 +770,10 @@ def pos_embed_similarity_grid(
     framed.paste(picture, (gutter, gutter))
     step_r, step_c = max(1, math.ceil(gh / 12)), max(1, math.ceil(gw / 12))
     for i in range(0, gh, step_r):
-        _paste_label(framed, str(i), (gutter - 4, gutter + (i * (gh + 1) + gh / 2) * cell), "rm")
+        paste_label(framed, str(i), (gutter - 4, gutter + (i * (gh + 1) + gh / 2) * cell), "rm")
     for j in range(0, gw, step_c):
-        _paste_label(framed, str(j), (gutter + (j * (gw + 1) + gw / 2) * cell, gutter - 4), "mb")
-    _paste_label(framed, "row \u2193  col \u2192", (4, 4), "lt", colour=(90, 90, 90))
+        paste_label(framed, str(j), (gutter + (j * (gw + 1) + gw / 2) * cell, gutter - 4), "mb")
+    paste_label(framed, "row \u2193  col \u2192", (4, 4), "lt", colour=(90, 90, 90))
     sheet = _compose(
         [framed], [f"tile (row, col): similarity of that patch to every patch ({gh}x{gw})"],
         ncols=1, title=title, cmap=cmap, norm=norm, colorbar_label="cosine similarity",
@@ -840,16 +845,16 @@ def bias_table_heatmaps(
                 (ox, oy, ox + (2 * Ow - 1) * cell - 1, oy + (2 * Oh - 1) * cell - 1), outline=(0, 0, 0), width=2
             )
         for i, dy in ((0, -(Wh - 1)), (Wh - 1, 0), (2 * Wh - 2, Wh - 1)):
-            _paste_label(framed, _fmt(dy), (gutter - 3, (i + 0.5) * cell), "rm", size=10)
+            paste_label(framed, format_number(dy), (gutter - 3, (i + 0.5) * cell), "rm", size=10)
         for j, dx in ((0, -(Ww - 1)), (Ww - 1, 0), (2 * Ww - 2, Ww - 1)):
-            _paste_label(framed, _fmt(dx), (gutter + (j + 0.5) * cell, H + 3), "mt", size=10)
+            paste_label(framed, format_number(dx), (gutter + (j + 0.5) * cell, H + 3), "mt", size=10)
         panels.append(framed)
     head_titles = []
     for h in range(heads):
         head_title = f"head {h}"
         if cls_entries:
             c2t, t2c, c2c = cls[h]
-            head_title += f"\ncls\u2192tok {_fmt(c2t)}\ntok\u2192cls {_fmt(t2c)}\ncls\u2192cls {_fmt(c2c)}"
+            head_title += f"\ncls\u2192tok {format_number(c2t)}\ntok\u2192cls {format_number(t2c)}\ncls\u2192cls {format_number(c2c)}"
         head_titles.append(head_title)
     _, ncols = _head_layout(heads)
     sheet = _compose(
@@ -965,7 +970,7 @@ def query_bias_overlays(
         cb = _to_numpy(cls_bias, "cls_bias").reshape(-1)  # heads
         if cb.shape[0] != heads:
             raise ValueError(f"cls_bias must be (heads,) = ({heads},), got {cb.shape}")
-        notes = [f"\ntok\u2192cls {_fmt(float(v))}" for v in cb]
+        notes = [f"\ntok\u2192cls {format_number(float(v))}" for v in cb]
     photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
     norm = _norm(maps, None, None, symmetric=symmetric)
     cm = matplotlib.colormaps[cmap]
@@ -1016,13 +1021,13 @@ def frequency_planes(
             colour = tuple(int(c) for c in colours[h, k])
             draw.line((centre, centre, x, y), fill=colour, width=2)
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour, outline=(0, 0, 0))
-        _paste_label(img, "x\u2192", (side - 3, centre - 3), "rb", size=10, colour=(90, 90, 90))
-        _paste_label(img, "y\u2193", (centre + 3, side - 3), "lb", size=10, colour=(90, 90, 90))
+        paste_label(img, "x\u2192", (side - 3, centre - 3), "rb", size=10, colour=(90, 90, 90))
+        paste_label(img, "y\u2193", (centre + 3, side - 3), "lb", size=10, colour=(90, 90, 90))
         panels.append(img)
     return _compose(
         panels, [f"head {h}" for h in range(heads)], ncols=_head_layout(heads)[1], title=title, cmap=cmap, norm=norm,
         colorbar_label="frequency magnitude (radians per patch)",
-        footer=f"outer circle: {_fmt(reach)} radians per patch; one arrow per rotated channel pair",
+        footer=f"outer circle: {format_number(reach)} radians per patch; one arrow per rotated channel pair",
     )  # fmt: skip
 
 
@@ -1164,13 +1169,13 @@ def attention_overlays(
         if pa.shape[0] != heads or pa.ndim > 2:
             raise ValueError(f"prefix_attn must be (heads,) or (heads, P) with heads = {heads}, got {pa.shape}")
         pa = pa.reshape(heads, -1).sum(axis=-1)  # heads
-        notes = [f"\n\u2192prefix {_fmt(float(v))}" for v in pa]
+        notes = [f"\n\u2192prefix {format_number(float(v))}" for v in pa]
     if shared_scale:
         norm, label = Normalize(0.0, float(scale[0])), "attention weight"
         head_titles = [f"head {h}{notes[h]}" for h in range(heads)]
     else:
         norm, label = Normalize(0.0, 1.0), "attention \u00f7 head max"
-        head_titles = [f"head {h} (max {_fmt(float(scale[h]))}){notes[h]}" for h in range(heads)]
+        head_titles = [f"head {h} (max {format_number(float(scale[h]))}){notes[h]}" for h in range(heads)]
         stacked = stacked / scale[None, :, None, None]  # R, heads, gh, gw
     photo = _photo_image(image, (gh, gw), _PANEL_MIN, _PANEL_MAX)
     cm = matplotlib.colormaps[cmap]

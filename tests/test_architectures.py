@@ -269,26 +269,9 @@ def test_convert_and_registry_hold_no_table_of_architectures_or_key_rules():
 
 # ---------------------------------------------------------------------------------------------- import rules
 
-#: Known violations outside this issue's part, each owned by work under way elsewhere; remove an entry when its
-#: module is fixed (the test fails on an entry that no longer occurs, so the list cannot go stale).
-KNOWN_PRIVATE_USES = {
-    # mechanism modules use views' per-patch helpers; issue 18 makes them a public module
-    ("posenc.mechanisms.cpb", "posenc.views", "_block_patch"),
-    ("posenc.mechanisms.cpb", "posenc.views", "_query_rows"),
-    ("posenc.mechanisms.decomposed", "posenc.views", "_block_patch"),
-    ("posenc.mechanisms.decomposed", "posenc.views", "_window_keys"),
-    ("posenc.mechanisms.gpsa", "posenc.views", "_query_rows"),
-    ("posenc.mechanisms.offset_bias", "posenc.views", "_block_patch"),
-    ("posenc.mechanisms.offset_bias", "posenc.views", "_query_rows"),
-    # plots draws its axes with viz's text helpers; making them public renames them across viz.py, which issue 18
-    # is changing: left for after that merge
-    ("posenc.plots", "posenc.viz", "_fmt"),
-    ("posenc.plots", "posenc.viz", "_label"),
-    ("posenc.plots", "posenc.viz", "_paste_label"),
-    ("posenc.plots", "posenc.viz", "_text_strip"),
-    ("posenc.plots", "posenc.viz", "_vstack"),
-}
-#: ui imports ui_measure inside create_demo and ui_measure imports ui (the app package removes the circle).
+#: Known violations, each owned by work under way; remove an entry when its module is fixed (the test fails on an
+#: entry that no longer occurs, so the list cannot go stale). None today.
+KNOWN_PRIVATE_USES: set[tuple[str, str, str]] = set()
 KNOWN_CIRCLES: list[set[str]] = []
 
 

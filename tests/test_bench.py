@@ -18,7 +18,7 @@ from conftest import ROOT
 ENVIRONMENT_KEYS = {"benchmark", "timestamp", "hardware", "threads", "versions", "settings"}
 HEADINGS = {
     "forward_cpu": "| deit_tiny | 2 |",
-    "app_request": "| cifar10-learned",
+    "app_request": "| levit_128s | `timm/levit_128s.fb_dist_in1k` | offset_bias | 7.8M |",
     "model_load": "models in turn through the app's cache",
     "gpu": "| swin_tiny | 2 |",
 }
@@ -31,6 +31,7 @@ CASES = [
         lambda r: [row["batch"] for m in r["models"].values() for row in m["forward"]] == [2, 2]
         and all(m["inspect"]["ratio"]["n"] == 1 for m in r["models"].values())
         and all(m["forward"][0]["control_timm_timm"]["n"] == 1 for m in r["models"].values())
+        and r["runs"] == 1 and all(len(m["forward"][0]["runs"]) == 1 for m in r["models"].values())
         # DeiT runs exactly timm's operators; Swin folds windows into heads for the fused kernel, so it does not
         and r["models"]["deit_tiny"]["forward"][0]["same_kernels"] is True
         and "aten::_scaled_dot_product_flash_attention_for_cpu" in r["models"]["swin_tiny"]["forward"][0][
@@ -38,9 +39,16 @@ CASES = [
     ),
     (
         "app_request",
-        ["--families", "learned", "windowed"],
+        ["--families", "learned", "windowed", "--architectures", "levit_128s"],
         lambda r: {"cifar10-learned", "cifar10-windowed"} <= r["models"].keys()
-        and all(m["request"]["median_ms"] > 0 and "attention_view" in m["stages"] for m in r["models"].values()),
+        and all(m["request"]["median_ms"] > 0 and "attention" in m["views"] for m in r["models"].values())
+        # the curated rows: the real model sizes, every view of each mechanism timed, a budget by size class
+        and list(r["architectures"]) == ["levit_128s"]
+        and r["architectures"]["levit_128s"]["params"] == 7_777_058
+        and r["architectures"]["levit_128s"]["input_size"] == [224, 224]
+        and {"forward_inspect", "views", "png_encode"} <= r["architectures"]["levit_128s"]["stages"].keys()
+        and {"offset_bias/offset_bias_table", "attention"} <= r["architectures"]["levit_128s"]["views"].keys()
+        and r["architectures"]["levit_128s"]["request_target_ms"] == 1000.0,
     ),
     (
         "model_load",
@@ -73,6 +81,22 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, args, check):
     assert {"python", "torch", "timm", "posenc"} <= record["versions"].keys()
     assert check(record)
     assert HEADINGS[name] in render(tmp_path)
+
+
+def test_forward_runs_keep_the_median_run_and_list_every_run():
+    from bench.forward_cpu import median_run
+
+    def run(ratio, control, load):
+        row = {"batch": 1, "ratio": {"pair_median": ratio}, "control_timm_timm": {"pair_median": control},
+               "load_average_1min": load, "same_kernels": True}
+        return {"timm_name": "x", "forward": [row], "inspect": {"ratio": {"pair_median": ratio + 1}}}
+
+    combined = median_run([run(1.20, 1.01, 9.0), run(0.90, 0.99, 3.0), run(1.00, 1.00, 5.0)])
+    assert combined["forward"][0]["ratio"]["pair_median"] == 1.00
+    assert combined["forward"][0]["load_average_1min"] == 5.0
+    assert [r["ratio"] for r in combined["forward"][0]["runs"]] == [1.20, 0.90, 1.00]  # in the order they ran
+    assert [r["control"] for r in combined["forward"][0]["runs"]] == [1.01, 0.99, 1.00]
+    assert combined["inspect"]["ratio"]["pair_median"] == 2.00
 
 
 def test_gpu_benchmark_records_no_gpu_without_cuda(tmp_path):

@@ -72,7 +72,7 @@ def test_mean_attention_distance_matches_a_loop_over_patch_pairs(name):
     size = tuple(x.shape[-2:])
     with torch.inference_mode():
         seen = model.inspect(x)
-    found = measure.mean_attention_distance(seen, size)
+    found = measure.mean_attention_distance(seen)
     assert len(found) == len(seen.blocks)
     for trace, dist in zip(seen.blocks, found):
         heads = trace.attn.shape[-3]
@@ -90,7 +90,7 @@ def test_attention_distance_drops_prefix_attention_without_renormalising():
     onto_cls = torch.zeros_like(trace.attn)
     onto_cls[..., 0] = 1.0
     moved = type(trace)(**{**trace.__dict__, "attn": onto_cls})
-    assert measure.block_attention_distance(moved, 2, (32, 32)).abs().max() == 0
+    assert measure.block_attention_distance(moved).abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------ filters
@@ -236,7 +236,7 @@ def test_block_outputs_give_every_blocks_patch_tokens(name):
         seen = model.inspect(x)
     assert len(outs) == len(seen.blocks)
     for out, trace in zip(outs, seen.blocks):
-        tokens = measure.patch_tokens(out, trace, seen.num_prefix_tokens)
+        tokens = measure.patch_tokens(out, trace)
         assert tokens.shape[:2] == (2, trace.grid[0] * trace.grid[1])
     assert not any(m._forward_hooks for m in model.modules())  # hooks are gone after the with
 
@@ -306,7 +306,7 @@ def test_cli_skips_bad_files_with_a_count_keeps_every_good_one_and_writes_its_ou
     loaded = posenc.load(str(model_dir))
     x = torch.stack([loaded.pixels(p)[0] for p in good])
     with torch.inference_mode():
-        per_block = measure.mean_attention_distance(loaded.model.inspect(x), (32, 32))
+        per_block = measure.mean_attention_distance(loaded.model.inspect(x))
     np.testing.assert_allclose(distance, [d.mean(0).numpy() for d in per_block], atol=2e-3)
 
 
@@ -335,11 +335,11 @@ def test_measure_tab_returns_four_pngs_and_the_numbers_behind_them(family, tmp_p
     numbers = np.load(npz)
     with torch.inference_mode():
         seen = loaded.model.inspect(loaded.pixels(photo))
-    expected = measure.mean_attention_distance(seen, (32, 32))
+    expected = measure.mean_attention_distance(seen)
     for b, d in enumerate(expected):
         np.testing.assert_allclose(numbers[f"attention_distance_block{b}"], d[0].numpy(), rtol=1e-5)
     with torch.inference_mode():
-        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)), (32, 32))
+        compared = measure.mean_attention_distance(other.model.inspect(other.pixels(photo)))
     np.testing.assert_allclose(numbers["compared_attention_distance_block0"], compared[0][0].numpy(), rtol=1e-5)
     assert numbers["filter_components"].shape[0] == 28
     assert numbers["reliance_shuffle_kl"].shape == (3,)

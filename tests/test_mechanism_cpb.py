@@ -45,6 +45,11 @@ def _mlp_table(attn, window, normaliser) -> torch.Tensor:
     return (16 * torch.sigmoid(hidden @ attn.cpb_mlp[2].weight.T)).reshape(2 * window[0] - 1, 2 * window[1] - 1, -1)
 
 
+
+def _attentions(seen: views.Seen) -> list:
+    """Every block's attention module of the Swin V2, stage by stage."""
+    return [block.attn for layer in seen.loaded.model.layers for block in layer.blocks]
+
 @pytest.mark.parametrize(("size", "block", "window", "normaliser"), [
     ((64, 64), 0, (8, 8), (6, 6)),  # pretrained window 6 normalises
     ((64, 64), 2, (8, 8), (8, 8)),  # no pretrained window: the window itself
@@ -52,7 +57,7 @@ def _mlp_table(attn, window, normaliser) -> torch.Tensor:
 ])  # fmt: skip
 def test_bias_table_view_shows_the_mlp_table_for_the_window_in_use(loaded, size, block, window, normaliser):
     seen = _seen(loaded, size)
-    attn = views._attention_modules(seen)[block]
+    attn = _attentions(seen)[block]
     view = mechanisms.get("cpb").views[0].draw(seen, block, (1, 1))
     with torch.no_grad():
         expected = _mlp_table(attn, window, normaliser)
@@ -71,13 +76,13 @@ def test_extrapolation_view_covers_twice_the_span_and_agrees_inside_the_window(l
     assert tuple(arrays["cpb_wide_span"]) == (16, 16) and wide.shape == (31, 31, 2)
     assert_close(wide[8:23, 8:23], table, atol=1e-5, rtol=1e-5)  # the window's offsets, inside the wider span
     with torch.no_grad():
-        far = _mlp_table(views._attention_modules(seen)[0], (16, 16), (6, 6))
+        far = _mlp_table(_attentions(seen)[0], (16, 16), (6, 6))
     assert_close(wide, far, atol=1e-5, rtol=1e-5)
 
 
 def test_temperature_view_is_exp_of_the_clamped_logit_scale(loaded):
     seen = _seen(loaded, (64, 64))
-    attn = views._attention_modules(seen)[3]
+    attn = _attentions(seen)[3]
     with torch.no_grad():
         attn.logit_scale[0] = 6.0  # above log(100): clamped
         seen = _seen(loaded, (64, 64))

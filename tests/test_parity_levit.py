@@ -68,8 +68,11 @@ def test_timm_levit_at_another_size_resizes_biases_as_timm_does(tmp_path):
     with torch.no_grad():
         assert_close(model(x).softmax(-1), big(x).softmax(-1), **TOL)
         seen = model.inspect(x)
-    assert [t.grid for t in seen.blocks] == [(6, 6), (3, 3)]
+    # stage 0's block, the subsampling attention (6x6 keys, 3x3 queries), stage 1's block
+    assert [(t.layout.query_grid, t.layout.key_grid) for t in seen.blocks] == [((6, 6), (6, 6)), ((3, 3), (6, 6)),
+                                                                               ((3, 3), (3, 3))]
     assert seen.blocks[0].position["offset_bias_table"].shape == (2, 6, 6)
+    assert seen.blocks[1].position["offset_bias_table"].shape == (4, 6, 6)
 
 
 def test_levit_refuses_sizes_off_the_stem_stride(tmp_path):

@@ -160,7 +160,7 @@ def test_unsupported_architecture_names_the_sam_presets():
     from posenc.convert import UnsupportedModelError, config_from_timm
 
     with pytest.raises(UnsupportedModelError, match=r"(?s)not supported.*samvit_base_patch16.*samvit_huge_patch16"):
-        config_from_timm({"architecture": "mvitv2_tiny", "num_classes": 1000})
+        config_from_timm({"architecture": "resnet50", "num_classes": 1000})
 
 
 # --------------------------------------------------------------------------- transformers ViTDet

@@ -11,6 +11,7 @@ from timm.models import save_for_hf
 
 from posenc import mechanisms, views
 from posenc.hub import load
+from posenc.mechanisms.absolute import similarity_to_patch
 from tests.test_parity import perturb
 
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
@@ -63,7 +64,7 @@ def test_gpsa_views_refuse_plain_attention_blocks(convit):
 
 def test_convit_absolute_and_attention_views_use_its_patch_embedding_and_gpsa_attention(convit):
     ref, seen = convit
-    similarity = views.absolute_views(seen, (0, 0))[1]
+    similarity = similarity_to_patch(seen, 0, (0, 0))
     pos = ref.pos_embed[0].detach()  # 16, C: patches only
     expected = torch.nn.functional.cosine_similarity(pos[0:1], pos, dim=-1).reshape(4, 4).numpy()
     np.testing.assert_allclose(similarity.arrays["pos_similarity_to_patch"], expected, atol=1e-5)
@@ -84,18 +85,34 @@ def levit(tmp_path_factory):
     return ref, views.inspect_image(load(str(folder)), PHOTO)
 
 
-@pytest.mark.parametrize(("block", "patch", "stage_patch"), [(0, (1, 3), (1, 3)), (1, (3, 2), (1, 1))])
-def test_offset_query_bias_view_looks_up_the_table_by_absolute_offset(levit, block, patch, stage_patch):
-    ref, seen = levit
+@pytest.mark.parametrize(("block", "stage", "patch", "stage_patch"), [(0, 0, (1, 3), (1, 3)), (2, 1, (3, 2), (1, 1))])
+def test_offset_query_bias_view_looks_up_the_table_by_absolute_offset(levit, block, stage, patch, stage_patch):
+    ref, seen = levit  # inspection blocks: stage 0's block, the subsampling attention, stage 1's block
     view = mechanisms.get("offset_bias").views[1].draw(seen, block, patch)
-    stage = ref.stages[block]
-    table = stage.blocks[0].attn.attention_biases.detach().numpy()  # heads, h*w
-    side = 4 >> block
+    table = ref.stages[stage].blocks[0].attn.attention_biases.detach().numpy()  # heads, h*w
+    side = 4 >> stage
     r, c = stage_patch
     rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     expected = table[:, (np.abs(rows - r) * side + np.abs(cols - c)).ravel()].reshape(-1, side, side)
     np.testing.assert_allclose(view.arrays["query_bias"], expected, atol=1e-6)
     assert view.arrays["block_patch"].tolist() == list(stage_patch)
+
+
+def test_subsampling_attention_has_queries_on_their_own_grid_and_keys_on_the_stage_grid(levit):
+    ref, seen = levit
+    trace = seen.inspection.blocks[1]
+    assert trace.layout.query_grid == (2, 2) and trace.layout.key_grid == (4, 4)
+    # patch (3, 2) of the 4x4 stem grid is centred at pixel (56, 40); the nearest query (1, 1) was sampled from key
+    # (2, 2), at pixel (40, 40)
+    view = mechanisms.get("offset_bias").views[1].draw(seen, 1, (3, 2))
+    assert view.arrays["block_patch"].tolist() == [2, 2]
+    table = ref.stages[1].downsample.attn_downsample.attention_biases.detach().numpy()  # heads, 16
+    rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    expected = table[:, (np.abs(rows - 2) * 4 + np.abs(cols - 2)).ravel()].reshape(-1, 4, 4)
+    np.testing.assert_allclose(view.arrays["query_bias"], expected, atol=1e-6)
+    attention = views.attention_view(seen, 1, (3, 2))
+    assert attention.arrays["attention"].shape == (4, 4, 4)  # heads, key grid
+    np.testing.assert_allclose(attention.arrays["attention"].sum(axis=(1, 2)), 1.0, atol=1e-5)
 
 
 def test_offset_bias_table_view_is_mirrored_about_zero_offset(levit):

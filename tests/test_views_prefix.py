@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import posenc
-from posenc import views
+from posenc import mechanisms, views
 from posenc.models import ViTConfig, build_model
 from posenc.preprocess import Preprocess
 
@@ -85,7 +85,7 @@ def test_headless_model_says_it_has_no_classifier_and_every_view_still_draws(tmp
     seen = views.inspect_image(loaded, photo)
     assert seen.inspection.logits.shape == (1, 32)  # the pooled (normed cls) features
     assert views.predictions(seen) == {views.NO_CLASSIFIER: 0.0}
-    drawn = [*views.absolute_views(seen, (1, 2)), views.attention_view(seen, 2, (1, 2)),
+    drawn = [*(k.view for k in mechanisms.kind_views(seen, "absolute", 2, (1, 2))), views.attention_view(seen, 2, (1, 2)),
              views.prefix_attention_view(seen, 2, (1, 2))]
     assert all(v.image.width > 0 for v in drawn)
     npz = np.load(views.save_npz(tmp_path / "out.npz", seen, (1, 2), 2, drawn))

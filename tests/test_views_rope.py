@@ -14,7 +14,8 @@ from posenc import mechanisms, viz
 from posenc.hub import LoadedModel
 from posenc.models import Eva, EvaConfig
 from posenc.preprocess import Preprocess
-from posenc.views import OVERLAY_SIDE, Seen, ViewUnavailable, rope_view
+from posenc.mechanisms.rope_axial import phase_similarity
+from posenc.views import OVERLAY_SIDE, Seen, ViewUnavailable
 
 GRID = (5, 3)  # non-square: a transposed grid would put values on the wrong patches
 
@@ -47,7 +48,7 @@ def _phase_similarity(angle_of, patch: tuple[int, int]) -> np.ndarray:
 def test_axial_rope_similarity_uses_xy_angles_and_a_scale_fitted_to_its_values():
     seen = _seen(rope_temperature=100.0)
     patch = (4, 1)
-    view = rope_view(seen, patch)
+    view = phase_similarity(seen, 0, patch)
     freqs = 100.0 ** -(np.arange(4) / 4)  # hd/4 frequencies
     expected = _phase_similarity(lambda r, c: np.concatenate([c * freqs, r * freqs]), patch)  # 'xy': column first
     np.testing.assert_allclose(view.arrays["rope_similarity"], expected, atol=1e-5)
@@ -64,7 +65,7 @@ def test_axial_rope_similarity_uses_xy_angles_and_a_scale_fitted_to_its_values()
 
 def test_axial_view_is_unavailable_for_mixed_rope():
     with pytest.raises(ViewUnavailable, match="so it has no axial rotary embedding"):
-        rope_view(_seen(rope_type="mixed", rope_temperature=10.0), (0, 0))
+        phase_similarity(_seen(rope_type="mixed", rope_temperature=10.0), 0, (0, 0))
 
 
 @pytest.mark.parametrize("block", [0, 1])

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from posenc import views
+from posenc.mechanisms import absolute, rel_table, rope_axial
 from posenc.hub import LoadedModel
 from posenc.models import SwinConfig, ViTConfig, build_model
 from posenc.preprocess import Preprocess
@@ -109,6 +110,10 @@ def _bias(table, grid, cls: bool):
     return bias
 
 
+def _relative(seen: views.Seen, block: int, patch):
+    return rel_table.bias_table(seen, block, patch), rel_table.query_bias(seen, block, patch)
+
+
 def _reference_attention(seen: views.Seen, block: int):
     """Softmax attention of one block from its weights and its recorded input: with and without position."""
     model = seen.loaded.model
@@ -179,7 +184,7 @@ def test_swin_attention_view_maps_each_key_of_the_shifted_window_to_its_image_pa
 def test_relative_view_exports_the_table_and_the_query_bias_beit_used():
     vit_seen = _seen("relative")
     block = 1
-    table_view, query_view = views.relative_views(vit_seen, block, PATCH)
+    table_view, query_view = _relative(vit_seen, block, PATCH)
     table = vit_seen.loaded.model.blocks[block].attn.relative_position_bias_table.detach()
     np.testing.assert_array_equal(table_view.arrays["bias_table"], table.numpy())
     np.testing.assert_array_equal(table_view.arrays["bias_window"], [4, 6])
@@ -193,7 +198,7 @@ def test_beit_view_at_another_size_exports_the_table_resized_like_timm():
     pos_embed_rel = pytest.importorskip("timm.layers.pos_embed_rel")
     loaded = _vit("relative", img_size=(32, 32))
     seen = views.inspect_image(loaded, _photo((48, 48)), (48, 48))
-    table_view, _ = views.relative_views(seen, 0, (1, 4))
+    table_view = rel_table.bias_table(seen, 0, (1, 4))
     trained = loaded.model.blocks[0].attn.relative_position_bias_table.detach()  # 4x4 window: 52 rows
     expected = pos_embed_rel.resize_rel_pos_bias_table_simple(trained, (6, 6), (11 * 11 + 3, 2))
     np.testing.assert_allclose(table_view.arrays["bias_table"], expected.numpy(), atol=1e-5)
@@ -202,7 +207,7 @@ def test_beit_view_at_another_size_exports_the_table_resized_like_timm():
 
 @pytest.mark.parametrize("block", [0, 3])
 def test_swin_relative_view_exports_the_window_table_the_block_used_not_the_stage_grid(swin_seen, block):
-    table_view, query_view = views.relative_views(swin_seen, block, (5, 1))
+    table_view, query_view = _relative(swin_seen, block, (5, 1))
     attn = swin_seen.loaded.model.layers[block // 2].blocks[block % 2].attn
     np.testing.assert_array_equal(table_view.arrays["bias_table"], attn.relative_position_bias_table.detach().numpy())
     np.testing.assert_array_equal(table_view.arrays["bias_window"], [4, 4])
@@ -224,7 +229,7 @@ def test_swin_relative_view_exports_the_window_table_the_block_used_not_the_stag
 @pytest.mark.parametrize("family", ["learned", "sincos"])
 def test_position_embedding_views_equal_numpy_cosine_and_pca(family):
     vit_seen = _seen(family)
-    tiles, clicked, pca = views.absolute_views(vit_seen, PATCH)
+    tiles, clicked, pca = (f(vit_seen, 0, PATCH) for f in (absolute.similarity_grid, absolute.similarity_to_patch, absolute.pca))
     pos = tiles.arrays["pos_embed"].astype(np.float64)  # 24, C
     model = vit_seen.loaded.model
     if family == "learned":
@@ -245,7 +250,7 @@ def test_position_embedding_views_equal_numpy_cosine_and_pca(family):
 
 def test_rope_view_is_the_mean_cosine_of_angle_differences_from_the_clicked_patch():
     vit_seen = _seen("rope")
-    view = views.rope_view(vit_seen, PATCH)
+    view = rope_axial.phase_similarity(vit_seen, 0, PATCH)
     angles = _angles((4, 6), 16, 100.0).double()
     np.testing.assert_allclose(view.arrays["rope_angles"], angles.numpy(), atol=1e-6)
     expected = torch.cos(angles[PATCH[0] * 6 + PATCH[1]] - angles).mean(-1).reshape(4, 6)

@@ -399,7 +399,7 @@ def test_attention_overlays_add_a_row_without_position_on_the_pairs_scale():
             shown[1, 1] = expected[1, 1]  # the clicked patch carries its outline
             np.testing.assert_allclose(shown, expected, atol=1.01)
     for h in range(3):
-        assert f"head {h} (max {viz._fmt(float(pair_max[h]))})" in sheet.panels[h].title
+        assert f"head {h} (max {viz.format_number(float(pair_max[h]))})" in sheet.panels[h].title
         assert sheet.panels[3 + h].title == f"head {h}, no position"
     with pytest.raises(ValueError, match="attn_no_pos"):
         viz.attention_overlays(photo(64, 64), attn, (1, 1), attn_no_pos=no_pos[:2])

@@ -116,7 +116,8 @@ class CompareHandlers:
                 spec = next((s for s in m.views if s.compare), None)
                 if spec is not None:
                     position[m.name] = files.png(view_key(m, spec).replace("/", "_"), spec.draw(seen, b, patch).image)
-            attention = files.png("attention", views.attention_view(seen, b, patch).image)
+            drawn, _ = views.try_view(lambda s=seen, k=b, p=patch: views.attention_view(s, k, p))  # None: no token map
+            attention = files.png("attention", drawn.image if drawn else None)
             sides.append(Side(seen, patch, b, predictions(seen), position, attention))
         return Comparison(picker_a, (sides[0], sides[1]))
 

@@ -45,6 +45,12 @@ ATTENTION_HELP = (
     "For models with a relative bias or RoPE the second row leaves the position term out. Below, for models with "
     "prefix tokens (cls, registers), the share of attention each head gives them and the patches, block by block."
 )
+ROLLOUT_HELP = (
+    "**Attention rollout** through blocks 0 to the chosen block (heads averaged, plus the identity, rows "
+    "renormalised, multiplied): from the clicked patch and from cls, with position, without, and the difference. "
+    "**Token norms** after the chosen block: every patch token's L2 norm, the high-norm tokens (rule on the picture) "
+    "and a histogram with the cls and register norms marked."
+)
 
 
 class ExploreHandlers:
@@ -196,8 +202,10 @@ class ExploreHandlers:
         seen = views.inspect_image(loaded, path, input_size, name=key)
         progress(0.6, desc="Drawing the views")
         drawn = draw_mechanisms(seen, b, patch)
-        attention = views.attention_view(seen, b, patch)
-        prefix = views.prefix_attention_view(seen, b, patch) if seen.inspection.num_prefix_tokens else None
+        attention, _ = views.try_view(lambda: views.attention_view(seen, b, patch))  # None: no token map (CoaT)
+        prefix, _ = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))
+        rolled, _ = views.try_view(lambda: views.rollout_view(seen, b, patch))
+        normed, _ = views.try_view(lambda: views.token_norms_view(seen, b, patch))
         files = self.files.downloads(seen, patch, b)
         summary = summary_line(seen, patch, b)
         native = views.native_size(loaded)
@@ -208,7 +216,7 @@ class ExploreHandlers:
         shown = {"model": key, "size": views.format_size(input_size), "block": b, "patch": list(patch),
                  "grid": list(grid), "summary": summary, "request": request}
         return mechanism_outputs(seen, drawn, files) | {
-            "npz": files.npz(seen, patch, b, [*drawn.drawn, attention, prefix]),
+            "npz": files.npz(seen, patch, b, [*drawn.drawn, attention, prefix, rolled, normed]),
             "status": gr.Markdown(visible=False),
             "summary": summary,
             "info": self.info(key, loaded),
@@ -221,9 +229,11 @@ class ExploreHandlers:
             "shown": shown,
             "picker": files.png("input", views.patch_picker(seen, patch)),
             "label": predictions(seen),
-            "attention": files.png("attention", attention.image),
+            "attention": files.png("attention", attention.image if attention else None),
             "prefix_attention": gr.Image(files.png("prefix_attention", prefix.image if prefix else None),
                                          visible=bool(prefix)),
+            "rollout": gr.Image(files.png("rollout", rolled.image if rolled else None), visible=bool(rolled)),
+            "token_norms": gr.Image(files.png("token_norms", normed.image if normed else None), visible=bool(normed)),
         }
 
 
@@ -338,11 +348,16 @@ def explore_tab(h: ExploreHandlers, *, choices: list[tuple[str, str]], default_m
                         attention = view_image("Attention per head", elem_id="attention", elem_classes=["posenc-wide"])
                         prefix_attention = view_image("Attention to prefix tokens", elem_id="prefix-attention",
                                                       elem_classes=["posenc-wide"], visible=False)
+                        gr.Markdown(ROLLOUT_HELP)
+                        rollout = view_image("Attention rollout", elem_id="rollout", elem_classes=["posenc-wide"],
+                                             visible=False)
+                        token_norms = view_image("Token norms", elem_id="token-norms", elem_classes=["posenc-wide"],
+                                                 visible=False)
                 npz = gr.File(label="Raw tensors behind the views (.npz)", elem_id="npz")
 
     named = {"status": status, "summary": summary, "info": info, "model": model, "size": size, "block": block,
              "row": row, "col": col, "shown": shown, "picker": picker, "label": label, "attention": attention,
-             "prefix_attention": prefix_attention, "npz": npz, **mechanism_named}
+             "prefix_attention": prefix_attention, "rollout": rollout, "token_norms": token_norms, "npz": npz, **mechanism_named}
     outputs = Outputs(named)
     tab = ExploreTab(model=model, image=image, gallery=gallery, row=row, col=col, shown=shown, outputs=outputs,
                      named=named)

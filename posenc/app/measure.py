@@ -46,9 +46,12 @@ HELP = """**How much does the model use position?** For the image and model of t
 native input size:
 
 * **Mean attention distance** (ViT paper, Fig. 7 right): per block and head, the attention-weighted distance in
-  input pixels between a query patch and the key patches, averaged over query patches; pick a second model to
-  compare (one colour per model). Prefix tokens (cls, distillation, registers) are dropped as queries and keys
-  and the rest is not renormalised; windowed (Swin) blocks are measured on their own stage grid.
+  input pixels between a query patch and the key patches, averaged over query patches; pick models to compare
+  (one colour per model; models at different input sizes are drawn as a fraction of the image side, distance /
+  side, so a model at 518 pixels and one at 224 share one scale). Prefix tokens (cls, distillation, registers) are dropped as queries and keys
+  and the rest is not renormalised. Every token sits where its block's token layout puts it: windowed blocks
+  place each token before the shift and drop padding, subsampled or pooled blocks measure from each query to each
+  key, and a block without token-to-token attention is left out with a note.
 * **Patch-embedding filters** (Fig. 7 left): the top 28 principal components of the patch-embedding conv as RGB.
 * **Position reliance**: the prediction against the image with its patches shuffled (seeds 0, 1, 2) and against
   the model with every position term removed: top-1 agreement, KL divergence, probability of the original class.
@@ -120,23 +123,35 @@ class MeasureHandlers:
         return name, loaded, path, views.inspect_image(loaded, path, views.default_size(loaded), name=name)
 
     @staticmethod
-    def _distance(seen: views.Seen, other: views.Seen | None = None) -> tuple[Image.Image, dict[str, np.ndarray]]:
-        """The attention-distance plot of one model, or of two in two colours, and its numbers."""
-        series, arrays = {}, {}
-        for key, one in (("", seen), ("compared_", other)):
-            if one is None:
-                continue
-            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection, one.size)]
-            series[one.name if one.name not in series else f"{one.name} (2)"] = heads
-            arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
-        title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"
-        return plots.attention_distance(series, title=title), arrays
+    def _distance(seen: views.Seen, *others: views.Seen) -> tuple[Image.Image, dict[str, np.ndarray]]:
+        """The attention-distance plot of one model, or of several in one colour each, and its numbers (pixels).
 
-    def _other(self, image: Any, other: str | None, progress: Callable[..., Any]) -> views.Seen | None:
-        """The second model's inspection of the image, or None when no second model is chosen."""
-        if not (other or "").strip():
-            return None
-        return self._run(image, other, progress)[3]
+        Models at different input sizes are plotted on one scale, as a fraction of the image side
+        (:func:`posenc.atlas.distance_fraction`); models at one size in input pixels.
+        """
+        from posenc.atlas import distance_fraction
+
+        everyone = (seen, *others)
+        same = len({tuple(one.size) for one in everyone}) == 1
+        series, arrays = {}, {}
+        for k, one in enumerate(everyone):
+            heads = [d[0].tolist() for d in measure.mean_attention_distance(one.inspection)]
+            name = one.name if same else f"{one.name} at {views.format_size(one.size)}"
+            name = name if name not in series else f"{name} ({k + 1})"
+            series[name] = heads if same else distance_fraction(heads, one.size)
+            key = "" if k == 0 else "compared_" if k == 1 else f"compared{k}_"
+            arrays.update({f"{key}attention_distance_block{b}": np.asarray(h) for b, h in enumerate(heads)})
+        if same:
+            title = f"Mean attention distance per head ({' vs '.join(series)}, this image)"
+            return plots.attention_distance(series, title=title), arrays
+        title = "Mean attention distance per head as a fraction of the image side (this image)"
+        return plots.attention_distance(series, title=title, ylabel="distance / image side (fraction)"), arrays
+
+    def _others(self, image: Any, others: str | list[str] | None, progress: Callable[..., Any]) -> list[views.Seen]:
+        """The compared models' inspections of the image: ``others`` is one model (a string), several (a list), or
+        none (None or "")."""
+        chosen = [others] if isinstance(others, str) else list(others or [])
+        return [self._run(image, other, progress)[3] for other in chosen if (other or "").strip()]
 
     @staticmethod
     def _filters(loaded: LoadedModel) -> tuple[Image.Image, dict[str, np.ndarray]]:
@@ -182,7 +197,7 @@ class MeasureHandlers:
 
     # ---------------------------------------------------------------- all four
 
-    def measure_all(self, image: Any, model: str, compare_with: str | None, progress: Callable[..., Any]) -> Measured:
+    def measure_all(self, image: Any, model: str, compare_with: str | list[str] | None, progress: Callable[..., Any]) -> Measured:
         """Every measurement of the image; one that does not apply or fails leaves a note, the others still run.
 
         Raises:
@@ -193,7 +208,7 @@ class MeasureHandlers:
         name, loaded, path, seen = self._run(image, model, progress)
         found = Measured(name, seen)
         progress(0.5, desc="Measuring")
-        found.run("distance", lambda: self._distance(seen, self._other(image, compare_with, progress)))
+        found.run("distance", lambda: self._distance(seen, *self._others(image, compare_with, progress)))
         found.run("filters", lambda: self._filters(loaded))
         found.reliance = (found.run("reliance", lambda: self._reliance(seen, path)) or ({},))[0]
         found.sweep = (found.run("sweep", lambda: self._sweep(seen, path)) or ([],))[0]
@@ -207,7 +222,7 @@ class MeasureHandlers:
         pngs = {what: self._png(found.images.get(what), names[what], folder) for what in MEASUREMENTS}
         return pngs, str(viz.save_npz(folder / "posenc_measures.npz", **found.arrays))
 
-    def page(self, image: Any, model: str, compare_with: str | None,
+    def page(self, image: Any, model: str, compare_with: str | list[str] | None,
              progress: gr.Progress = gr.Progress()) -> dict[str, Any]:
         """The tab's button: each plot, or a note in its place; a request that cannot run at all says so once."""
         try:
@@ -226,7 +241,7 @@ class MeasureHandlers:
 
     @user_errors
     def measure(
-        self, image: Any, model: str, compare_with: str | None = None, progress: gr.Progress = gr.Progress()
+        self, image: Any, model: str, compare_with: str | list[str] | None = None, progress: gr.Progress = gr.Progress()
     ) -> tuple[Any, ...]:
         """All four measurements: four PNGs (None for one that does not apply or fails: the summary says why),
         the ``.npz`` and a summary."""
@@ -239,11 +254,13 @@ class MeasureHandlers:
 
     @user_errors
     def attention_distance(
-        self, image: Any, model: str, compare_with: str | None = None, progress: gr.Progress = gr.Progress()
+        self, image: Any, model: str, compare_with: str | list[str] | None = None, progress: gr.Progress = gr.Progress()
     ) -> str | None:
-        """PNG: mean attention distance of every head against depth, for this image (and a second model)."""
+        """PNG: mean attention distance of every head against depth, for this image and the compared models
+        (``compare_with``: one model as a string, as before, or a list of models); models at different input sizes
+        are drawn as a fraction of the image side."""
         _, _, _, seen = self._run(image, model, progress)
-        return self._png(self._distance(seen, self._other(image, compare_with, progress))[0], "attention_distance")
+        return self._png(self._distance(seen, *self._others(image, compare_with, progress))[0], "attention_distance")
 
     @user_errors
     def patch_filters(self, model: str, progress: gr.Progress = gr.Progress()) -> str | None:
@@ -295,8 +312,9 @@ def measure_tab(h: MeasureHandlers, *, image: gr.components.Component, model: gr
     with gr.Tab("Measure", id="measure"):
         gr.Markdown(HELP)
         with gr.Row():
-            other = gr.Dropdown(choices_of(model), value=None, allow_custom_value=True,
-                                label="Compare the attention distance with (optional)", elem_id="measure-other")
+            other = gr.Dropdown(choices_of(model), value=[], allow_custom_value=True, multiselect=True,
+                                label="Compare the attention distance with (optional, several models)",
+                                elem_id="measure-other")
             button = gr.Button("Measure the image of the Explore tab", variant="primary")
         summary = gr.Markdown(elem_id="measure-summary")
         for pair in (("distance", "filters"), ("reliance", "sweep")):

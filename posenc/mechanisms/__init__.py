@@ -24,12 +24,20 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from posenc.views import Patch, Seen, View
+from posenc.views import Patch, Seen, View, ViewUnavailable
 
 #: Mechanism modules of this package, in the order their views are shown.
-MODULES = ("absolute", "naflex", "rel_table", "cpb", "decomposed", "offset_bias", "rope_axial", "rope_mixed", "gpsa")
+MODULES = ("absolute", "naflex", "fourier", "class_attention", "rel_table", "cpb", "decomposed", "offset_bias",
+           "rope_axial", "rope_mixed", "gpsa", "conv_pos")
 #: The groups views are shown in, in order; a mechanism's ``kind`` is one of these.
 KINDS = ("absolute", "relative", "rotary", "convolutional")
+#: What a mechanism of each kind is, in words, for messages.
+KIND_WORDS = {
+    "absolute": "absolute position embedding",
+    "relative": "relative position bias",
+    "rotary": "rotary position embedding",
+    "convolutional": "convolutional position encoding",
+}
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,6 @@ def _collect() -> dict[str, Mechanism]:
     return found
 
 
-#: Every mechanism by name, in display order.
-MECHANISMS: dict[str, Mechanism] = _collect()
 
 
 def get(name: str) -> Mechanism:
@@ -116,3 +122,55 @@ def describe(names: tuple[str, ...]) -> str:
 def card_position(names: tuple[str, ...]) -> str:
     """A model card's sentence on position: the title and description of every mechanism in ``names``."""
     return " ".join(f"{m.title}: {m.description}" for m in of(names)) or "none; the encoder is permutation-equivariant."
+
+
+@dataclass(frozen=True)
+class KindView:
+    """One drawn view of :func:`kind_views`.
+
+    Attributes:
+        key: ``"mechanism/view"``, as ``/view`` names it ("cpb/cpb_table").
+        label: the view's label in the app.
+        view: the picture and its arrays, or None where the view does not apply to this block.
+        note: why it does not apply (the :class:`~posenc.views.ViewUnavailable` message), else "".
+    """
+
+    key: str
+    label: str
+    view: View | None
+    note: str = ""
+
+
+def kind_refusal(name: str, names: tuple[str, ...], kind: str) -> str:
+    """Why a model has no views of a kind, naming its mechanisms by their titles."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    return f"{name} uses {describe(names)}, so it has no {KIND_WORDS[kind]}"
+
+
+def kind_views(seen: Seen, kind: str, block: int, patch: Patch) -> tuple[KindView, ...]:
+    """Every view of the model's mechanisms of one kind ("absolute", "relative", "rotary"), for one block and patch.
+
+    Each view is drawn once; a view that does not apply to the chosen block (a GPSA view of a plain block) gives a
+    :class:`KindView` with its note instead of a picture.
+
+    Raises:
+        ViewUnavailable: the model has no mechanism of that kind (:func:`kind_refusal` says which it has).
+    """
+    names = seen.loaded.model.mechanisms
+    used = [m for m in of(names) if m.kind == kind]
+    if not used:
+        raise ViewUnavailable(kind_refusal(seen.name, names, kind))
+    drawn = []
+    for mechanism in used:
+        for spec in mechanism.views:
+            key = f"{mechanism.name}/{spec.key}"
+            try:
+                drawn.append(KindView(key, spec.label, spec.draw(seen, block, patch)))
+            except ViewUnavailable as error:
+                drawn.append(KindView(key, spec.label, None, str(error)))
+    return tuple(drawn)
+
+
+#: Every mechanism by name, in display order.
+MECHANISMS: dict[str, Mechanism] = _collect()

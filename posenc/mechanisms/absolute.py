@@ -1,25 +1,55 @@
-"""Absolute position embeddings added to the patch tokens once: learned (ViT, DeiT) and fixed 2D sin-cos (MAE)."""
+"""Absolute position embeddings added to the patch tokens once: learned (ViT, DeiT) and fixed 2D sin-cos (MAE).
+
+Each view computes only the tensors it draws, from the embedding as resampled for this input size.
+"""
 
 from __future__ import annotations
 
-from posenc import views
-from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View
+import torch
+
+from posenc import viz
+from posenc.mechanisms import Mechanism, ViewSpec, describe
+from posenc.views import OVERLAY_SIDE, Patch, Seen, View, ViewUnavailable
+
+
+def patch_embedding(seen: Seen) -> torch.Tensor:
+    """(h*w, C) patch rows of the absolute embedding as added at this input size, or ViewUnavailable."""
+    insp = seen.inspection
+    if insp.pos_embed is None:
+        raise ViewUnavailable(f"{seen.name} uses {describe(seen.loaded.model.mechanisms)}, so it has no absolute "
+                              "position embedding; pick a model with a learned or sin-cos one (ViT, DeiT, EVA-02)")
+    return insp.pos_embed[0, insp.pos_embed_prefix :].detach().float().cpu()  # h*w, C
 
 
 def similarity_grid(seen: Seen, block: int, patch: Patch) -> View:
     """The ViT-paper similarity grid: one tile per patch, its embedding's cosine similarity to every other."""
-    return views.absolute_views(seen, patch)[0]
+    pos = patch_embedding(seen)  # h*w, C
+    grid = seen.grid
+    with torch.inference_mode():
+        sims = viz.cosine_similarity_matrix(pos, grid)  # N, N
+        tiles = viz.pos_embed_similarity_grid(pos, grid, similarity=sims,
+                                              title=f"{seen.name}: position embedding similarity "
+                                                    f"({grid[0]}x{grid[1]} grid)")  # fmt: skip
+    return View(tiles.image, {"pos_embed": pos.numpy(), "pos_similarity": sims})
 
 
 def similarity_to_patch(seen: Seen, block: int, patch: Patch) -> View:
     """The clicked patch's embedding similarity to every patch, on the photo."""
-    return views.absolute_views(seen, patch)[1]
+    pos = patch_embedding(seen)  # h*w, C
+    with torch.inference_mode():
+        sim = viz.similarity_map(pos, seen.grid, patch)  # gh, gw
+    img = viz.overlay(seen.photo, sim, vmax=1.0, mark=patch, title=f"Similarity to patch {patch}",
+                      colorbar_label="cosine similarity of position embeddings", min_side=OVERLAY_SIDE)
+    return View(img, {"pos_similarity_to_patch": sim})
 
 
 def pca(seen: Seen, block: int, patch: Patch) -> View:
     """The embeddings' top three principal components as RGB, on the photo."""
-    return views.absolute_views(seen, patch)[2]
+    pos = patch_embedding(seen)  # h*w, C
+    with torch.inference_mode():
+        rgb = viz.pos_embed_pca_rgb(pos, seen.grid)  # gh, gw, 3
+    img = viz.overlay(seen.photo, rgb, alpha=0.75, title="Embedding PCA as RGB", min_side=OVERLAY_SIDE)
+    return View(img, {"pos_pca_rgb": rgb})
 
 
 _TENSORS = {"pos_embed": "Inspection.pos_embed: (1, P + h*w, C) as added at this input size (resampled)"}

@@ -12,7 +12,7 @@ import torch
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable, _block_patch, _query_rows, describe_block
+from posenc.views import Patch, Seen, View, ViewUnavailable, describe_block, query_row
 
 
 def _position(seen: Seen, block: int, key: str) -> torch.Tensor:
@@ -70,13 +70,14 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     trace = seen.inspection.blocks[block]
     if trace.pos_bias is None or "cpb_table" not in trace.position:
         _position(seen, block, "cpb_table")  # raises the ViewUnavailable
-    rows, _ = _query_rows(seen, trace, trace.pos_bias.detach().float(), patch)  # heads, gh, gw
-    block_patch = _block_patch(seen, trace, patch)
+    rows, _, query = query_row(seen, block, trace.pos_bias, patch)  # heads, hk, wk
+    block_patch = query.patch
     sheet = viz.query_bias_overlays(
         seen.photo, rows, block_patch, symmetric=bool(np.nanmin(rows) < 0),
         title=f"{seen.name}: continuous bias from patch {block_patch} to the keys it attends to\n"
               f"{describe_block(seen, block)}")  # fmt: skip
-    return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)})
+    return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.tokens().key_grid),
+                              "block_patch": np.array(block_patch)})
 
 
 MECHANISMS = (

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from posenc import views, viz
+from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable
+from posenc.views import Patch, Seen, View, ViewUnavailable, query_row
 
 
 def _gpsa_blocks(seen: Seen) -> list[int]:
@@ -53,11 +53,11 @@ def positional_attention(seen: Seen, block: int, patch: Patch) -> View:
     trace = seen.inspection.blocks[block]
     gate = trace.position["gpsa_gate"].float()  # heads
     with torch.inference_mode():
-        rows, _ = views._query_rows(seen, trace, trace.position["gpsa_pos_attn"].float(), patch)  # heads, gh, gw
+        rows, _, query = query_row(seen, block, trace.position["gpsa_pos_attn"], patch)  # heads, hk, wk
     gates_text = ", ".join(f"h{h} {g:.2f}" for h, g in enumerate(gate.tolist()))
     sheet = viz.attention_overlays(
-        seen.photo, rows, patch,
-        title=f"{seen.name}: positional attention from patch {patch}, block {block}\n"
+        seen.photo, rows, query.patch,
+        title=f"{seen.name}: positional attention from patch {query.patch}, block {block}\n"
               f"the head mixes it in with its gate: {gates_text}",
     )  # fmt: skip
     return View(sheet.image, {"gpsa_pos_attention": rows, "gpsa_gate": gate.numpy()})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from posenc import views, viz
+from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View, ViewUnavailable
+from posenc.views import Patch, Seen, View, ViewUnavailable, describe_block, query_row
 
 
 def signed_offset_table(table: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def bias_table(seen: Seen, block: int, patch: Patch) -> View:
     sheet = viz.bias_table_heatmaps(
         signed_offset_table(table), span,
         title=f"{seen.name}: attention bias by offset, learned for |\u0394y|, |\u0394x| only (so mirrored)\n"
-              f"{views.describe_block(seen, block)}",
+              f"{describe_block(seen, block)}",
     )  # fmt: skip
     return View(sheet.image, {"offset_bias_table": table.numpy(), "offset_bias_span": np.array(span)})
 
@@ -50,14 +50,15 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     """The bias the clicked query adds to every key it attends to, drawn where the keys lie."""
     trace = _trace(seen, block)
     with torch.inference_mode():
-        rows, _ = views._query_rows(seen, trace, trace.pos_bias.float(), patch)  # heads, gh, gw
-    block_patch = views._block_patch(seen, trace, patch)
+        rows, _, query = query_row(seen, block, trace.pos_bias, patch)  # heads, hk, wk
+    block_patch = query.patch
     sheet = viz.query_bias_overlays(
         seen.photo, rows, block_patch,
         title=f"{seen.name}: bias from patch {block_patch} to the keys it attends to\n"
-              f"{views.describe_block(seen, block)}",
+              f"{describe_block(seen, block)}",
     )  # fmt: skip
-    return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.grid), "block_patch": np.array(block_patch)})
+    return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.tokens().key_grid),
+                              "block_patch": np.array(block_patch)})
 
 
 MECHANISMS = (

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from posenc import views
-from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.views import Patch, Seen, View
+from posenc import viz
+from posenc.mechanisms import Mechanism, ViewSpec, describe
+from posenc.views import OVERLAY_SIDE, Patch, Seen, View, ViewUnavailable
 
 
 def phase_similarity(seen: Seen, block: int, patch: Patch) -> View:
-    """The mean cosine of the angle difference between the clicked patch and every other."""
-    return views.rope_view(seen, patch)
+    """The mean cosine of the angle difference between the clicked patch and every other (angles at this grid).
+
+    The colour scale is fitted to the map's own values: the mean cosine rarely falls far below zero, and a fixed
+    -1..1 scale would hide how it falls off.
+    """
+    if seen.inspection.rope_angles is None:  # no RoPE, or mixed RoPE (angles per block and head, its own views)
+        raise ViewUnavailable(f"{seen.name} uses {describe(seen.loaded.model.mechanisms)}, so it has no axial rotary "
+                              "embedding; pick a RoPE model (mixed RoPE has its own per-head views)")
+    angles = seen.inspection.rope_angles.detach().float().cpu()  # h*w, head_dim/2
+    sim = viz.rope_phase_similarity(angles, seen.grid, patch)  # gh, gw
+    img = viz.overlay(seen.photo, sim, cmap="viridis", mark=patch,
+                      title=f"RoPE similarity to {patch}", colorbar_label="mean cos(angle difference)",
+                      min_side=OVERLAY_SIDE)
+    return View(img, {"rope_angles": angles.numpy(), "rope_similarity": sim})
 
 
 MECHANISMS = (

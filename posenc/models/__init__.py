@@ -11,20 +11,26 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from posenc.models.cait import CaiT, CaiTConfig
+from posenc.models.coat import CoaT, CoaTConfig
 from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
+from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
 from posenc.models.naflexvit import NaFlexViT, NaFlexViTConfig
-from posenc.models.layers import BlockTrace, Inspection, PosencModel
+from posenc.models.mvitv2 import MViTv2, MViTv2Config
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
 from posenc.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from posenc.models.tiny_vit import TinyViT, TinyViTConfig
+from posenc.models.twins import Twins, TwinsConfig
 from posenc.models.vit import ViTConfig, VisionTransformer
+from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
-MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "naflexvit")
+MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit", "mvitv2",
+           "cait", "naflexvit")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -70,6 +76,10 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "BlockTrace",
+    "CaiT",
+    "CaiTConfig",
+    "CoaT",
+    "CoaTConfig",
     "ConViT",
     "ConViTConfig",
     "Eva",
@@ -77,8 +87,11 @@ __all__ = [
     "LeViT",
     "LeViTConfig",
     "Inspection",
+    "MViTv2",
+    "MViTv2Config",
     "NaFlexViT",
     "NaFlexViTConfig",
+    "NoTokenLayout",
     "PosencModel",
     "SamConfig",
     "SamViT",
@@ -92,7 +105,12 @@ __all__ = [
     "TransformersType",
     "TinyViT",
     "TinyViTConfig",
+    "TokenLayout",
+    "Twins",
+    "TwinsConfig",
     "ViTConfig",
     "VisionTransformer",
+    "XCiT",
+    "XCiTConfig",
     "build_model",
 ]

@@ -17,7 +17,7 @@ are computed for the grid (timm's ConViT assumes a square one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -231,6 +233,9 @@ class ConViT(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus every block's attention; GPSA blocks also give their gates and positional attention."""
         logits, grid, pos, traces = self._run(x, need_weights=True, position=position)
+        pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
+        local, late = global_layout(grid, pixels), global_layout(grid, pixels, ("cls",))  # cls joins after the GPSA blocks
+        traces = [replace(t, layout=local if i < self.config.local_up_to_layer else late) for i, t in enumerate(traces)]
         return Inspection(
             logits=logits,
             grid=grid,

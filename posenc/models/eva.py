@@ -32,6 +32,7 @@ from posenc.encodings import (
     rope_2d_angles,
     rope_centered_angles,
     rope_mixed_angles,
+    rope_rotation,
     to_2tuple,
 )
 from posenc.models.declare import (
@@ -51,6 +52,8 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
 )
@@ -247,10 +250,10 @@ class EvaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, need_weights: bool, position: bool = True
+        self, x: Tensor, *, rotation: Tensor | None, num_prefix: int, need_weights: bool, position: bool = True
     ) -> tuple[Tensor, AttentionTrace | None]:
-        """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights``."""
-        y, trace = self.attn(self.norm1(x), rope=rope, num_prefix=num_prefix, need_weights=need_weights,
+        """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights``; ``rotation``: RoPE's cos and sin."""
+        y, trace = self.attn(self.norm1(x), rotation=rotation, num_prefix=num_prefix, need_weights=need_weights,
                              position=position)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
@@ -284,7 +287,10 @@ class Eva(PosencModel):
             self.pos_embed = None
         self.rope = MixedRope(config) if config.use_rot_pos_emb and config.rope_type == "mixed" else None
         if config.use_rot_pos_emb and config.rope_type != "mixed":
-            self.register_buffer("rope_angles", self._fixed_rope(config.grid), persistent=False)  # h*w, hd/2
+            angles = self._fixed_rope(config.grid)  # h*w, hd/2
+            self.register_buffer("rope_angles", angles, persistent=False)  # h*w, hd/2
+            rotation = rope_rotation(angles, interleaved=not config.rope_rotate_half)  # 2, h*w, hd
+            self.register_buffer("rope_cos_sin", rotation, persistent=False)  # 2, h*w, hd: timm's sin/cos buffer
         rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(EvaBlock(config, rate) for rate in rates)
         fc_norm = config.global_pool == "avg" if config.use_fc_norm is None else config.use_fc_norm
@@ -316,6 +322,18 @@ class Eva(PosencModel):
         if tuple(grid) == cfg.grid:
             return self.rope_angles
         return self._fixed_rope(grid, self.rope_angles.device)
+
+    def _rope_rotation(self, grid: Size2, angles: Tensor | None) -> Tensor | None:
+        """RoPE's cos and sin per channel for :meth:`rope_for`'s angles, computed once per forward pass.
+
+        Returns:
+            (2, h*w, hd) for fixed RoPE (the buffer at the native grid), (2, depth, heads, h*w, hd) for mixed; or None.
+        """
+        if angles is None:
+            return None
+        if self.rope is None and tuple(grid) == self.config.grid:
+            return self.rope_cos_sin
+        return rope_rotation(angles, interleaved=not self.config.rope_rotate_half)
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """(1, P + h*w, C) learned embedding resampled to a grid (or None), and its number of prefix rows P."""
@@ -351,11 +369,12 @@ class Eva(PosencModel):
                                                                             Tensor | None, list]:
         x, grid, pos, pos_prefix = self._embed(x, position)
         rope = self.rope_for(grid) if position else None
+        rotation = self._rope_rotation(grid, rope)  # 2, h*w, hd or 2, depth, heads, h*w, hd; or None
         mixed = self.rope is not None
         traces = []
         for i, block in enumerate(self.blocks):
-            angles = rope[i] if mixed and rope is not None else rope  # heads, h*w, hd/2 or h*w, hd/2
-            x, trace = block(x, rope=angles, num_prefix=self.config.num_prefix_tokens, need_weights=need_weights,
+            turn = rotation[:, i] if mixed and rotation is not None else rotation  # 2, heads, h*w, hd or 2, h*w, hd
+            x, trace = block(x, rotation=turn, num_prefix=self.config.num_prefix_tokens, need_weights=need_weights,
                              position=position)
             traces.append(trace)
         return self._head(x), grid, pos, pos_prefix, rope, traces
@@ -376,13 +395,15 @@ class Eva(PosencModel):
         """
         logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
         mixed = self.rope is not None and rope is not None
-        blocks = [
-            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
-                       position={"rope_angles": rope[i]} if mixed else {})
-            for i, t in enumerate(traces)
-        ]
         cfg = self.config
         names = ("cls",) if cfg.class_token else ()
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
+                               names + tuple(f"reg{i}" for i in range(cfg.num_reg_tokens)))
+        blocks = [
+            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=None, mask=None, grid=grid,
+                       position={"rope_angles": rope[i]} if mixed else {}, layout=layout)
+            for i, t in enumerate(traces)
+        ]
         return Inspection(
             logits=logits,
             grid=grid,

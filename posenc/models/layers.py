@@ -62,13 +62,16 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 class Mlp(nn.Module):
-    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default."""
+    """Two linear layers with an activation between (timm names: fc1, fc2); exact GELU by default.
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
+    ``out_dim`` (default ``dim``) widens the output, as MViTv2's stage-transition MLPs do.
+    """
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", *, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = ACTIVATIONS[act]()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -107,21 +110,223 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def prefix_labels(names: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """A name for each of ``count`` prefix tokens: ``names`` when given, else "cls", "dist", "prefix2", ..."""
+    if names:
+        return tuple(names)
+    return ("cls", "dist", *(f"prefix{i}" for i in range(2, count)))[:count]
+
+
+def grid_pixels(grid: Size2, stride: float | tuple[float, float], first: float | tuple[float, float] | None = None
+                ) -> Tensor:
+    """Image positions of a (h, w) token grid, row-major, in input pixels.
+
+    Token (i, j) sits at ``first + (i, j) * stride``. A patch grid has ``first = stride / 2`` (patch centres, the
+    default); a grid subsampled from another (every second token) keeps the first token's position and doubles
+    the stride; a grid pooled from 2x2 neighbourhoods has its centres again at ``stride / 2``.
+
+    Returns:
+        (h*w, 2) float64 (y, x).
+    """
+    sy, sx = stride if isinstance(stride, tuple) else (stride, stride)
+    if first is None:
+        first = (sy / 2, sx / 2)
+    fy, fx = first if isinstance(first, tuple) else (first, first)
+    ys = fy + sy * torch.arange(grid[0], dtype=torch.float64)  # h
+    xs = fx + sx * torch.arange(grid[1], dtype=torch.float64)  # w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # h, w
+    return torch.stack((yy, xx), dim=-1).reshape(-1, 2)  # h*w, 2
+
+
+def window_token_index(grid: Size2, window: Size2, shift: Size2 = (0, 0)) -> Tensor:
+    """Which grid token each window slot holds, for attention in (shifted, padded) windows.
+
+    The block rolls its (h, w) grid by ``-shift``, pads it at the bottom and right to whole windows and partitions
+    it row-major into windows of ``Wh * Ww`` tokens (timm's order: roll, pad, partition).
+
+    Returns:
+        (nW, Wh*Ww) long: the row-major index ``r * w + c`` of the token at its place before the roll, -1 for
+        padding.
+    """
+    h, w = grid
+    wh, ww = window
+    index = torch.arange(h * w).reshape(h, w)  # h, w
+    index = torch.roll(index, shifts=(-shift[0], -shift[1]), dims=(0, 1))  # h, w as the block saw it
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    padded = torch.full((hp, wp), -1, dtype=torch.long)  # Hp, Wp
+    padded[:h, :w] = index
+    windows = padded.reshape(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3)  # nWh, nWw, Wh, Ww
+    return windows.reshape(-1, wh * ww)  # nW, Wh*Ww
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the queries and keys of one block's attention sit on the image.
+
+    The attention's query and key axes index *slots*; ``query_tokens`` / ``key_tokens`` say which token each
+    slot holds, as a row of ``query_pixels`` / ``key_pixels``. Tokens are this block's prefix tokens first (their
+    pixels NaN), then its patch grid row-major. Global attention is one group whose slots are the tokens in order;
+    windowed attention has one group per window (padding slots -1).
+
+    Attributes:
+        query_prefix: names of this block's prefix queries ("cls", "reg0", ...); () for none.
+        key_prefix: names of this block's prefix keys.
+        query_grid: (hq, wq) grid of the patch queries; (0, 0) when the block has none (class attention).
+        key_grid: (hk, wk) grid of the patch keys; it differs from the query grid when keys are pooled or queries
+            subsampled.
+        query_pixels: (Pq + hq*wq, 2) float64 (y, x) image position of each query token in input pixels.
+        key_pixels: (Pk + hk*wk, 2) float64 (y, x) of each key token.
+        query_tokens: (G, nq) long, the query token of every slot of every group, -1 for padding.
+        key_tokens: (G, nk) long, the key token of every key slot.
+        window: (Wh, Ww) attention window, for descriptions; None for global attention.
+        shift: (sh, sw) cyclic shift of the windows, for descriptions.
+        padded: (Hp, Wp) grid padded to whole windows when padding was needed, else None.
+        window_axis: the block's attention has a window axis before the heads, (B, nW, heads, n, n); global
+            attention is (B, heads, Nq, Nk).
+    """
+
+    query_prefix: tuple[str, ...]
+    key_prefix: tuple[str, ...]
+    query_grid: Size2
+    key_grid: Size2
+    query_pixels: Tensor
+    key_pixels: Tensor
+    query_tokens: Tensor
+    key_tokens: Tensor
+    window: Size2 | None = None
+    shift: Size2 = (0, 0)
+    padded: Size2 | None = None
+    window_axis: bool = False
+
+    @property
+    def groups(self) -> int:
+        """G: windows, or 1 for global attention."""
+        return self.query_tokens.shape[0]
+
+    def grouped(self, per_pair: Tensor) -> Tensor:
+        """A per-pair tensor with its group axis: (..., heads, nq, nk) or (..., G, heads, nq, nk) -> (..., G, heads, nq, nk).
+
+        Attention is (B, heads, N, N) for global and (B, nW, heads, n, n) for windowed blocks (``window_axis``); a
+        (heads, n, n) tensor (one image's global attention, or a bias shared by every window) is expanded (a view)
+        to (G, heads, n, n).
+
+        Raises:
+            ValueError: the tensor's last two axes are not this layout's slots.
+        """
+        nq, nk = self.query_tokens.shape[1], self.key_tokens.shape[1]
+        if per_pair.shape[-2:] != (nq, nk):
+            raise ValueError(f"per-pair tensor {tuple(per_pair.shape)} does not match the block's {nq} query and "
+                             f"{nk} key slots")
+        if per_pair.ndim == 3:  # heads, nq, nk: one image's global attention, or a bias shared by every window
+            return per_pair.expand(self.groups, *per_pair.shape)  # G, heads, nq, nk
+        if not self.window_axis:
+            return per_pair.unsqueeze(-4)  # ..., 1, heads, nq, nk
+        if per_pair.shape[-4] != self.groups:
+            raise ValueError(f"per-pair tensor {tuple(per_pair.shape)} does not have the block's {self.groups} windows")
+        return per_pair
+
+    @property
+    def query_is_patch(self) -> Tensor:
+        """(G, nq) bool: the slot holds a patch query (not a prefix token, not padding)."""
+        return self.query_tokens >= len(self.query_prefix)
+
+    @property
+    def key_is_patch(self) -> Tensor:
+        """(G, nk) bool: the slot holds a patch key."""
+        return self.key_tokens >= len(self.key_prefix)
+
+    def query_slot(self, token: int) -> tuple[int, int]:
+        """(group, slot) holding query token ``token`` (its first occurrence)."""
+        hits = (self.query_tokens == token).nonzero()
+        if not len(hits):
+            raise ValueError(f"query token {token} is not attended in this block")
+        return int(hits[0, 0]), int(hits[0, 1])
+
+    def nearest_query(self, pixel: tuple[float, float]) -> int:
+        """The patch query token nearest an image position (y, x) in input pixels."""
+        patches = self.query_pixels[len(self.query_prefix):]  # hq*wq, 2
+        if not len(patches):
+            raise ValueError("this block has no patch queries")
+        d = (patches - torch.tensor(pixel, dtype=patches.dtype)).square().sum(-1)  # hq*wq
+        return len(self.query_prefix) + int(d.argmin())
+
+    def nearest_key_patch(self, pixel: tuple[float, float]) -> tuple[int, int]:
+        """(row, col) on the key grid of the patch key nearest an image position (y, x)."""
+        patches = self.key_pixels[len(self.key_prefix):]  # hk*wk, 2
+        d = (patches - torch.tensor(pixel, dtype=patches.dtype)).square().sum(-1)  # hk*wk
+        t = int(d.argmin())
+        return (t // self.key_grid[1], t % self.key_grid[1])
+
+    def describe(self) -> str:
+        """What the block attends over, in words ("7x7 windows shifted by 3x3 over the 14x14 grid")."""
+        (hq, wq), (hk, wk) = self.query_grid, self.key_grid
+        prefix = f" with {', '.join(self.key_prefix)}" if self.key_prefix else ""
+        if self.window is not None:
+            shift = f"shifted by {self.shift[0]}x{self.shift[1]}" if any(self.shift) else "not shifted"
+            if self.padded is not None:
+                shift += f", grid padded to {self.padded[0]}x{self.padded[1]}"
+            return f"{hk}x{wk} grid, {self.window[0]}x{self.window[1]} windows, {shift}"
+        if (hq, wq) == (hk, wk):
+            return f"global attention over the {hk}x{wk} grid{prefix}"
+        queries = f"{hq}x{wq} queries" if hq * wq else f"queries {', '.join(self.query_prefix)}"
+        return f"global attention: {queries} over {hk}x{wk} keys{prefix}"
+
+
+def global_layout(
+    grid: Size2, pixels: Tensor, prefix: tuple[str, ...] = (), *, query_grid: Size2 | None = None,
+    query_pixels: Tensor | None = None, query_prefix: tuple[str, ...] | None = None,
+) -> TokenLayout:
+    """Every query attends to every key: prefix tokens first, then the patch grid row-major.
+
+    Args:
+        grid: (h, w) key grid; pixels: (h*w, 2) its positions (:func:`grid_pixels`); prefix: names of the prefix
+            tokens. The queries are the same unless ``query_grid`` / ``query_pixels`` / ``query_prefix`` say
+            otherwise (subsampled queries, class attention).
+    """
+    query_grid = tuple(grid) if query_grid is None else tuple(query_grid)
+    query_pixels = pixels if query_pixels is None else query_pixels
+    query_prefix = tuple(prefix) if query_prefix is None else tuple(query_prefix)
+    nan = torch.full((1, 2), math.nan, dtype=torch.float64)
+    q_pix = torch.cat([nan.expand(len(query_prefix), 2), query_pixels.double()])  # Pq + hq*wq, 2
+    k_pix = torch.cat([nan.expand(len(prefix), 2), pixels.double()])  # Pk + hk*wk, 2
+    return TokenLayout(
+        query_prefix=query_prefix, key_prefix=tuple(prefix), query_grid=query_grid, key_grid=tuple(grid),
+        query_pixels=q_pix, key_pixels=k_pix, query_tokens=torch.arange(len(q_pix))[None],  # 1, nq
+        key_tokens=torch.arange(len(k_pix))[None])  # fmt: skip
+
+
+def windowed_layout(grid: Size2, window: Size2, pixels: Tensor, shift: Size2 = (0, 0)) -> TokenLayout:
+    """Attention inside (shifted, padded) windows of a patch grid without prefix tokens (:func:`window_token_index`)."""
+    index = window_token_index(grid, window, shift)  # nW, Wh*Ww
+    padded = (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
+    return TokenLayout(
+        query_prefix=(), key_prefix=(), query_grid=tuple(grid), key_grid=tuple(grid), query_pixels=pixels.double(),
+        key_pixels=pixels.double(), query_tokens=index, key_tokens=index, window=tuple(window), shift=tuple(shift),
+        padded=None if padded == tuple(grid) else padded, window_axis=True)  # fmt: skip
+
+
+#: What a block without a token layout says, unless its model says more.
+NO_LAYOUT = "this block's inspection does not say where its queries and keys sit"
+
+
 @dataclass(frozen=True)
 class BlockTrace:
     """Tensors one transformer block used, from an inspection call.
 
     Attributes:
-        attn: (B, heads, N, N) for ViT; (B, nW, heads, Wh*Ww, Wh*Ww) for Swin.
+        attn: (B, heads, Nq, Nk) for global attention; (B, nW, heads, n, n) for windows (see ``layout``).
         attn_no_pos: same shape, the attention with the position term left out, or None.
-        pos_bias: (heads, N, N) relative bias added to the logits, or None.
-        mask: (nW, Wh*Ww, Wh*Ww) shifted-window mask, or None.
+        pos_bias: (heads, Nq, Nk) relative bias added to the logits (shared by every window), or None.
+        mask: (nW, n, n) shifted-window mask, or None.
         grid: (h, w) token grid of the block's stage.
         window: (Wh, Ww) attention window (Swin) or None for global attention.
         shift: (sh, sw) cyclic shift (Swin) or None.
         stage: stage index (0 for ViT).
         position: further position tensors this block used, keyed by the names its mechanisms declare in
             :mod:`posenc.mechanisms` (e.g. a Swin V2 block's computed bias table); empty for most models.
+        layout: where this block's query and key tokens sit (:class:`TokenLayout`); None for a block whose
+            attention is not between tokens, with ``no_layout`` saying why.
+        no_layout: one line, why there is no layout.
     """
 
     attn: Tensor
@@ -133,6 +338,18 @@ class BlockTrace:
     shift: Size2 | None = None
     stage: int = 0
     position: dict[str, Tensor] = field(default_factory=dict)
+    layout: TokenLayout | None = None
+    no_layout: str = NO_LAYOUT
+
+    def tokens(self) -> TokenLayout:
+        """The block's :class:`TokenLayout`, or :class:`NoTokenLayout` saying why it has none."""
+        if self.layout is None:
+            raise NoTokenLayout(self.no_layout)
+        return self.layout
+
+
+class NoTokenLayout(ValueError):
+    """A block whose attention is not between image tokens (e.g. channel attention): the message says so."""
 
 
 @dataclass(frozen=True)
@@ -166,9 +383,7 @@ class Inspection:
     @property
     def prefix_labels(self) -> tuple[str, ...]:
         """A name for every prefix token: :attr:`prefix_names`, or "cls", "dist", ... when unnamed."""
-        if self.prefix_names:
-            return self.prefix_names
-        return ("cls", "dist", *(f"prefix{i}" for i in range(2, self.num_prefix_tokens)))[: self.num_prefix_tokens]
+        return prefix_labels(self.prefix_names, self.num_prefix_tokens)
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:

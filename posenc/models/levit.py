@@ -28,7 +28,15 @@ from torch import Tensor, nn
 
 from posenc.encodings import Size2, offset_bias_index, resample_abs_pos_embed, to_2tuple
 from posenc.models.declare import Architecture, Rule, TransformersType, UnsupportedModelError
-from posenc.models.layers import BlockTrace, Inspection, PosencModel, config_from_dict, normalise_config
+from posenc.models.layers import (
+    BlockTrace,
+    Inspection,
+    PosencModel,
+    config_from_dict,
+    global_layout,
+    grid_pixels,
+    normalise_config,
+)
 from posenc.preprocess import Preprocess
 
 _ACTIVATIONS = {"hard_swish": nn.Hardswish, "silu": nn.SiLU}
@@ -220,7 +228,9 @@ class OffsetBiasAttention(nn.Module):
             index = self.attention_bias_idxs
         else:
             index = offset_bias_index(grid, self.stride, device=table.device)  # Nq, Nk
-        return table.flatten(1)[:, index], table  # heads, Nq, Nk
+        # index_select on the flattened index: the same values as table[:, index], a fraction of aten::index's time
+        bias = table.flatten(1).index_select(1, index.flatten()).view(self.num_heads, *index.shape)  # heads, Nq, Nk
+        return bias, table
 
     def forward(
         self, x: Tensor, grid: Size2, *, need_weights: bool = False, position: bool = True
@@ -270,9 +280,11 @@ class LevitDownsample(nn.Module):
         )
         self.mlp = LevitMlp(out_dim, out_dim * 2, act)
 
-    def forward(self, x: Tensor, grid: Size2, position: bool) -> Tensor:
-        x, _ = self.attn_downsample(x, grid, position=position)
-        return x + self.mlp(x)
+    def forward(self, x: Tensor, grid: Size2, position: bool, need_weights: bool = False
+                ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """(B, h*w, C) -> (B, h'*w', C'), plus the subsampling attention's tensors when ``need_weights``."""
+        x, parts = self.attn_downsample(x, grid, need_weights=need_weights, position=position)
+        return x + self.mlp(x), parts
 
 
 class LevitBlock(nn.Module):
@@ -342,8 +354,8 @@ class LeViT(PosencModel):
 
     @property
     def num_blocks(self) -> int:
-        """Attention blocks listed by :meth:`inspect` (the subsampling attentions between stages are not)."""
-        return sum(self.config.depth)
+        """Attentions listed by :meth:`inspect`: every block's and the subsampling attention between stages."""
+        return sum(self.config.depth) + len(self.config.depth) - 1
 
     def size_step(self) -> Size2:
         """(h, w) every input size must be a multiple of: the stem's stride."""
@@ -351,8 +363,12 @@ class LeViT(PosencModel):
 
     def trace_bytes(self, size: Size2) -> int:
         """Bytes of the attention maps one inspection at ``size`` keeps (with and without the bias, float32)."""
-        grids = self.config.stage_grids((size[0] // self.config.patch_size, size[1] // self.config.patch_size))
-        return sum(d * h * (g[0] * g[1]) ** 2 * 4 * 2 for d, h, g in zip(self.config.depth, self.config.num_heads, grids))
+        cfg = self.config
+        grids = cfg.stage_grids((size[0] // cfg.patch_size, size[1] // cfg.patch_size))
+        tokens = [g[0] * g[1] for g in grids]
+        blocks = sum(d * h * n**2 for d, h, n in zip(cfg.depth, cfg.num_heads, tokens))
+        subsampling = sum(cfg.embed_dim[i] // cfg.key_dim[0] * tokens[i] * tokens[i + 1] for i in range(len(grids) - 1))
+        return (blocks + subsampling) * 4 * 2
 
     def _run(self, x: Tensor, need_weights: bool, position: bool) -> tuple[Tensor, Size2, list[BlockTrace]]:
         h, w = x.shape[-2:]
@@ -364,14 +380,24 @@ class LeViT(PosencModel):
         x = x.flatten(2).transpose(1, 2)  # B, h*w, C
         traces = []
         stage_grid = grid
+        stride, first = s, s / 2  # each stage token stands for the stem patch it was subsampled from
         for i, stage in enumerate(self.stages):
             if stage.downsample is not None:
-                x = stage.downsample(x, stage_grid, position)
-                stage_grid = ((stage_grid[0] - 1) // 2 + 1, (stage_grid[1] - 1) // 2 + 1)
+                x, parts = stage.downsample(x, stage_grid, position, need_weights)
+                query_grid = ((stage_grid[0] - 1) // 2 + 1, (stage_grid[1] - 1) // 2 + 1)
+                stride *= 2
+                if parts is not None:  # queries on every second row and column of the key grid
+                    layout = global_layout(stage_grid, grid_pixels(stage_grid, stride // 2, first), query_grid=query_grid,
+                                           query_pixels=grid_pixels(query_grid, stride, first))
+                    table = {} if parts["table"] is None else {"offset_bias_table": parts["table"]}
+                    traces.append(BlockTrace(attn=parts["attn"], attn_no_pos=parts["attn_no_pos"], pos_bias=parts["bias"],
+                                             mask=None, grid=stage_grid, stage=i, position=table, layout=layout))
+                stage_grid = query_grid
+            layout = global_layout(stage_grid, grid_pixels(stage_grid, stride, first)) if need_weights else None
             for block in stage.blocks:
                 x, trace = block(x, stage_grid, need_weights, position)
                 if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": i}))
+                    traces.append(replace(trace, stage=i, layout=layout))
         pooled = x.mean(dim=1)  # B, C
         logits = self.head(pooled)
         if self.head_dist is not None:

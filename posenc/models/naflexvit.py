@@ -40,8 +40,11 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
+    prefix_labels,
 )
 from posenc.models.vit import AttentionPool, Block, ViTConfig
 from posenc.preprocess import Preprocess
@@ -317,7 +320,11 @@ class NaFlexViT(PosencModel):
         if pos is not None:
             side = max(grid)
             extra["pos_embed_square"] = self.position_embedding((side, side))[0]  # 1, L*L, C
-        blocks = [BlockTrace(attn=t.attn, attn_no_pos=None, pos_bias=None, mask=None, grid=grid) for t in traces]
+        cfg = self.config
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size), prefix_labels(cfg.prefix_names,
+                                                                                      cfg.num_prefix_tokens))
+        blocks = [BlockTrace(attn=t.attn, attn_no_pos=None, pos_bias=None, mask=None, grid=grid, layout=layout)
+                  for t in traces]
         return Inspection(
             logits=logits, grid=grid, num_prefix_tokens=self.config.num_prefix_tokens,
             prefix_names=self.config.prefix_names, pos_embed=pos, pos_embed_prefix=0, rope_angles=None,

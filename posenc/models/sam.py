@@ -18,7 +18,7 @@ not mask the padding: queries attend to the padded tokens too, exactly as SAM an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -55,8 +55,11 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -339,6 +342,9 @@ class SamViT(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits (or features) plus every block's attention, its bias factors and the absolute embedding as added."""
         logits, grid, pos, traces = self._run(x, need_weights=True, position=position)
+        pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
+        whole = global_layout(grid, pixels)
+        blocks = [replace(t, layout=windowed_layout(grid, t.window, pixels) if t.window else whole) for t in traces]
         return Inspection(
             logits=logits,
             grid=grid,
@@ -346,7 +352,7 @@ class SamViT(PosencModel):
             pos_embed=None if pos is None else pos.flatten(1, 2),  # 1, h*w, C
             pos_embed_prefix=0,
             rope_angles=None,
-            blocks=traces,
+            blocks=blocks,
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,8 +47,10 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    grid_pixels,
     init_weights,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -287,7 +289,9 @@ class WindowedStages:
             for block in layer.blocks:
                 x, trace = block(x, need_weights, position)
                 if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": stage}))
+                    stride = self.config.patch_size * 2**stage  # patch merging pools 2x2 tokens per stage
+                    layout = windowed_layout(trace.grid, trace.window, grid_pixels(trace.grid, stride), trace.shift)
+                    traces.append(replace(trace, stage=stage, layout=layout))
         x = self.norm(x).mean(dim=(1, 2))  # B, C
         return self.head(x), grid, traces
 

@@ -14,7 +14,7 @@ tokens at the bottom and right (they take part in attention), and cropped afterw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,9 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    grid_pixels,
     normalise_config,
+    windowed_layout,
 )
 from posenc.preprocess import Preprocess
 
@@ -318,8 +320,11 @@ class TinyViT(PosencModel):
             x = stage.downsample(x).permute(0, 2, 3, 1)  # B, H, W, C
             for block in stage.blocks:
                 x, trace = block(x, need_weights, position)
-                if trace is not None:
-                    traces.append(BlockTrace(**{**trace.__dict__, "stage": i}))
+                if trace is not None:  # a merged token stands for the stem token at its 3x3 conv's centre
+                    real = tuple(x.shape[1:3])  # the grid before padding to whole windows
+                    stride = self.config.patch_size * 2**i
+                    layout = windowed_layout(real, trace.window, grid_pixels(real, stride, self.config.patch_size / 2))
+                    traces.append(replace(trace, stage=i, layout=layout))
             x = x.permute(0, 3, 1, 2)  # B, C, H, W
         return self.head(x), grid, traces
 

@@ -44,7 +44,10 @@ from posenc.models.layers import (
     PosencModel,
     config_from_dict,
     drop_path_rates,
+    global_layout,
+    grid_pixels,
     init_weights,
+    prefix_labels,
     normalise_config,
 )
 from posenc.preprocess import Preprocess
@@ -81,6 +84,11 @@ class ViTConfig:
     init_values: float | None = None  # layer scale init; None: no layer scale
     norm_eps: float = field(default=1e-6, metadata={"max": 1.0})
     drop_path_rate: float = field(default=0.0, metadata={"max": 0.99})
+    # attention (then MLP) branches per block, summed: timm's ParallelThingsBlock (the 18x2 models: 2); 1: sequential
+    parallel: int = field(default=1, metadata={"max": 16})
+    # timm's ParallelScalingBlock (ViT-22B style, vit_pwee): attention and MLP side by side from one norm and one fused
+    # input projection, summed and layer-scaled once
+    parallel_scaling: bool = False
     labels: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     model_type: str = field(default="posenc_vit", metadata={"choices": ("posenc_vit",)})
@@ -108,6 +116,10 @@ class ViTConfig:
             raise ValueError(f"the 2D sin-cos embedding needs embed_dim divisible by 4, got {self.embed_dim}")
         if self.distilled and not self.class_token:
             raise ValueError("a distillation token needs class_token=True")
+        if self.parallel > 1 and self.rel_pos_bias:
+            raise ValueError("parallel blocks with a relative position bias are not supported; use parallel=1")
+        if self.parallel_scaling and (self.parallel > 1 or self.rel_pos_bias or self.rope):
+            raise ValueError("parallel_scaling blocks take neither parallel > 1, a relative position bias nor RoPE")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ValueError(f"labels has {len(self.labels)} names but num_classes={self.num_classes}; they must be equal")
 
@@ -178,6 +190,115 @@ class Block(nn.Module):
         return x, trace
 
 
+class ParallelBlock(nn.Module):
+    """timm's ParallelThingsBlock: x + sum_j ls(attn_j(norm_j(x))), then x + sum_j ls(mlp_j(norm_j(x))).
+
+    Branch j's modules are ``attns.j.{norm,attn,ls}`` and ``ffns.j.{norm,mlp,ls}``, timm's names. The trace holds the
+    branches' heads side by side: attention (B, parallel*heads, N, N), branch j's heads at j*heads .. (j+1)*heads - 1,
+    so every view and measurement reads it as one block with more heads.
+    """
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = config.embed_dim
+
+        def scale() -> nn.Module:
+            return LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
+
+        self.attns = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(dim, eps=config.norm_eps),
+                           "attn": Attention(dim, config.num_heads, qkv_bias=config.qkv_bias), "ls": scale()})
+            for _ in range(config.parallel)
+        )  # fmt: skip
+        self.ffns = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(dim, eps=config.norm_eps),
+                           "mlp": Mlp(dim, int(dim * config.mlp_ratio), config.act_layer), "ls": scale()})
+            for _ in range(config.parallel)
+        )  # fmt: skip
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def attn(self) -> nn.ModuleList:
+        """The attention branches: with :attr:`mlp`, what marks this module as a transformer block (measure's hooks)."""
+        return self.attns
+
+    @property
+    def mlp(self) -> nn.ModuleList:
+        """The MLP branches."""
+        return self.ffns
+
+    def forward(
+        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, grid: Size2, need_weights: bool, position: bool = True
+    ) -> tuple[Tensor, AttentionTrace | None]:
+        """(B, N, C) -> (B, N, C), plus the branches' traces joined along the heads when ``need_weights``."""
+        outs, traces = [], []
+        for branch in self.attns:
+            y, trace = branch["attn"](branch["norm"](x), rope=rope, num_prefix=num_prefix, grid=grid,
+                                      need_weights=need_weights, position=position)
+            outs.append(self.drop_path(branch["ls"](y)))
+            traces.append(trace)
+        x = x + torch.stack(outs).sum(dim=0)
+        x = x + torch.stack([self.drop_path(f["ls"](f["mlp"](f["norm"](x)))) for f in self.ffns]).sum(dim=0)
+        if not need_weights:
+            return x, None
+        no_pos = [t.attn_no_pos for t in traces]
+        return x, AttentionTrace(
+            attn=torch.cat([t.attn for t in traces], dim=-3),  # B, parallel*heads, N, N
+            attn_no_pos=None if None in no_pos else torch.cat(no_pos, dim=-3),  # B, parallel*heads, N, N
+            pos_bias=None,  # relative bias tables are refused with parallel blocks (see ViTConfig)
+        )
+
+
+class ParallelScalingBlock(nn.Module):
+    """timm's ParallelScalingBlock: x + ls(attn_out_proj(attention) + mlp_out_proj(act(fc1))), one norm, one ``in_proj``.
+
+    ``in_proj`` (C -> hidden + 3C) gives the MLP's first layer and q, k, v at once (the MLP's bias is ``mlp_bias``
+    when ``in_proj`` has none). Names are timm's: ``in_norm``, ``in_proj``, ``mlp_bias``, ``attn_out_proj``,
+    ``mlp_out_proj``, ``ls``.
+    """
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim, self.num_heads = config.embed_dim, config.num_heads
+        self.scale = (dim // config.num_heads) ** -0.5
+        hidden = int(dim * config.mlp_ratio)
+        self.split = [hidden, dim, dim, dim]
+        self.in_norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=config.qkv_bias is True)
+        self.mlp_bias = None if config.qkv_bias is True else nn.Parameter(torch.zeros(hidden))
+        self.mlp_act = ACTIVATIONS[config.act_layer]()
+        self.attn_out_proj = nn.Linear(dim, dim)
+        self.mlp_out_proj = nn.Linear(hidden, dim)
+        self.ls = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def attn(self) -> nn.Linear:
+        """The attention's output projection: with :attr:`mlp`, what marks this module as a transformer block."""
+        return self.attn_out_proj
+
+    @property
+    def mlp(self) -> nn.Linear:
+        """The MLP's output projection."""
+        return self.mlp_out_proj
+
+    def forward(
+        self, x: Tensor, *, rope: Tensor | None, num_prefix: int, grid: Size2, need_weights: bool, position: bool = True
+    ) -> tuple[Tensor, AttentionTrace | None]:
+        """(B, N, C) -> (B, N, C), plus the attention trace when ``need_weights`` (no relative bias or RoPE here)."""
+        hidden, q, k, v = torch.split(self.in_proj(self.in_norm(x)), self.split, dim=-1)  # B, N, hidden | C | C | C
+        if self.mlp_bias is not None:
+            hidden = hidden + self.mlp_bias
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k, v))  # B, heads, N, hd
+        if need_weights:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, heads, N, N
+            out, trace = attn @ v, AttentionTrace(attn=attn, attn_no_pos=None, pos_bias=None)
+        else:
+            out, trace = F.scaled_dot_product_attention(q, k, v), None  # B, heads, N, hd
+        out = self.attn_out_proj(rearrange(out, "b h n d -> b n (h d)")) + self.mlp_out_proj(self.mlp_act(hidden))
+        return x + self.drop_path(self.ls(out)), trace
+
+
 class AttentionPool(nn.Module):
     """Multihead attention pooling (SigLIP's MAP head): one learned query attends over the tokens, then an MLP.
 
@@ -237,7 +358,8 @@ class VisionTransformer(PosencModel):
             )  # h*w, hd/2
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
         rates = drop_path_rates(config.drop_path_rate, config.depth)
-        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        block = ParallelScalingBlock if config.parallel_scaling else ParallelBlock if config.parallel > 1 else Block
+        self.blocks = nn.ModuleList(block(config, rate) for rate in rates)
         use_fc_norm = config.global_pool == "avg" if config.fc_norm is None else config.fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn_pool = AttentionPool(config) if config.global_pool == "map" else None
@@ -249,6 +371,10 @@ class VisionTransformer(PosencModel):
         for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
+
+    def trace_bytes(self, size: Size2) -> int:
+        """Bytes of one inspection's maps at ``size``: a parallel block keeps every branch's heads."""
+        return super().trace_bytes(size) * self.config.parallel
 
     def absolute_embedding(self, grid: Size2) -> tuple[Tensor | None, int]:
         """The absolute embedding for a patch grid and its number of prefix rows.
@@ -334,8 +460,11 @@ class VisionTransformer(PosencModel):
     def inspect(self, x: Tensor, *, position: bool = True) -> Inspection:
         """Logits plus the attention and the position tensors of every block (see :class:`Inspection`)."""
         logits, grid, pos, pos_prefix, rope, traces = self._run(x, need_weights=True, position=position)
+        cfg = self.config
+        layout = global_layout(grid, grid_pixels(grid, cfg.patch_size),
+                               prefix_labels(cfg.prefix_names, cfg.num_prefix_tokens))
         blocks = [
-            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=t.pos_bias, mask=None, grid=grid)
+            BlockTrace(attn=t.attn, attn_no_pos=t.attn_no_pos, pos_bias=t.pos_bias, mask=None, grid=grid, layout=layout)
             for t in traces
         ]
         return Inspection(
@@ -358,8 +487,9 @@ _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 _LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
 _BEIT = dict(qkv_bias="qv", pos_embed="none", rel_pos_bias=True, global_pool="avg")
 # The newer kinds of timm's vision_transformer.py / deit.py registrations (img_size: the default tag's input size).
-# Left out: SwiGLU (giant DINOv2), differential attention and parallel blocks (*wee, dlittle), and the two so400m
-# patch-14 models at 384 px, whose size is not a multiple of the patch (timm drops the remainder, posenc refuses).
+# Left out: SwiGLU (giant DINOv2), differential attention (dwee, dpwee, dlittle), parallel blocks with RMS norm and qk
+# norm (*_xp_*), and the two so400m patch-14 models at 384 px, whose size is not a multiple of the patch (timm drops
+# the remainder, posenc refuses).
 _DEIT3 = dict(no_embed_class=True, init_values=1e-6)  # no cls entry in pos_embed, layer scale
 _CLIP = dict(pre_norm=True, norm_eps=1e-5)  # norm_pre, patch projection without bias
 _FLEXI = dict(no_embed_class=True)
@@ -395,6 +525,9 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     "vit_large_patch16_384": {**_LARGE, "patch_size": 16, "img_size": 384},
     "vit_large_patch32_224": {**_LARGE, "patch_size": 32, "img_size": 224},
     "vit_large_patch32_384": {**_LARGE, "patch_size": 32, "img_size": 384},
+    # parallel blocks (timm's ParallelThingsBlock): two attention branches summed, then two MLP branches summed
+    "vit_small_patch16_18x2_224": _arch(16, 384, 18, 6, 224, init_values=1e-5, parallel=2),
+    "vit_base_patch16_18x2_224": _arch(16, 768, 18, 12, 224, init_values=1e-5, parallel=2),
     "deit_tiny_patch16_224": {**_TINY, "patch_size": 16, "img_size": 224},
     "deit_small_patch16_224": {**_SMALL, "patch_size": 16, "img_size": 224},
     "deit_base_patch16_224": {**_BASE, "patch_size": 16, "img_size": 224},
@@ -513,6 +646,9 @@ TIMM_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "vit_mediumd_patch16_reg4_gap_384": _arch(
         16, 512, 20, 8, 384, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=4
+    ),
+    "vit_pwee_patch16_reg1_gap_256": _arch(
+        16, 256, 16, 4, 256, **_GAP, init_values=1e-05, mlp_ratio=5, no_embed_class=True, reg_tokens=1, parallel_scaling=True
     ),
     "vit_betwixt_patch16_reg1_gap_256": _arch(
         16, 640, 12, 10, 256, **_GAP, init_values=1e-05, no_embed_class=True, reg_tokens=1

@@ -39,6 +39,7 @@ from posenc.models import (
     EvaConfig,
     LeViTConfig,
     MViTv2Config,
+    NaFlexViTConfig,
     PosencModel,
     SamConfig,
     SwinConfig,
@@ -55,12 +56,13 @@ from posenc.models import (
 from posenc.models.eva import TIMM_PRESETS as EVA_PRESETS
 from posenc.models.xcit import TIMM_PRESETS as XCIT_PRESETS
 from posenc.models.mvitv2 import TIMM_PRESETS as MVITV2_PRESETS
+from posenc.models.naflexvit import TIMM_PRESETS as NAFLEX_PRESETS
 
 logger = logging.getLogger(__name__)
 
 #: benchmark name -> (timm model name, the posenc config of the same architecture)
 MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig | EvaConfig | LeViTConfig | XCiTConfig
-                         | MViTv2Config | CaiTConfig]] = {
+                         | MViTv2Config | CaiTConfig | NaFlexViTConfig]] = {
     "deit_tiny": ("deit_tiny_patch16_224", ViTConfig()),
     "vit_small": ("vit_small_patch16_224", ViTConfig(embed_dim=384, num_heads=6)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", SwinConfig()),
@@ -94,6 +96,9 @@ MODELS: dict[str, tuple[str, ViTConfig | SwinConfig | SwinV2Config | SamConfig |
     "mvitv2_tiny": ("mvitv2_tiny", MViTv2Config(**MVITV2_PRESETS["mvitv2_tiny"])),
     "cait_xxs24": ("cait_xxs24_224", CaiTConfig(**cait.TIMM_PRESETS["cait_xxs24_224"])),  # talking heads, class attention
     "vit_small_18x2": ("vit_small_patch16_18x2_224", ViTConfig(**vit.TIMM_PRESETS["vit_small_patch16_18x2_224"])),
+    # NaFlexViT on a plain image at 224 px: its 16x16 aspect-preserving table is resampled to 14x14 in every forward
+    "naflexvit_par_base": ("naflexvit_base_patch16_par_gap",
+                           NaFlexViTConfig(**NAFLEX_PRESETS["naflexvit_base_patch16_par_gap"], img_size=224)),
 }
 #: timm constructor arguments of the benchmark models that are not their registration's (shrunk models)
 TIMM_KWARGS: dict[str, dict[str, Any]] = {

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from posenc.views import Patch, Seen, View, ViewUnavailable
 
 #: Mechanism modules of this package, in the order their views are shown.
-MODULES = ("absolute", "fourier", "class_attention", "rel_table", "cpb", "decomposed", "offset_bias", "rope_axial",
-           "rope_mixed", "gpsa", "conv_pos")
+MODULES = ("absolute", "naflex", "fourier", "class_attention", "rel_table", "cpb", "decomposed", "offset_bias",
+           "rope_axial", "rope_mixed", "gpsa", "conv_pos")
 #: The groups views are shown in, in order; a mechanism's ``kind`` is one of these.
 KINDS = ("absolute", "relative", "rotary", "convolutional")
 #: What a mechanism of each kind is, in words, for messages.

@@ -18,6 +18,7 @@ from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
 from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
+from posenc.models.naflexvit import NaFlexViT, NaFlexViTConfig
 from posenc.models.mvitv2 import MViTv2, MViTv2Config
 from posenc.models.sam import SamConfig, SamViT
 from posenc.models.swin import SwinConfig, SwinTransformer
@@ -29,7 +30,7 @@ from posenc.models.xcit import XCiT, XCiTConfig
 
 #: Model modules of this package, each ending with its ``ARCHITECTURE`` declaration, in the order tables list them.
 MODULES = ("vit", "swin", "sam", "convit", "eva", "swin_v2", "levit", "tiny_vit", "twins", "coat", "xcit", "mvitv2",
-           "cait")
+           "cait", "naflexvit")
 
 
 def _collect() -> dict[str, Architecture]:
@@ -88,6 +89,8 @@ __all__ = [
     "Inspection",
     "MViTv2",
     "MViTv2Config",
+    "NaFlexViT",
+    "NaFlexViTConfig",
     "NoTokenLayout",
     "PosencModel",
     "SamConfig",

@@ -139,17 +139,18 @@ def figures(records: dict[str, dict[str, Any]]) -> list[tuple[str, Image.Image, 
                     "patches are shuffled and when every position term is removed."))
     sweep = {n: r["resolution_sweep"] for n, r in records.items() if isinstance(r.get("resolution_sweep"), list)}
     if sweep:
-        metric = "accuracy" if any("accuracy" in row for rows in sweep.values() for row in rows) else "agrees"
+        labelled = any(row.get("top1_accuracy") is not None for rows in sweep.values() for row in rows)
+        metric = "top1_accuracy" if labelled else "agrees"  # the keys measure_folder writes
         # x: each input side over the model's own (native) side, so models at 32 and at 224 share one axis
         ratio = {n: {round(row["size"][0] / records[n]["input_size"][0], 3): row.get(metric) for row in rows}
                  for n, rows in sweep.items()}
         xs = sorted({x for found in ratio.values() for x in found})
         series = {n: [found.get(x) for x in xs] for n, found in ratio.items()}
-        what = "top-1 accuracy (labelled folder)" if metric == "accuracy" else "top-1 = native-size top-1"
+        what = "top-1 accuracy (labelled folder)" if labelled else "top-1 = native-size top-1"
         out.append(("Resolution sweep", plots.lines(list(range(len(xs))), series, title=f"Resolution sweep: {what}",
                                                    xlabel="input side / the model's native side", ylabel=what,
                                                    xlabels=[f"{x:.3g}" for x in xs], y_range=(0.0, 1.0)),
-                    "Each model at the input sizes it offers, against its input side over its native side "
+                    f"Each model's {what} at the input sizes it offers, against its input side over its native side "
                     "(1 = the size it was trained at); a line joins the sizes it has."))
     dec = {n: r["position_decodability"]["r2"] for n, r in records.items()
            if isinstance(r.get("position_decodability"), dict) and r["position_decodability"].get("r2")}

@@ -187,3 +187,13 @@ def test_measure_tab_plots_several_models_on_one_scale_when_their_sizes_differ(t
     # the former single second model (a string) still works
     h.attention_distance(str(photo), "learned", "windowed", progress=lambda *a, **k: None)
     assert list(drawn[-1][0]) == ["learned", "windowed"]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_the_sweep_figure_plots_accuracy_when_measure_folder_recorded_it(labelled):
+    rows = [{"size": [s, s], "agrees": 1.0 if s == 32 else 0.5, "p_top1": 0.5, "p_native_class": 0.5,
+             **({"top1_accuracy": 0.25, "top5_accuracy": 0.75} if labelled else {})} for s in (16, 32)]
+    record = {"model": "m", "input_size": [32, 32], "images": 4, "resolution_sweep": rows}
+    (_, _, caption), = [f for f in atlas.figures({"m": record}) if f[0] == "Resolution sweep"]
+    assert ("top-1 accuracy (labelled folder)" in caption) is labelled
+    assert ("top-1 = native-size top-1" in caption) is not labelled

@@ -58,6 +58,7 @@ from posenc.encodings import Size2
 from posenc.hub import HubLoadError, LoadedModel
 from posenc.models import BlockTrace, Inspection
 from posenc.norms import NormStats, block_outputs
+from posenc.rollout import RolloutUnavailable, block_tokens, rollout_pair
 from posenc.preprocess import ImageError, build_transform, load_image
 from posenc.synsets import SYNSET, synset_index
 
@@ -75,6 +76,15 @@ HOLDOUT_EVERY = 5
 ROPE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 #: Mechanisms (names of :mod:`posenc.mechanisms`) that rotate queries and keys: the models that take ``rope_scale``.
 ROTARY_MECHANISMS = ("rope_axial", "rope_mixed")
+#: At most this many final tokens (evenly spaced) start the folder's rollout rows, to bound its memory.
+ROLLOUT_STARTS = 64
+#: What the folder's ``"rollout"`` record compares.
+ROLLOUT_RULE = ("attention rollout (heads averaged, identity added, rows renormalised, multiplied through every block) "
+                "from the final tokens (at most 64, evenly spaced) with position against without it: each block's "
+                "attention without its position term, or, for a model whose position enters only at the input, the model "
+                "run with position=False; total_variation = half the L1 distance between the two rows (0 = the same)")
+#: The folder's rollout record: per image, averaged over its starting tokens, then over the images.
+ROLLOUT_KEYS = ("total_variation", "prefix_share", "prefix_share_no_pos")
 #: File name endings treated as images in a folder.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -623,6 +633,7 @@ class FolderResult:
     held_out: int
     seconds: float
     token_norms: dict[str, Any] = field(default_factory=dict)
+    rollout: dict[str, Any] = field(default_factory=dict)
     rope_sweep: list[dict[str, Any]] | str = "not applicable: no rotary mechanism"
     labels: dict[str, Any] | None = None
     processes: int = 1
@@ -651,6 +662,7 @@ class FolderResult:
                 "train_images": self.images - self.held_out, "held_out_images": self.held_out,
             },
             "token_norms": _round(self.token_norms),
+            "rollout": _round(self.rollout),
             "processes": self.processes,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images / max(self.seconds, 1e-9), 3),
@@ -863,6 +875,7 @@ def measure_folder(
         seconds=time.perf_counter() - started, rope_sweep=rope_sweep,
         labels=label_info if labels is not None else None, processes=ranks.world_size,
         token_norms=sums.norms.to_json(),
+        rollout={"rule": ROLLOUT_RULE, **{k: means.get(f"rollout/{k}") for k in ROLLOUT_KEYS}},
     )
 
 
@@ -900,6 +913,7 @@ def _measure_batch(
                 except NotApplicable as error:  # that block's R² stays NaN
                     logger.debug("block %d: no decodability: %s", b, error)
             norms.add(tokens, seen, holdout)
+        _add_rollout(model, x, seen, means)
         patch = (native[0] // seen.grid[0], native[1] // seen.grid[1])
         rel = position_reliance(model, x, patch, seeds=seeds, reference=seen.logits, labels=labels)
         for s, found in zip(seeds, rel["shuffle"]):
@@ -924,6 +938,25 @@ def _measure_batch(
                 for m, v in found.items():
                     if m != "top1":
                         means.add(f"rope{s}/{m}", v)
+
+
+def _add_rollout(model: nn.Module, x: Tensor, seen: Inspection, means: _Mean) -> None:
+    """Per image: the total variation between the rollouts with and without position (:data:`ROLLOUT_RULE`), and
+    the share of the input prefix tokens in each; a model whose rollout cannot be formed adds nothing (logged)."""
+    try:
+        total = len(block_tokens(seen)[-1])  # the final tokens
+        picks = torch.linspace(0, total - 1, min(total, ROLLOUT_STARTS)).round().long()  # R
+        select = torch.eye(total, dtype=torch.float64)[picks]  # R, T
+        with_pos, without_pos, _ = rollout_pair(model, x, seen, select=select)
+    except RolloutUnavailable as error:
+        logger.debug("no rollout: %s", error)
+        return
+    a, b = with_pos.rows, without_pos.rows  # B, R, P + N
+    means.add("rollout/total_variation", 0.5 * (a - b).abs().sum(-1).mean(-1))  # B
+    p = len(with_pos.inputs.prefix)
+    if p:
+        means.add("rollout/prefix_share", a[..., :p].sum(-1).mean(-1))  # B
+        means.add("rollout/prefix_share_no_pos", b[..., :p].sum(-1).mean(-1))  # B
 
 
 # ------------------------------------------------------------------------------------ command line

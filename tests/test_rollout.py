@@ -187,3 +187,38 @@ def test_rollout_view_draws_the_rows_of_the_clicked_patch_and_cls(tmp_path):
     expected = rollout(free, select=torch.eye(197)[[1 + 3 * 14 + 4, 0]]).on_grid()[0][0]
     np.testing.assert_allclose(view.arrays["rollout_no_pos"], expected, atol=1e-6)
     assert view.image.width > 600
+
+
+def test_folder_rollout_record_equals_rollout_pair_on_the_same_batch(tmp_path):
+    """measure_folder's "rollout" record: per image, the total variation between the rollouts with and without
+    position from the final tokens, as rollout_pair computes it directly on the same preprocessed images."""
+    import math
+    from dataclasses import replace
+    from pathlib import Path
+
+    from PIL import Image
+
+    from posenc import measure
+    from posenc.preprocess import build_transform
+    from posenc.rollout import rollout_pair
+
+    loaded = posenc.load(str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10-rope"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(paths[-1])
+    # 28x28: 7x7 patches + cls = 50 final tokens, all of them starts (at most ROLLOUT_STARTS are)
+    found = measure.measure_folder(loaded, paths, size=(28, 28), batch=3, sizes=[(28, 28)], seeds=(0,), rope_scales=())
+    transform = build_transform(replace(loaded.preprocess, input_size=(28, 28)))
+    x = torch.stack([transform(posenc.preprocess.load_image(p)) for p in paths])
+    with torch.inference_mode():
+        seen = loaded.model.inspect(x)
+        a, b, _ = rollout_pair(loaded.model, x, seen)
+    assert a.rows.shape[1] == 50 <= measure.ROLLOUT_STARTS
+    tv = 0.5 * (a.rows - b.rows).abs().sum(-1).mean(-1)  # B
+    record = found.to_json()["rollout"]
+    assert 0 < record["total_variation"] < 1
+    assert math.isclose(record["total_variation"], float(tv.mean()), rel_tol=1e-4, abs_tol=1e-5)  # the record is rounded to 5 digits
+    assert math.isclose(record["prefix_share"], float(a.rows[..., :1].sum(-1).mean()), rel_tol=1e-4, abs_tol=1e-5)  # the record is rounded to 5 digits
+    assert math.isclose(record["prefix_share_no_pos"], float(b.rows[..., :1].sum(-1).mean()), rel_tol=1e-4, abs_tol=1e-5)  # the record is rounded to 5 digits

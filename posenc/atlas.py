@@ -68,9 +68,12 @@ def slug(model: str) -> str:
 
 def measure_model(model: str, images: Sequence[Path], *, out: Path, revision: str | None = None,
                   size: str | None = None, batch: int = 16, progress: Callable[[int], None] | None = None,
-                  ) -> dict[str, Any]:
+                  root: Path | None = None) -> dict[str, Any]:
     """One model's entry: ``{"model", "key", "record"}`` (from the cache when the key matches) or ``{"model",
-    "error"}`` with the reason in one line. Never raises for a model that cannot be loaded or measured."""
+    "error"}`` with the reason in one line. Never raises for a model that cannot be loaded or measured.
+
+    Images are labelled as ``posenc measure`` labels them (:func:`posenc.measure.folder_labels`: class folders
+    under ``root``, or an ImageNet synset prefix in the file name), so a labelled folder reports accuracy."""
     from posenc import measure, views
     from posenc.hub import load
 
@@ -89,7 +92,10 @@ def measure_model(model: str, images: Sequence[Path], *, out: Path, revision: st
     try:
         loaded = load(model, revision=revision)
         chosen = None if size is None else views.parse_size(size, loaded)
-        record = measure.measure_folder(loaded, list(images), size=chosen, batch=batch, progress=progress).to_json()
+        # labelled as `posenc measure` labels them (class folders, a synset prefix in the file name): accuracy too
+        labels, info = measure.folder_labels(list(images), loaded.labels, root=root)
+        record = measure.measure_folder(loaded, list(images), size=chosen, batch=batch, progress=progress,
+                                        labels=labels if info["labelled"] else None, label_info=info).to_json()
     except Exception as error:  # one model's failure must not take the others down
         return {"model": model, "error": _one_line(error)}
     record["model"] = model
@@ -321,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(folder.images), desc=_name(model)[:24], unit="img", file=sys.stderr, position=1,
                   leave=False, dynamic_ncols=True) as bar:
             entry = measure_model(model, folder.images, out=out, revision=args.revision, size=args.size,
-                                  batch=args.batch, progress=bar.update)
+                                  batch=args.batch, progress=bar.update, root=folder.root)
         entries.append(entry)
         if "error" in entry:
             tqdm.write(f"{model}: not measured: {entry['error']}", file=sys.stderr)

@@ -197,3 +197,22 @@ def test_the_sweep_figure_plots_accuracy_when_measure_folder_recorded_it(labelle
     (_, _, caption), = [f for f in atlas.figures({"m": record}) if f[0] == "Resolution sweep"]
     assert ("top-1 accuracy (labelled folder)" in caption) is labelled
     assert ("top-1 = native-size top-1" in caption) is not labelled
+
+
+def test_atlas_reports_accuracy_for_a_folder_in_class_folders(tmp_path):
+    """Class subfolders label the images (as for `posenc measure`): the record's sweep rows carry top-1 accuracy."""
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    code = main(["atlas", "--models", str(_checkpoint("learned")), "--images", str(folder), "--out",
+                 str(tmp_path / "out"), "--batch", "4"])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "atlas.json").read_text())
+    (entry,) = [m for m in record["models"] if "record" in m] if "models" in record else [None]
+    assert entry is not None
+    rows = entry["record"]["resolution_sweep"]
+    assert all(row["top1_accuracy"] is not None for row in rows)
+    assert entry["record"]["labels"]["labelled"] == 4

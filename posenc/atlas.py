@@ -168,11 +168,13 @@ def figures(records: dict[str, dict[str, Any]]) -> list[tuple[str, Image.Image, 
                                            for n in dec) + " (no R² without held-out images)."))
     extra = sorted({k for r in records.values() for k in r if k not in DRAWN and k not in BOOKKEEPING})
     for key in extra:
-        per_block = {n: v for n, r in records.items() if (v := _numbers(r.get(key))) is not None}
-        if per_block:
+        found = {n: v for n, r in records.items() if (v := _numbers(r.get(key), key)) is not None}
+        if found:
+            name = next(iter(found.values()))[0]  # the record's first per-block list: "token_norms.high_norm_share"
             out.append((key.replace("_", " ").capitalize(),
-                        _per_block(per_block, key.replace("_", " "), key.replace("_", " ")),
-                        f"Record key '{key}' per block."))
+                        _per_block({n: v for n, (_, v) in found.items()}, name.replace("_", " "),
+                                   name.rsplit(".", 1)[-1].replace("_", " ")),
+                        f"Record key '{name}' per block."))
     return out
 
 
@@ -185,13 +187,14 @@ def _per_block(series: dict[str, list[Any]], title: str, ylabel: str) -> Image.I
                        xlabels=[str(b) for b in range(depth)])
 
 
-def _numbers(value: Any) -> list[Any] | None:
-    """A flat per-block list of numbers inside a record value (a list, or a dict's first such list), or None."""
+def _numbers(value: Any, name: str) -> tuple[str, list[Any]] | None:
+    """A flat per-block list of numbers inside a record value (a list, or a dict's first such list) with its dotted
+    name ("token_norms.high_norm_share"), or None."""
     if isinstance(value, list) and value and all(v is None or _finite(v) for v in value):
-        return value
+        return name, value
     if isinstance(value, dict):
-        for v in value.values():
-            if (found := _numbers(v)) is not None:
+        for k, v in value.items():
+            if (found := _numbers(v, f"{name}.{k}")) is not None:
                 return found
     return None
 

@@ -144,7 +144,7 @@ def test_the_page_renders_keys_added_to_the_record_later_and_skips_absent_ones()
     titles = re.findall(r"<img alt='([^']*)'", page)
     assert titles == ["Mean attention distance per head", "Token norms"]
     assert "high_norm_share" in page  # and the numbers as JSON
-    assert "Record key 'token_norms.high_norm_share' per block" in page  # the caption says which list is drawn
+    assert "Record key &#x27;token_norms.high_norm_share&#x27; per block" in page  # the caption names the list drawn
 
 
 def test_measure_tab_plots_several_models_on_one_scale_when_their_sizes_differ(tmp_path, monkeypatch):

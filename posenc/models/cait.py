@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -39,6 +38,7 @@ from posenc.encodings import Size2, resample_abs_pos_embed, to_2tuple
 from posenc.models.declare import TIMM_RULES, Architecture
 from posenc.models.layers import (
     BlockTrace,
+    ClassAttention,
     DropPath,
     Inspection,
     LayerScale,
@@ -135,32 +135,6 @@ class TalkingHeadAttention(nn.Module):
         probs = logits.softmax(dim=-1)  # B, heads, N, N
         out = self.proj(rearrange(mix_heads(probs, self.proj_w) @ v, "b h n d -> b n (h d)"))  # B, N, C
         return out, (probs if need_weights else None)
-
-
-class ClassAttention(nn.Module):
-    """The cls token's one query attends over [cls, patches]: (B, 1 + N, C) -> (B, 1, C)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, u: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(B, 1 + N, C) normed [cls, patches] -> (B, 1, C), plus the (B, heads, 1, 1 + N) map when ``need_weights``."""
-        h = self.num_heads
-        q = rearrange(self.q(u[:, 0]), "b (h d) -> b h 1 d", h=h)  # B, heads, 1, hd
-        k = rearrange(self.k(u), "b n (h d) -> b h n d", h=h)  # B, heads, 1 + N, hd
-        v = rearrange(self.v(u), "b n (h d) -> b h n d", h=h)  # B, heads, 1 + N, hd
-        if need_weights:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, heads, 1, 1 + N
-            out = attn @ v  # B, heads, 1, hd
-        else:
-            attn, out = None, F.scaled_dot_product_attention(q, k, v)  # B, heads, 1, hd
-        return self.proj(rearrange(out, "b h one d -> b one (h d)")), attn  # B, 1, C
 
 
 class Block(nn.Module):

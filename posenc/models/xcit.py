@@ -36,6 +36,7 @@ from posenc.encodings import Size2, to_2tuple
 from posenc.models.declare import Architecture
 from posenc.models.layers import (
     BlockTrace,
+    ClassAttention,
     DropPath,
     Inspection,
     Mlp,
@@ -264,34 +265,6 @@ class XCABlock(nn.Module):
             return x, None
         return x, BlockTrace(attn=attn, attn_no_pos=None, pos_bias=None, mask=None, grid=tuple(grid), layout=None,
                              no_layout=XCA_NO_LAYOUT)  # fmt: skip
-
-
-class ClassAttention(nn.Module):
-    """The cls token's query over the cls token and every patch (timm's ``ClassAttn``: ``q``, ``k``, ``v``, ``proj``)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(B, 1 + h*w, C) -> the cls token's update (B, 1, C), plus its (B, heads, 1, 1 + h*w) attention when asked."""
-        b, n, c = x.shape
-        d = c // self.num_heads
-        q = self.q(x[:, :1]).reshape(b, 1, self.num_heads, d).transpose(1, 2)  # B, heads, 1, d
-        k = self.k(x).reshape(b, n, self.num_heads, d).transpose(1, 2)  # B, heads, N, d
-        v = self.v(x).reshape(b, n, self.num_heads, d).transpose(1, 2)  # B, heads, N, d
-        attn = None
-        if need_weights:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, heads, 1, N
-            out = attn @ v  # B, heads, 1, d
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # B, heads, 1, d
-        return self.proj(out.transpose(1, 2).reshape(b, 1, c)), attn  # B, 1, C
 
 
 class ClassAttentionBlock(nn.Module):

@@ -378,18 +378,12 @@ def rope_scale_sweep(
 
 
 def patch_tokens(tokens: Tensor, trace: BlockTrace) -> Tensor:
-    """A block's output as its patch tokens (the block's queries, prefix dropped): (B, Pq + hq*wq, C) or
-    (B, hq, wq, C) -> (B, hq*wq, C); their positions are ``trace.layout.query_pixels[Pq:]``."""
+    """A block's output as its patch tokens, prefix dropped: (B, P + h*w, C) or (B, h, w, C) -> (B, h*w, C); their
+    positions are ``trace.outputs().patch_pixels`` (:meth:`BlockTrace.outputs`)."""
     try:
-        layout = trace.tokens()
-    except ValueError as error:
+        return trace.outputs().split(tokens)[1]  # B, h*w, C
+    except ValueError as error:  # no output layout (NoTokenLayout), or no patch tokens leave the block
         raise NotApplicable(str(error)) from None
-    p, (h, w) = len(layout.query_prefix), layout.query_grid
-    if tokens.ndim == 4 and tuple(tokens.shape[1:3]) == (h, w):
-        return tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, h*w, C
-    if tokens.ndim != 3 or tokens.shape[1] != p + h * w:
-        raise NotApplicable(f"block output {tuple(tokens.shape)} is not {p} prefix + {h}x{w} patch tokens")
-    return tokens[:, p:]  # B, h*w, C
 
 
 def ridge_fit(xtx: np.ndarray, xty: np.ndarray, n: int, sx: np.ndarray, sy: np.ndarray, ridge: float = RIDGE
@@ -908,7 +902,7 @@ def _measure_batch(
             for b, (out, trace) in enumerate(zip(tokens, seen.blocks)):
                 try:
                     found = patch_tokens(out, trace)  # B, hq*wq, C
-                    targets = trace.layout.query_pixels[len(trace.layout.query_prefix) :]  # hq*wq, 2
+                    targets = trace.outputs().patch_pixels  # hq*wq, 2
                     decode.add(b, found, targets, holdout)
                 except NotApplicable as error:  # that block's R² stays NaN
                     logger.debug("block %d: no decodability: %s", b, error)

@@ -1,8 +1,8 @@
 """Token norms and high-norm tokens (Darcet et al., "Vision Transformers Need Registers", 2023).
 
-After each block, the L2 norm of every output token: the patch tokens on the block's query grid (read from its
-token layout, so windowed and pooled blocks land on their own grid), and the prefix tokens (cls, registers) the
-block outputs. A patch token is **high-norm** when its norm exceeds :data:`HIGH_NORM_FACTOR` times the median
+After each block, the L2 norm of every output token: the patch tokens on the grid where the block says its outputs
+sit (:meth:`BlockTrace.outputs`: its query grid, so windowed and pooled blocks land on their own grid; XCiT's channel
+attention keeps its patch grid), and the prefix tokens (cls, registers) the block outputs. A patch token is **high-norm** when its norm exceeds :data:`HIGH_NORM_FACTOR` times the median
 patch-token norm of the same block and image (a scale-free rule: Darcet et al. report outliers about 10 times
 the others; the rule is written on every picture).
 
@@ -63,23 +63,6 @@ def block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
             handle.remove()
 
 
-def split_output(tokens: Tensor, trace: BlockTrace) -> tuple[Tensor, Tensor]:
-    """A block's output as (B, Pq, C) prefix tokens and (B, hq*wq, C) patch tokens on its query grid.
-
-    Raises:
-        ValueError: the block has no token layout, or the output is not its prefix + query grid.
-    """
-    layout = trace.tokens()
-    p, (h, w) = len(layout.query_prefix), layout.query_grid
-    if h * w == 0:  # CaiT's and XCiT's class attention: only the prefix queries are updated
-        raise ValueError(f"the block outputs no patch tokens (its only queries are {', '.join(layout.query_prefix)})")
-    if tokens.ndim == 4 and tuple(tokens.shape[1:3]) == (h, w):
-        return tokens[:, :0, 0], tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, 0, C / B, h*w, C
-    if tokens.ndim != 3 or tokens.shape[1] != p + h * w:
-        raise ValueError(f"block output {tuple(tokens.shape)} is not {p} prefix + {h}x{w} patch tokens")
-    return tokens[:, :p], tokens[:, p:]  # B, Pq, C / B, h*w, C
-
-
 @dataclass(frozen=True)
 class BlockNorms:
     """The output-token norms of one block.
@@ -99,22 +82,27 @@ class BlockNorms:
 
 
 def block_norms(tokens: Tensor, trace: BlockTrace) -> BlockNorms:
-    """:class:`BlockNorms` of one block's output (see :func:`split_output`)."""
-    prefix, patches = split_output(tokens, trace)
-    h, w = trace.layout.query_grid
+    """:class:`BlockNorms` of one block's output, on the tokens :meth:`BlockTrace.outputs` places.
+
+    Raises:
+        ValueError: the block does not say where its output tokens sit, or outputs no patch tokens.
+    """
+    where = trace.outputs()
+    prefix, patches = where.split(tokens)  # B, P, C / B, h*w, C
+    h, w = where.grid
     norms = patches.double().norm(dim=-1)  # B, h*w
     threshold = HIGH_NORM_FACTOR * norms.median(dim=-1).values  # B
     high = norms > threshold[:, None]  # B, h*w
     return BlockNorms(
         patches=norms.reshape(-1, h, w).float().cpu().numpy(),  # B, h, w
         prefix=prefix.double().norm(dim=-1).float().cpu().numpy(),  # B, Pq
-        prefix_names=tuple(trace.layout.query_prefix),
+        prefix_names=where.prefix,
         threshold=threshold.float().cpu().numpy(),
         high=high.reshape(-1, h, w).cpu().numpy())  # fmt: skip
 
 
 def token_norms(outputs: Sequence[Tensor], inspection: Inspection) -> list[BlockNorms | str]:
-    """:func:`block_norms` of every block, or a note for a block whose output is not on a token layout."""
+    """:func:`block_norms` of every block, or a note for a block that does not say where its output tokens sit."""
     if len(outputs) != len(inspection.blocks):
         raise ValueError(f"{len(outputs)} block outputs for {len(inspection.blocks)} blocks; collect them with "
                          "block_outputs around one inspect call")
@@ -186,9 +174,9 @@ class NormStats:
             self.patch_norm[b] += float(found.patches.astype(np.float64).sum())
             for i, name in enumerate(found.prefix_names):
                 self.prefix_norm[b][name] = self.prefix_norm[b].get(name, 0.0) + float(found.prefix[:, i].sum())
-            _, patches = split_output(outputs[b], inspection.blocks[b])  # B, h*w, C
-            layout = inspection.blocks[b].layout
-            targets = layout.query_pixels[len(layout.query_prefix):]  # h*w, 2
+            where = inspection.blocks[b].outputs()
+            _, patches = where.split(outputs[b])  # B, h*w, C
+            targets = where.patch_pixels  # h*w, 2
             high = torch.from_numpy(found.high.reshape(len(held_out), -1))  # B, h*w
             self.probe_high.add(b, patches, targets, held_out, score=high)
             self.probe_normal.add(b, patches, targets, held_out, score=~high)

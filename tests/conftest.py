@@ -62,3 +62,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it is present in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def noise_photos(tmp_path: Path) -> list[Path]:
+    """Six 40x48 PNGs of seeded random pixels: a folder measurement's smallest honest input (some held out)."""
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

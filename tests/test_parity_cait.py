@@ -220,16 +220,11 @@ def test_attention_view_of_a_class_attention_block_is_the_cls_row(seen):
     np.testing.assert_allclose(self_attention.arrays["attention"], expected, atol=1e-6)
 
 
-def test_folder_measurement_runs_on_cait_with_distances_in_self_attention_blocks(tmp_path):
+def test_folder_measurement_runs_on_cait_with_distances_in_self_attention_blocks(tmp_path, noise_photos):
     from posenc import measure
 
     _reference(tmp_path / "model")
-    images = []
-    for i in range(6):
-        path = tmp_path / f"p{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
-        images.append(path)
-    found = measure.measure_folder(load(str(tmp_path / "model")), images, batch=3, sizes=[(64, 64)], seeds=(0,))
+    found = measure.measure_folder(load(str(tmp_path / "model")), noise_photos, batch=3, sizes=[(64, 64)], seeds=(0,))
     record = found.to_json()
     distances = record["mean_attention_distance"]
     assert len(distances) == 4 and all(0 < d < 64 * math.sqrt(2) for block in distances[:2] for d in block)

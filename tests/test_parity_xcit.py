@@ -220,3 +220,48 @@ def test_views_say_why_an_xca_block_has_no_attention_map_and_the_rest_still_draw
     shares, groups = views.prefix_attention_shares(seen)  # blocks, heads, (cls, patches)
     assert groups == ("cls", "patches") and np.isnan(shares[:2]).all()
     np.testing.assert_allclose(shares[2:].sum(-1), 1.0, atol=1e-5)
+
+
+def test_every_xcit_block_places_its_output_tokens_for_norms_and_decodability(tmp_path):
+    """XCA blocks have no token map, but their outputs sit on the patch grid (class attention: cls, then the patches
+    it passes on): token norms and the decodability probe read timm's block outputs there."""
+    from posenc import norms
+    from posenc.measure import block_outputs, patch_tokens
+    from posenc.models.layers import grid_pixels
+
+    ref = _timm(tmp_path)
+    model = load_posenc(tmp_path)
+    x = torch.randn(2, 3, 48, 80)
+    theirs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _a, out: theirs.append(out))
+               for b in [*ref.blocks, *ref.cls_attn_blocks]]  # fmt: skip
+    with torch.no_grad():
+        ref(x)
+    for handle in handles:
+        handle.remove()
+    with torch.inference_mode(), block_outputs(model) as ours:
+        seen = model.inspect(x)
+    assert len(ours) == len(theirs) == len(seen.blocks) == 4
+    for trace, mine, timms in zip(seen.blocks, ours, theirs):
+        assert_close(patch_tokens(mine, trace), timms[:, -15:], **TOL)  # B, 3*5, C: the 15 patch tokens
+        assert_close(trace.outputs().patch_pixels, grid_pixels((3, 5), 16))
+    found = norms.token_norms(ours, seen)
+    assert [f.prefix_names for f in found] == [(), (), ("cls",), ("cls",)]
+    np.testing.assert_allclose(found[0].patches, theirs[0].norm(dim=-1).reshape(2, 3, 5).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(found[3].prefix[:, 0], theirs[3][:, 0].norm(dim=-1).numpy(), rtol=1e-4)
+
+
+def test_xcit_folder_measurement_decodes_position_from_every_block(tmp_path, noise_photos):
+    from posenc import measure
+
+    _timm(tmp_path / "model")
+    record = measure.measure_folder(load(str(tmp_path / "model")), noise_photos, batch=3, sizes=[(64, 64)],
+                                    seeds=(0,)).to_json()  # fmt: skip
+    found = record["position_decodability"]
+    assert found["held_out_images"] > 0
+    for key in ("r2_row", "r2_col"):  # per block: a probe fitted on the block's patch outputs
+        assert len(found[key]) == 4 and all(v is not None and np.isfinite(v) for v in found[key])
+    norms = record["token_norms"]
+    assert norms["notes"] == {} and len(norms["mean_patch_norm"]) == 4
+    assert all(v is not None and v > 0 for v in norms["mean_patch_norm"])
+    assert record["mean_attention_distance"][:2] == [[None] * 4] * 2  # channel attention: no distance

@@ -17,7 +17,7 @@ from posenc.models.convit import ConViT, ConViTConfig
 from posenc.models.declare import Architecture, TransformersType
 from posenc.models.eva import Eva, EvaConfig
 from posenc.models.levit import LeViT, LeViTConfig
-from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, PosencModel, TokenLayout
+from posenc.models.layers import BlockTrace, Inspection, NoTokenLayout, OutputTokens, PosencModel, TokenLayout
 from posenc.models.naflexvit import NaFlexViT, NaFlexViTConfig
 from posenc.models.mvitv2 import MViTv2, MViTv2Config
 from posenc.models.sam import SamConfig, SamViT
@@ -92,6 +92,7 @@ __all__ = [
     "NaFlexViT",
     "NaFlexViTConfig",
     "NoTokenLayout",
+    "OutputTokens",
     "PosencModel",
     "SamConfig",
     "SamViT",

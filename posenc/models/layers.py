@@ -340,6 +340,53 @@ NO_LAYOUT = "this block's inspection does not say where its queries and keys sit
 
 
 @dataclass(frozen=True)
+class OutputTokens:
+    """Where the tokens a block outputs sit: its prefix tokens first, then a patch grid row-major.
+
+    Most blocks output their queries (:meth:`BlockTrace.outputs` reads them from the layout); a block whose
+    attention is not between tokens (XCiT's channel attention) or whose patches only pass through (XCiT's class
+    attention) says so with its own.
+
+    Attributes:
+        prefix: names of the prefix tokens the block outputs; grid: (h, w) of its patch tokens, (0, 0) for none.
+        pixels: (P + h*w, 2) float64 (y, x) image position of each output token in input pixels (NaN for prefix).
+    """
+
+    prefix: tuple[str, ...]
+    grid: Size2
+    pixels: Tensor
+
+    @classmethod
+    def on_grid(cls, grid: Size2, pixels: Tensor, prefix: tuple[str, ...] = ()) -> OutputTokens:
+        """Prefix tokens, then the (h, w) grid at ``pixels`` (h*w, 2) (:func:`grid_pixels`)."""
+        nan = torch.full((len(prefix), 2), math.nan, dtype=torch.float64)  # P, 2
+        return cls(tuple(prefix), tuple(grid), torch.cat([nan, pixels.double()]))  # P + h*w, 2
+
+    @property
+    def patch_pixels(self) -> Tensor:
+        """(h*w, 2) image positions of the patch tokens."""
+        return self.pixels[len(self.prefix):]
+
+    def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """A block's output as (B, P, C) prefix tokens and (B, h*w, C) patch tokens.
+
+        Args:
+            tokens: (B, P + h*w, C), or (B, h, w, C) for a block without prefix tokens that keeps its grid.
+
+        Raises:
+            ValueError: the block outputs no patch tokens, or ``tokens`` is not its prefix + grid.
+        """
+        p, (h, w) = len(self.prefix), self.grid
+        if h * w == 0:  # CaiT's class attention: only the prefix tokens leave the block
+            raise ValueError(f"the block outputs no patch tokens (only {', '.join(self.prefix)})")
+        if tokens.ndim == 4 and not p and tuple(tokens.shape[1:3]) == (h, w):
+            return tokens[:, :0, 0], tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])  # B, 0, C / B, h*w, C
+        if tokens.ndim != 3 or tokens.shape[1] != p + h * w:
+            raise ValueError(f"block output {tuple(tokens.shape)} is not {p} prefix + {h}x{w} patch tokens")
+        return tokens[:, :p], tokens[:, p:]  # B, P, C / B, h*w, C
+
+
+@dataclass(frozen=True)
 class BlockTrace:
     """Tensors one transformer block used, from an inspection call.
 
@@ -357,6 +404,7 @@ class BlockTrace:
         layout: where this block's query and key tokens sit (:class:`TokenLayout`); None for a block whose
             attention is not between tokens, with ``no_layout`` saying why.
         no_layout: one line, why there is no layout.
+        output: where the block's output tokens sit when they are not its queries (:meth:`outputs`), else None.
     """
 
     attn: Tensor
@@ -370,12 +418,21 @@ class BlockTrace:
     position: dict[str, Tensor] = field(default_factory=dict)
     layout: TokenLayout | None = None
     no_layout: str = NO_LAYOUT
+    output: OutputTokens | None = None
 
     def tokens(self) -> TokenLayout:
         """The block's :class:`TokenLayout`, or :class:`NoTokenLayout` saying why it has none."""
         if self.layout is None:
             raise NoTokenLayout(self.no_layout)
         return self.layout
+
+    def outputs(self) -> OutputTokens:
+        """Where the block's output tokens sit: ``output`` when the block says, else its queries (the layout's
+        query prefix and grid); :class:`NoTokenLayout` when it says neither."""
+        if self.output is not None:
+            return self.output
+        layout = self.tokens()
+        return OutputTokens(layout.query_prefix, layout.query_grid, layout.query_pixels)
 
 
 class NoTokenLayout(ValueError):

@@ -40,6 +40,7 @@ from posenc.models.layers import (
     DropPath,
     Inspection,
     Mlp,
+    OutputTokens,
     PosencModel,
     config_from_dict,
     drop_path_rates,
@@ -365,13 +366,17 @@ class XCiT(PosencModel):
 
         ``blocks`` lists the XCA blocks (``attn``: (B, heads, C/heads, C/heads), channels over channels: ``layout`` None,
         ``no_layout`` says so), then the class-attention blocks (``attn``: (B, heads, 1, 1 + h*w), the cls query over
-        cls + patches: a layout with the cls token as the only query).
+        cls + patches: a layout with the cls token as the only query). Every block's ``output`` places the tokens it
+        outputs (the patch grid; cls + the patch grid), so token norms and decodability read them.
         """
         logits, grid, pos, feats, traces = self._run(x, need_weights=True, position=position)
         pixels = grid_pixels(grid, self.config.patch_size)  # h*w, 2
         cls_query = global_layout(grid, pixels, ("cls",), query_grid=(0, 0), query_pixels=pixels[:0],
                                   query_prefix=("cls",))  # one cls query over cls + patches  # fmt: skip
-        traces = traces[: self.config.depth] + [replace(t, layout=cls_query) for t in traces[self.config.depth :]]
+        patches = OutputTokens.on_grid(grid, pixels)  # what an XCA block outputs: its patch grid
+        with_cls = OutputTokens.on_grid(grid, pixels, ("cls",))  # a class-attention block: cls, patches passed on
+        traces = ([replace(t, output=patches) for t in traces[: self.config.depth]]
+                  + [replace(t, layout=cls_query, output=with_cls) for t in traces[self.config.depth :]])
         return Inspection(
             logits=logits,
             grid=grid,

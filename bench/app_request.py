@@ -1,9 +1,11 @@
 """End-to-end app request latency: what one Explore-tab request of the app costs, stage by stage.
 
-A request is :meth:`posenc.app.api.ApiHandlers.analyse` with the model already in the app's cache: read and
-preprocess the image, one inspection forward pass, every view the Explore tab draws, the ``.npz`` export
-and the PNG files it hands Gradio (also the user's downloads). Each stage is timed on its own in the
-order the handler runs them, and the whole handler call is timed as the request.
+A request is the Explore tab's handler (:meth:`posenc.app.explore.ExploreHandlers.run`) with the model already in
+the app's cache: read and preprocess the image, one inspection forward pass (with the block outputs for the token
+norms), every view the tab draws (each mechanism's, the attention, the prefix shares, the rollout, the token
+norms), the ``.npz`` export and the PNG files it hands Gradio (also the user's downloads). Each stage is timed on
+its own in the order the handler runs them, and the whole handler call is timed as the request; the ``/analyse``
+endpoint (the mechanism views and the attention only) is timed beside it as ``api_analyse``.
 
 Two sets of models:
 
@@ -16,7 +18,7 @@ Two sets of models:
 
     python -m bench.app_request                     # writes bench/results/app_request.json
     python -m bench.app_request --quick --out /tmp  # one iteration of each figure
-    python -m bench.app_request --families --deit none --architectures levit_128s sam_base --name app_request_more
+    python -m bench.app_request --families --deit none --architectures levit_128s sam_base --name app_request_few
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ ARCHITECTURE_MODELS: dict[str, tuple[str, str]] = {
     "dinov3_small": ("vit_small_patch16_dinov3.lvd1689m", "timm/vit_small_patch16_dinov3.lvd1689m"),
     "levit_128s": ("levit_128s.fb_dist_in1k", "timm/levit_128s.fb_dist_in1k"),
     "tiny_vit_5m": ("tiny_vit_5m_224.in1k", "timm/tiny_vit_5m_224.in1k"),
+    "twins_svt_small": ("twins_svt_small.in1k", "timm/twins_svt_small.in1k"),
+    "coat_tiny": ("coat_tiny.in1k", "timm/coat_tiny.in1k"),
+    "xcit_nano": ("xcit_nano_12_p16_224.fb_dist_in1k", "timm/xcit_nano_12_p16_224.fb_dist_in1k"),
+    "mvitv2_tiny": ("mvitv2_tiny.fb_in1k", "timm/mvitv2_tiny.fb_in1k"),
+    "cait_xxs24": ("cait_xxs24_224.fb_dist_in1k", "timm/cait_xxs24_224.fb_dist_in1k"),
+    "vit_pwee": ("vit_pwee_patch16_reg1_gap_256.sbb_in1k", "timm/vit_pwee_patch16_reg1_gap_256.sbb_in1k"),
+    "naflexvit_base": ("naflexvit_base_patch16_parfac_gap.e300_s576_in1k",
+                       "timm/naflexvit_base_patch16_parfac_gap.e300_s576_in1k"),
 }  # fmt: skip
 #: a curated model's whole request must take less than this: 1 s for the ViT-S class and smaller, 2 s for the
 #: ViT-B class and SAM (models above :data:`LARGE_PARAMS` parameters)
@@ -107,7 +117,9 @@ def architecture_folders(names: list[str], tmp: Path) -> dict[str, Path]:
         torch.manual_seed(0)
         reference = timm.create_model(timm_name, pretrained=False)  # the tag's input size, classes and head
         path = tmp / "architectures" / name
-        save_for_hf(reference, str(path), safe_serialization=True)
+        shared = len({t.data_ptr() for t in reference.state_dict().values()}) < len(reference.state_dict())
+        # timm's CoaT lists a stage's shared CPE / CRPE under every block, which safetensors refuses to write
+        save_for_hf(reference, str(path), safe_serialization=not shared)
         del reference
         folders[name] = path
     return folders
@@ -128,11 +140,12 @@ def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> tuple[d
     """One request's stages in the handler's order, each timed on its own, and each view's share (seconds).
 
     The request runs at the app's default size for the model and draws what the Explore tab draws: the patch
-    picker, the top-5, every view of every mechanism the model uses (block 0, the default patch), the attention.
+    picker, the top-5, every view of every mechanism the model uses (block 0, the default patch), the attention,
+    the prefix shares, the rollout and the token norms (a view the block cannot have is timed as its refusal).
 
     Returns:
         stage -> seconds (``views`` is the sum of the views), and view -> seconds (``mechanism/view`` keys, plus
-        ``patch_picker``, ``predictions`` and ``attention``).
+        ``patch_picker``, ``predictions``, ``attention``, ``prefix_attention``, ``rollout``, ``token_norms``).
     """
     times: dict[str, float] = {}
     drawing: dict[str, float] = {}
@@ -152,9 +165,11 @@ def stage_timings(loaded: LoadedModel, image: Path, export_dir: Path) -> tuple[d
             view, _ = _timed(drawing, f"{mechanism.name}/{spec.key}",
                              lambda: views.try_view(lambda: spec.draw(seen, block, patch)))  # fmt: skip
             drawn.append(view)
-    attention = _timed(drawing, "attention", lambda: views.attention_view(seen, block, patch))
+    for name, make in (("attention", views.attention_view), ("prefix_attention", views.prefix_attention_view),
+                       ("rollout", views.rollout_view), ("token_norms", views.token_norms_view)):
+        view, _ = _timed(drawing, name, lambda: views.try_view(lambda: make(seen, block, patch)))  # None: no such map
+        drawn.append(view)
     times["views"] = sum(drawing.values())
-    drawn.append(attention)
     _timed(times, "export_npz", lambda: views.save_npz(export_dir / "request.npz", seen, patch, block, drawn))
     images = [picker] + [v.image for v in drawn if v is not None]
     _timed(times, "png_encode", lambda: [viz.save_png(img, export_dir / f"view{i}.png") for i, img in enumerate(images)])
@@ -168,7 +183,12 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
     cache = ModelCache(load, size=1)
     handlers = Handlers(cache=cache, catalog=catalog, hub=HubStatus(lambda: False))
 
-    def request() -> None:  # the handler writes every view as PNG (its downloads) and hands Gradio the paths
+    def request() -> None:  # the Explore tab's handler: every view as PNG (its downloads), paths for Gradio
+        out = handlers.explore.run(str(image), source, None, 0, None, None, None, progress=_no_progress)
+        if "picker" not in out:  # a refused request returns only its message
+            raise RuntimeError(f"{name}: the Explore tab refused the request: {out['status'].value}")
+
+    def analyse() -> None:  # the /analyse endpoint: every mechanism view and the attention, no rollout or norms
         handlers.api.analyse(str(image), source, None, 0, None, None, progress=_no_progress)
 
     request()  # loads the model into the cache under its public name, as the app does (untimed)
@@ -189,6 +209,7 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
         if n >= args.repeats and time.perf_counter() - started >= args.min_seconds:
             break
     request_times = time_call(request, args.repeats, args.warmup, args.min_seconds)
+    analyse_times = time_call(analyse, args.repeats, args.warmup, args.min_seconds)
     medians = {stage: statistics.median(t) * 1e3 for stage, t in stages.items()}
     result = {
         "source": source,
@@ -203,6 +224,7 @@ def bench_model(name: str, folder: Path, image: Path, args: argparse.Namespace, 
         "views_over_forward_inspect": medians["views"] / medians["forward_inspect"],
         "views_over_forward_fast": medians["views"] / medians["forward_fast"],
         "request": summary(request_times),
+        "api_analyse": summary(analyse_times),
     }
     logger.info(
         "%s: request %.1f ms (forward %.1f ms, views %.1f ms, png %.1f ms)",

@@ -21,10 +21,10 @@ import posenc
 from posenc import measure
 from posenc.app import QUEUE_OPTIONS, create_demo, launch_options
 from posenc.app.api import KIND_ENDPOINTS, kind_views
-from posenc.app.common import block_number
+from posenc.app.common import block_number, view_key, views_of
 from posenc.app.measure import MEASUREMENTS, MeasureHandlers
 from posenc.mechanisms import MECHANISMS
-from posenc.models import LeViTConfig, SamConfig, SwinV2Config, build_model
+from posenc.models import CoaTConfig, LeViTConfig, SamConfig, SwinV2Config, XCiTConfig, build_model
 from posenc.preprocess import Preprocess
 from posenc.train import cifar_model
 
@@ -40,6 +40,10 @@ TINY = {
     "tiny-sam": (SamConfig, dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, window_size=3,
                                  global_attn_indexes=(1,))),
     "tiny-levit": (LeViTConfig, dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1), img_size=64)),
+    # blocks without a token map: XCiT's channel attention, CoaT's factorised attention
+    "tiny-xcit": (XCiTConfig, dict(img_size=64, embed_dim=32, depth=2, num_heads=4)),
+    "tiny-coat": (CoaTConfig, dict(img_size=64, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
+                                   parallel_depth=1, num_heads=2, crpe_window=((3, 1), (5, 1)))),
 }
 
 
@@ -124,6 +128,22 @@ def test_rope_and_position_embedding_answer_by_kind(client, photo) -> None:
         assert img.format == "PNG"
     absolute = client.predict(handle_file(photo), "tiny-sam", None, 1, 1, api_name="/position_embedding")
     assert len(absolute) == 3 and all(path is not None for path in absolute)
+
+
+@pytest.mark.parametrize(("model", "mechanism", "why"), [("tiny-xcit", "fourier", "channels attend to channels"),
+                                                         ("tiny-coat", "conv_pos", "no token-to-token map")])
+def test_analyse_draws_every_view_of_a_block_without_a_token_map_and_says_why_it_has_no_attention(
+    client, photo, model, mechanism, why
+) -> None:
+    *views_, npz, summary = client.predict(handle_file(photo), model, None, 0, 1, 1, api_name="/analyse")
+    picker, _top5, *pictures, attention = views_
+    assert picker is not None and attention is None  # block 0 has no token-to-token attention to draw
+    assert why in summary
+    keys = [view_key(m, v) for m, v in views_of()]  # the registry order of /analyse
+    drawn = {k for k, path in zip(keys, pictures) if path is not None}
+    assert {f"{mechanism}/{v.key}" for v in MECHANISMS[mechanism].views} <= drawn
+    with np.load(npz) as arrays:
+        assert "attention" not in arrays and "logits" in arrays
 
 
 def _no_progress(*args: object, **kwargs: object) -> None:

@@ -89,12 +89,13 @@ class ApiHandlers:
         b = block_number(block, seen.num_blocks)
         progress(0.6, desc="Drawing the views")
         drawn = draw_mechanisms(seen, b, patch)
-        attention = views.attention_view(seen, b, patch)
+        attention, _ = views.try_view(lambda: views.attention_view(seen, b, patch))  # None: no token map (XCiT, CoaT)
         files = self.files.downloads(seen, patch, b)
         npz = files.npz(seen, patch, b, [*drawn.drawn, attention])
         images = [files.png(view_key(m, s).replace("/", "_"), drawn.images[view_key(m, s)]) for m, s in views_of()]
         return (files.png("input", views.patch_picker(seen, patch)), predictions(seen), *images,
-                files.png("attention", attention.image), npz, summary_line(seen, patch, b))
+                None if attention is None else files.png("attention", attention.image), npz,
+                summary_line(seen, patch, b))  # the block's description says why a block has no attention map
 
     @user_errors
     def view(

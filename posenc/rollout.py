@@ -8,9 +8,9 @@ them (vit-explain#23).
 Every block goes through its token layout (:class:`~posenc.models.TokenLayout`), so nothing here branches on an
 architecture:
 
-* windowed blocks scatter each window's rows into the full token-by-token matrix through
-  ``layout.grouped(attn)`` and the query / key tokens (padding slots dropped; the attention they held is
-  renormalised away with the rows);
+* windowed blocks are read window by window through ``layout.grouped(attn)`` and the query / key tokens of each
+  slot (padding slots dropped; the attention they held is renormalised away with the rows), without forming the
+  full token-by-token matrix;
 * the rollout keeps a state over the model's prefix tokens (``Inspection.prefix_labels``) and the current patch
   grid. A block without prefix queries passes the prefix rows through unchanged (identity); prefix keys are
   matched by name;
@@ -132,33 +132,10 @@ def block_tokens(inspection: Inspection) -> list[Tokens]:
     return out
 
 
-def mean_attention(trace: BlockTrace, attn: Tensor) -> Tensor:
-    """A block's attention averaged over heads, on its full query-by-key token matrix.
-
-    Args:
-        attn: (B, heads, Nq, Nk) or windowed (B, nW, heads, n, n), read through ``trace.layout``.
-
-    Returns:
-        (B, Pq + hq*wq, Pk + hk*wk) float64; zero where a query cannot see a key (other windows, padding).
-    """
-    layout = trace.tokens()
-    grouped = layout.grouped(attn.double()).mean(-3)  # B, G, nq, nk
-    nq_tok, nk_tok = len(layout.query_pixels), len(layout.key_pixels)
-    q, k = layout.query_tokens, layout.key_tokens  # G, nq / G, nk
-    if (q.shape == (1, nq_tok) and k.shape == (1, nk_tok) and torch.equal(q[0], torch.arange(nq_tok))
-            and torch.equal(k[0], torch.arange(nk_tok))):  # global attention: the slots are the tokens in order
-        return grouped[:, 0]  # B, Nq, Nk
-    valid = (q[:, :, None] >= 0) & (k[:, None, :] >= 0)  # G, nq, nk
-    flat = (q[:, :, None] * nk_tok + k[:, None, :])[valid]  # pairs
-    dense = grouped.new_zeros(grouped.shape[0], nq_tok * nk_tok)  # B, Nq*Nk
-    dense[:, flat.to(dense.device)] = grouped[:, valid.to(grouped.device)]  # B, pairs
-    return dense.reshape(-1, nq_tok, nk_tok)  # B, Nq, Nk
-
-
 def block_transfer(trace: BlockTrace, attn: Tensor, before: Tokens, after: Tokens) -> Tensor:
     """One block's rollout step as a matrix: how much each token after the block draws on each token before it.
 
-    ``attn`` averaged over heads (:func:`mean_attention`), its keys mapped onto the tokens before the block, plus
+    ``attn`` averaged over heads, its keys mapped onto the tokens before the block, plus
     the identity (each query's own token before the block), rows renormalised (``keepdim``: vit-explain#16);
     prefix tokens the block does not query pass through unchanged.
 
@@ -173,7 +150,9 @@ def block_transfer(trace: BlockTrace, attn: Tensor, before: Tokens, after: Token
 def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, after: Tokens) -> Tensor:
     """Rollout rows over the tokens after a block, carried to the tokens before it: ``rows @ transfer``.
 
-    Computed without forming the transfer matrix (rows first), so a few rows through a 3136-token block stay cheap.
+    Computed rows first and window by window, without forming the transfer matrix or the block's dense
+    token-by-token attention (a Swin stage-1 block is 3136 tokens); the maps from the block's key and query grids
+    onto the tokens before it are sparse (most are the identity).
 
     Args:
         rows: (B, R, len(after)).
@@ -185,10 +164,18 @@ def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, aft
     p = len(before.prefix)
     pk, pq = len(layout.key_prefix), len(layout.query_prefix)
     device = attn.device
-    keys = _map_onto(before, layout.key_prefix, layout.key_pixels[pk:]).to(device)  # Nk, P + N
-    own = _map_onto(before, layout.query_prefix, layout.query_pixels[pq:]).to(device)  # Nq, P + N
-    mean = mean_attention(trace, attn)  # B, Nq, Nk
-    total = mean @ keys.sum(-1) + own.sum(-1)  # B, Nq: row sums of (A K + I), kept per row (vit-explain#16)
+    keys = _map_onto(before, layout.key_prefix, layout.key_pixels[pk:]).to(device)  # sparse Nk, P + N
+    own = _map_onto(before, layout.query_prefix, layout.query_pixels[pq:]).to(device)  # sparse Nq, P + N
+    grouped = layout.grouped(attn.double()).mean(-3)  # B, G, nq, nk: heads averaged
+    batch, groups, nq, nk = grouped.shape
+    q, k = layout.query_tokens.to(device), layout.key_tokens.to(device)  # G, nq / G, nk; -1: padding
+    q_slot, k_slot = (q >= 0).reshape(-1), (k >= 0).reshape(-1)  # G*nq / G*nk
+    q_tok, k_tok = q.clamp(min=0).reshape(-1), k.clamp(min=0).reshape(-1)  # G*nq / G*nk
+    # row sums of (A K + I), kept per query row (vit-explain#16); a padding key slot weighs nothing
+    key_weight = torch.sparse.sum(keys, 1).to_dense()[k_tok] * k_slot  # G*nk
+    slot_total = grouped @ key_weight.reshape(groups, nk, 1)  # B, G, nq, 1
+    total = torch.sparse.sum(own, 1).to_dense().expand(batch, -1).clone()  # B, Nq
+    total.index_add_(1, q_tok[q_slot], slot_total.reshape(batch, -1)[:, q_slot])  # B, Nq
     rows = rows.double()
     per_query = rows.new_zeros(*rows.shape[:2], len(layout.query_pixels))  # B, R, Nq
     per_query[..., pq:] = rows[..., p:]
@@ -199,19 +186,40 @@ def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, aft
         else:  # the block does not touch this prefix token
             passed[..., i] = rows[..., i]
     per_query = per_query / total.clamp_min(1e-30)[:, None, :]  # B, R, Nq
-    return (per_query @ mean) @ keys + per_query @ own + passed  # B, R, P + N
+    slots = per_query[..., q_tok] * q_slot  # B, R, G*nq: each query slot's row weight
+    drawn = torch.einsum("brgq,bgqk->brgk", slots.reshape(*slots.shape[:2], groups, nq), grouped)  # B, R, G, nk
+    per_key = rows.new_zeros(*rows.shape[:2], len(layout.key_pixels))  # B, R, Nk
+    per_key.index_add_(2, k_tok[k_slot], drawn.reshape(*drawn.shape[:2], -1)[..., k_slot])  # B, R, Nk
+    return _times_sparse(per_key, keys) + _times_sparse(per_query, own) + passed  # B, R, P + N
+
+
+def _times_sparse(dense: Tensor, sparse: Tensor) -> Tensor:
+    """``dense @ sparse`` for (B, R, N) dense and a sparse (N, M) matrix -> (B, R, M)."""
+    flat = dense.reshape(-1, dense.shape[-1])  # B*R, N
+    return torch.sparse.mm(sparse.t(), flat.t()).t().reshape(*dense.shape[:-1], sparse.shape[1])  # B, R, M
 
 
 def _map_onto(before: Tokens, prefix: tuple[str, ...], pixels: Tensor) -> Tensor:
-    """(len(prefix) + M, len(before)): prefix tokens by name (an unknown name maps to nothing), patches by position."""
+    """Sparse (len(prefix) + M, len(before)): prefix tokens by name (an unknown name maps to nothing), patches by
+    position (:func:`token_map`; the same grid is the identity, built without a dense matrix)."""
     p = len(before.prefix)
-    out = torch.zeros(len(prefix) + len(pixels), len(before), dtype=torch.float64)
-    for i, name in enumerate(prefix):
-        if name in before.prefix:
-            out[i, before.prefix.index(name)] = 1.0
+    rows = [i for i, name in enumerate(prefix) if name in before.prefix]
+    cols = [before.prefix.index(prefix[i]) for i in rows]
+    index = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)  # 2, matched prefix
+    values = torch.ones(index.shape[1], dtype=torch.float64)
     if len(pixels):
-        out[len(prefix):, p:] = token_map(pixels, before.pixels)
-    return out
+        pixels = pixels.double()
+        if pixels.shape == before.pixels.shape and torch.equal(pixels, before.pixels):  # the same grid
+            patch = torch.arange(len(pixels))
+            index = torch.cat([index, torch.stack([len(prefix) + patch, p + patch])], 1)  # 2, nnz
+            values = torch.cat([values, torch.ones(len(pixels), dtype=torch.float64)])
+        else:
+            mapped = token_map(pixels, before.pixels)  # M, N
+            at = mapped.nonzero().T  # 2, nnz
+            index = torch.cat([index, at + torch.tensor([[len(prefix)], [p]])], 1)
+            values = torch.cat([values, mapped[at[0], at[1]]])
+    size = (len(prefix) + len(pixels), len(before))
+    return torch.sparse_coo_tensor(index, values, size, dtype=torch.float64, check_invariants=True).coalesce()
 
 
 def needs_position_free_run(inspection: Inspection) -> bool:

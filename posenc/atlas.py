@@ -32,6 +32,9 @@ from typing import Any
 
 from PIL import Image
 
+from posenc import distributed
+from posenc.distributed import Ranks
+
 #: Bump when the record format or a measurement changes, so cached records are measured again.
 CACHE_VERSION = 1
 #: Record keys the page draws with a figure of its own (the rest, beyond bookkeeping, are shown as JSON).
@@ -68,15 +71,17 @@ def slug(model: str) -> str:
 
 def measure_model(model: str, images: Sequence[Path], *, out: Path, revision: str | None = None,
                   size: str | None = None, batch: int = 16, progress: Callable[[int], None] | None = None,
-                  root: Path | None = None) -> dict[str, Any]:
+                  root: Path | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
     """One model's entry: ``{"model", "key", "record"}`` (from the cache when the key matches) or ``{"model",
     "error"}`` with the reason in one line. Never raises for a model that cannot be loaded or measured.
 
     Images are labelled as ``posenc measure`` labels them (:func:`posenc.measure.folder_labels`: class folders
-    under ``root``, or an ImageNet synset prefix in the file name), so a labelled folder reports accuracy."""
+    under ``root``, or an ImageNet synset prefix in the file name), so a labelled folder reports accuracy.
+    Under torchrun (``ranks``) each rank measures its shard of the images and only rank 0 writes the cache file."""
     from posenc import measure, views
     from posenc.hub import load
 
+    ranks = ranks or Ranks()
     settings = {"size": size, "batch": batch}
     key = cache_key(model, revision, images, settings)
     path = out / "models" / f"{slug(model)}.json"
@@ -94,14 +99,17 @@ def measure_model(model: str, images: Sequence[Path], *, out: Path, revision: st
         chosen = None if size is None else views.parse_size(size, loaded)
         # labelled as `posenc measure` labels them (class folders, a synset prefix in the file name): accuracy too
         labels, info = measure.folder_labels(list(images), loaded.labels, root=root)
+        loaded.model.to(ranks.device)
         record = measure.measure_folder(loaded, list(images), size=chosen, batch=batch, progress=progress,
-                                        labels=labels if info["labelled"] else None, label_info=info).to_json()
+                                        labels=labels if info["labelled"] else None, label_info=info,
+                                        ranks=ranks).to_json()  # fmt: skip
     except Exception as error:  # one model's failure must not take the others down
         return {"model": model, "error": _one_line(error)}
     record["model"] = model
     entry = {"model": model, "key": key, "revision": revision, "settings": settings, "record": record}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entry, indent=1) + "\n")
+    if ranks.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(entry, indent=1) + "\n")
     return {**entry, "cached": False}
 
 
@@ -300,6 +308,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use the first N images")
     parser.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (for every model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda:LOCAL_RANK when a GPU is present, else the CPU")
     parser.set_defaults(func=run)
 
 
@@ -311,7 +321,19 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure (or read from the cache) every model, write the page and the JSON; 0 when a model was measured."""
+    """Measure (or read from the cache) every model, write the page and the JSON; 0 when a model was measured.
+
+    Under torchrun every rank runs this: each model's images are sharded over the ranks (as ``posenc measure``
+    does) and rank 0 alone shows progress and writes the files.
+    """
+    ranks = distributed.join(None if args.device == "auto" else args.device)
+    try:
+        return _run(args, ranks)
+    finally:
+        distributed.leave()
+
+
+def _run(args: argparse.Namespace, ranks: Ranks) -> int:
     from tqdm import tqdm
 
     from posenc.measure import list_images
@@ -322,23 +344,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     entries = []
-    models = tqdm(args.models, desc="models", unit="model", file=sys.stderr, position=0, dynamic_ncols=True)
+    quiet = not ranks.main  # one set of progress bars, rank 0's
+    models = tqdm(args.models, desc="models", unit="model", file=sys.stderr, position=0, dynamic_ncols=True,
+                  disable=quiet)  # fmt: skip
     for model in models:
         models.set_postfix_str(_name(model))
         with tqdm(total=len(folder.images), desc=_name(model)[:24], unit="img", file=sys.stderr, position=1,
-                  leave=False, dynamic_ncols=True) as bar:
+                  leave=False, dynamic_ncols=True, disable=quiet) as bar:
             entry = measure_model(model, folder.images, out=out, revision=args.revision, size=args.size,
-                                  batch=args.batch, progress=bar.update, root=folder.root)
+                                  batch=args.batch, progress=bar.update, root=folder.root, ranks=ranks)
         entries.append(entry)
-        if "error" in entry:
+        if "error" in entry and ranks.main:
             tqdm.write(f"{model}: not measured: {entry['error']}", file=sys.stderr)
     models.close()
+    done = sum("record" in e for e in entries)
+    if not ranks.main:
+        return 0 if done else 1
     (out / "atlas.json").write_text(json.dumps(atlas_json(entries), indent=1) + "\n")
     _write_figures(entries, out / "figures")
     (out / "atlas.html").write_text(render_html(entries, images=len(folder.images), folder=str(args.images)))
-    done = sum("record" in e for e in entries)
     cached = sum(bool(e.get("cached")) for e in entries)
     print(f"atlas: {done} of {len(entries)} model(s) measured ({cached} from the cache); wrote {out / 'atlas.html'} "
           f"and {out / 'atlas.json'}", file=sys.stderr)

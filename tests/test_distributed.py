@@ -1,4 +1,5 @@
-"""Several processes (torchrun, gloo on the CPU) give one process's results: ``posenc measure`` and ``posenc train``.
+"""Several processes (torchrun, gloo on the CPU) give one process's results: ``posenc measure``, ``posenc atlas``
+and ``posenc train``.
 
 Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node 2`` (a free port is picked) on a tiny
 model and compares with the same command in one process: counts exactly, the rest to float tolerance.
@@ -67,7 +68,8 @@ def _close(a, b, path: str = "") -> None:
         assert a == b, path
 
 
-def test_measure_under_torchrun_equals_one_process(tmp_path, capsys):
+def _tiny_model(folder: Path) -> Path:
+    """A perturbed 24x32 ViT with a learned embedding and RoPE, saved with posenc's Hub layout."""
     torch.manual_seed(0)
     cfg = ViTConfig(img_size=(24, 32), patch_size=8, num_classes=6, embed_dim=32, depth=2, num_heads=2,
                     pos_embed="learned", rope=True)
@@ -75,16 +77,25 @@ def test_measure_under_torchrun_equals_one_process(tmp_path, capsys):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
     config["preprocess"]["input_size"] = [24, 32]
-    (model_dir / "config.json").write_text(json.dumps(config))
-    images = tmp_path / "images"
-    images.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _images(folder: Path) -> Path:
+    """Nine noise photos and one unreadable file (which lands on one rank only)."""
+    folder.mkdir()
     for i in range(9):
-        _photo(images / f"{i}.png", i)
-    (images / "8b.jpg").write_bytes(b"\xff\xd8 not an image")  # unreadable, on one rank only
+        _photo(folder / f"{i}.png", i)
+    (folder / "8b.jpg").write_bytes(b"\xff\xd8 not an image")
+    return folder
+
+
+def test_measure_under_torchrun_equals_one_process(tmp_path, capsys):
+    model_dir = _tiny_model(tmp_path / "model")
+    images = _images(tmp_path / "images")
     # labels only for even places: rank 1 has no labelled image, so its sums lack the accuracy keys
     (tmp_path / "labels.csv").write_text("".join(f"{i}.png,{i % 6}\n" for i in (0, 2, 4, 6)))
     args = ["measure", "--model", str(model_dir), "--images", str(images), "--batch", "2", "--device", "cpu",
@@ -104,6 +115,25 @@ def test_measure_under_torchrun_equals_one_process(tmp_path, capsys):
     assert "accuracy" in two["position_reliance"]
     _close(one, two)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_atlas_under_torchrun_equals_one_process_and_rank_0_alone_writes(tmp_path):
+    model_dir = _tiny_model(tmp_path / "model")
+    images = _images(tmp_path / "images")
+    args = ["atlas", "--models", str(model_dir), "--images", str(images), "--batch", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert done.stderr.count("atlas: 1 of 1 model(s) measured") == 1  # rank 0 alone reports (and writes)
+    one, two = (json.loads((tmp_path / run / "atlas.json").read_text())["models"][0] for run in ("one", "two"))
+    assert (one["record"]["processes"], two["record"]["processes"]) == (1, 2)
+    for entry in (one, two):
+        for key in ("processes", "seconds", "images_per_second"):
+            entry["record"].pop(key)
+        entry["record"]["skipped"]["files"].sort()
+    assert two["record"]["images"] == 9
+    _close(one, two)
+    cached = sorted(p.name for p in (tmp_path / "two" / "models").iterdir())
+    assert cached == sorted(p.name for p in (tmp_path / "one" / "models").iterdir()) and len(cached) == 1
 
 
 @pytest.fixture(scope="module")

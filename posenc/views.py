@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ class Seen:
         pixels: (1, 3, h, w) the normalised input, for views that run the model again (rollout without position
             for a model whose position enters only at the input); None when not kept.
         norms: the output-token norms of every block (:func:`posenc.norms.token_norms`), or () when not collected.
+        derived: what views derive from this request and share, computed once (:meth:`once`); e.g. the model's
+            inspection of a blank image, which three convolutional-position views draw from.
     """
 
     name: str
@@ -88,6 +91,13 @@ class Seen:
     inspection: Inspection
     pixels: torch.Tensor | None = None
     norms: tuple = ()
+    derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)  # per request
+
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` the first time a view of this request asks for ``key``; the same object after."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
     @property
     def grid(self) -> Size2:

@@ -223,3 +223,14 @@ def test_coat_folder_measurement_reports_every_block_as_without_a_token_map(tmp_
     record = found.to_json()
     assert record["images"] == 3 and len(record["mean_attention_distance"]) == 5
     assert all(v is None for heads in record["mean_attention_distance"] for v in heads)
+
+
+def test_the_blank_image_runs_once_per_request_for_every_convolutional_view(coat_seen, monkeypatch):
+    _, seen = coat_seen
+    fresh = views.Seen(seen.name, seen.loaded, seen.photo, seen.size, seen.inspection)  # a new request
+    runs = []
+    inspect = seen.loaded.model.inspect
+    monkeypatch.setattr(seen.loaded.model, "inspect", lambda x, **kw: runs.append(x.abs().max()) or inspect(x, **kw))
+    drawn = [spec.draw(fresh, 0, (3, 5)) for name in ("conv_pos", "conv_rel_pos") for spec in mechanisms.get(name).views]
+    assert len(drawn) == 3 and runs == [0.0]  # one blank (all-zero) input for the three views
+    assert dataclasses.replace(fresh, size=fresh.size).derived == {}  # a changed request starts afresh

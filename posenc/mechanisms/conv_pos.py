@@ -7,7 +7,8 @@ padding: at the border the kernel sees zeros, so border tokens get another contr
 whatever the image shows. The views therefore draw the contribution per token (its norm over the channels, the
 convolution's output minus its input) for this image beside the same for a blank image (the mean colour, 0 after
 normalisation), where content is constant and what is left is position: flat inside, different at the borders.
-The blank image is run through the model when the view is drawn (one more forward pass).
+The blank image is run through the model when the first of these views is drawn (one more forward pass per
+request, shared by the views).
 """
 
 from __future__ import annotations
@@ -60,12 +61,17 @@ def blank_photo(seen: Seen) -> Image.Image:
 
 
 def blank_inspection(seen: Seen) -> Inspection:
-    """The model's inspection of a blank image (every pixel the mean colour: 0 after normalisation) at ``seen.size``."""
+    """The model's inspection of a blank image (every pixel the mean colour: 0 after normalisation) at ``seen.size``;
+    run once per request, however many views draw from it."""
     model = seen.loaded.model
-    param = next(model.parameters())
-    blank = torch.zeros(1, model.config.in_chans, *seen.size, device=param.device, dtype=param.dtype)  # 1, 3, H, W
-    with torch.inference_mode():
-        return model.inspect(blank)
+
+    def run() -> Inspection:
+        param = next(model.parameters())
+        blank = torch.zeros(1, model.config.in_chans, *seen.size, device=param.device, dtype=param.dtype)  # 1, 3, H, W
+        with torch.inference_mode():
+            return model.inspect(blank)
+
+    return seen.once("conv_pos/blank_inspection", run)
 
 
 def _blocks_with(inspection: Inspection, key: str) -> list[int]:

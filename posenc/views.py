@@ -440,14 +440,31 @@ def prefix_attention_view(seen: Seen, block: int, patch: Patch) -> View:
     Registers that soak up attention in the later blocks are the high-norm "artefact" tokens they were added for.
     """
     shares, groups = prefix_attention_shares(seen)  # blocks, heads, G
+    footer = f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}"
+    blank = [b for b in range(shares.shape[0]) if np.isnan(shares[b]).all()]
+    if blank:  # e.g. XCiT's channel attention: say why those rows are empty
+        footer += f"\nblank rows (blocks {_block_ranges(blank)}): no token-to-token attention"
+    only_prefix = [b for b, t in enumerate(seen.inspection.blocks)
+                   if t.layout is not None and not t.layout.query_is_patch.any()]  # class attention: cls queries
+    queries = "patch queries" + (f" (the {', '.join(seen.inspection.blocks[only_prefix[0]].layout.query_prefix)} query "
+                                 f"in blocks {_block_ranges(only_prefix)})" if only_prefix else "")
     sheet = viz.matrix_heatmaps(
         np.moveaxis(shares, -1, 0), [f"to {g}" for g in groups],  # G, blocks, heads
         title=f"{seen.name}: share of attention to prefix tokens and patches\n"
-              "averaged over patch queries; the chosen block is outlined",
-        colorbar_label="attention share (sums to 1 over the panels)",
-        footer=f"rows: blocks 0..{shares.shape[0] - 1}, top to bottom; columns: heads 0..{shares.shape[1] - 1}",
-        mark_row=block)  # fmt: skip
+              f"averaged over {queries}; the chosen block is outlined",
+        colorbar_label="attention share (sums to 1 over the panels)", footer=footer, mark_row=block)
     return View(sheet.image, {"prefix_attention_share": shares, "prefix_attention_groups": np.array(groups)})
+
+
+def _block_ranges(blocks: list[int]) -> str:
+    """Block numbers as runs: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _hstack(parts: list[Image.Image], gap: int = 8) -> Image.Image:

@@ -121,14 +121,15 @@ def input_tokens(inspection: Inspection) -> Tokens:
 
 
 def block_tokens(inspection: Inspection) -> list[Tokens]:
-    """The tokens after every block (a block without a layout keeps the tokens it got)."""
+    """The tokens after every block (a block without a layout, or with only prefix queries, keeps the patch tokens
+    it got)."""
     current, out = input_tokens(inspection), []
     for trace in inspection.blocks:
-        if trace.layout is not None:
-            layout = trace.layout
+        layout = trace.layout
+        if layout is not None and len(layout.query_pixels) > len(layout.query_prefix):  # the block has patch queries
             current = Tokens(current.prefix, tuple(layout.query_grid),
                              layout.query_pixels[len(layout.query_prefix):].double())
-        out.append(current)
+        out.append(current)  # class attention (only prefix queries) leaves the patch tokens as they were
     return out
 
 
@@ -178,8 +179,11 @@ def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, aft
     total.index_add_(1, q_tok[q_slot], slot_total.reshape(batch, -1)[:, q_slot])  # B, Nq
     rows = rows.double()
     per_query = rows.new_zeros(*rows.shape[:2], len(layout.query_pixels))  # B, R, Nq
-    per_query[..., pq:] = rows[..., p:]
     passed = rows.new_zeros(*rows.shape[:2], len(before))  # B, R, P + N
+    if len(layout.query_pixels) > pq:
+        per_query[..., pq:] = rows[..., p:]
+    else:  # class attention: the patch tokens pass the block unchanged (``after`` holds ``before``'s patches)
+        passed[..., p:] = rows[..., p:]
     for i, name in enumerate(before.prefix):
         if name in layout.query_prefix:
             per_query[..., layout.query_prefix.index(name)] = rows[..., i]

@@ -479,8 +479,8 @@ def _hstack(parts: list[Image.Image], gap: int = 8) -> Image.Image:
 
 
 def rollout_maps(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
-    """Rollout up to ``block`` from the clicked patch's token (and from cls where there is one), with and without
-    position, on the input patch grid.
+    """Rollout up to ``block`` from the clicked patch's token (where the block outputs patch tokens) and from cls
+    (once a block up to ``block`` has queried it), with and without position, on the input patch grid.
 
     Returns:
         (2, R, h0, w0) with / without position, (2, R, P) their shares on the input prefix tokens, the R start names,
@@ -494,15 +494,25 @@ def rollout_maps(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.n
         after = rollout.block_tokens(insp)[block]
     except rollout.RolloutUnavailable as error:
         raise ViewUnavailable(f"{seen.name}: {error}") from None
-    token = after.nearest(queries.patch_pixel(patch, seen.grid, seen.size))
-    starts = [token] + ([after.prefix.index("cls")] if "cls" in after.prefix else [])
-    names = (f"patch {patch}",) + (("cls",) if len(starts) > 1 else ())
+    # from the clicked patch where the block outputs patch tokens (a class-attention block outputs only cls), and
+    # from cls once a block up to this one has queried it (XCiT and CaiT bring it in late)
+    cls_seen = any(t.layout is not None and "cls" in t.layout.query_prefix for t in insp.blocks[: block + 1])
+    starts, names = [], []
+    if len(after.pixels):
+        starts.append(after.nearest(queries.patch_pixel(patch, seen.grid, seen.size)))
+        names.append(f"patch {patch}")
+    if cls_seen and "cls" in after.prefix:
+        starts.append(after.prefix.index("cls"))
+        names.append("cls")
+    if not starts:
+        raise ViewUnavailable(f"{seen.name}: block {block} outputs no patch tokens, and its cls token is not one of the "
+                              "model's input tokens (it enters late), so no rollout starts here")
     select = torch.eye(len(after), dtype=torch.float64)[starts]  # R, len(after)
     if seen.pixels is None and rollout.needs_position_free_run(insp):
         raise ViewUnavailable(f"{seen.name}: the rollout without position needs the input; inspect it again")
     with_pos, without, rule = rollout.rollout_pair(seen.loaded.model, seen.pixels, insp, block=block, select=select)
     grids, prefixes = zip(*(r.on_grid() for r in (with_pos, without)))
-    return np.stack([g[0] for g in grids]), np.stack([p[0] for p in prefixes]), names, rule
+    return np.stack([g[0] for g in grids]), np.stack([p[0] for p in prefixes]), tuple(names), rule
 
 
 def rollout_view(seen: Seen, block: int, patch: Patch) -> View:

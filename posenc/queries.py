@@ -42,10 +42,14 @@ class Query:
     token: int
     patch: Patch
     prefix: str | None = None
+    label: str = ""
 
     def describe(self) -> str:
-        """Who the query is, for titles ("patch (3, 4)", "the cls token")."""
-        return f"patch {self.patch}" if self.prefix is None else f"the {self.prefix} token (the block's query)"
+        """Who the query is, for titles, in the input grid's numbering: "patch (31, 31)", "patch (31, 31) (query
+        (15, 15) of the block's 28x28 grid)" when the block's queries are pooled or subsampled, "the cls token"."""
+        if self.prefix is not None:
+            return f"the {self.prefix} token (the block's query)"
+        return self.label or f"patch {self.patch}"
 
 
 def patch_pixel(patch: Patch, grid: Size2, size: Size2) -> tuple[float, float]:
@@ -66,7 +70,11 @@ def block_query(trace: BlockTrace, patch: Patch, grid: Size2, size: Size2) -> Qu
         return Query(group, slot, 0, layout.nearest_key_patch(pixel), layout.query_prefix[0])
     token = layout.nearest_query(pixel)
     group, slot = layout.query_slot(token)
-    return Query(group, slot, token, layout.nearest_key_patch(tuple(layout.query_pixels[token].tolist())))
+    label = f"patch {tuple(patch)}"
+    if tuple(layout.query_grid) != tuple(grid):  # pooled or subsampled queries: say which one answers
+        row, col = divmod(token - len(layout.query_prefix), layout.query_grid[1])
+        label += f" (query ({row}, {col}) of the block's {layout.query_grid[0]}x{layout.query_grid[1]} grid)"
+    return Query(group, slot, token, layout.nearest_key_patch(tuple(layout.query_pixels[token].tolist())), label=label)
 
 
 def key_values(layout: TokenLayout, group: int, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

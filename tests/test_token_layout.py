@@ -419,3 +419,14 @@ def _first_panel(sheet: Image.Image) -> Image.Image:
     cols = white[top:bottom].mean(0) < 0.5
     left = int(np.argmax(cols))
     return sheet.crop((left, 0, _run_around(cols, left)[1], sheet.height))
+
+
+def test_titles_name_the_clicked_patch_and_the_pooled_query_that_answers_it(saved):
+    seen = _seen(saved, "mvitv2")  # 16x16 input patches; block 1 pools its queries to 8x8
+    assert seen.grid == (16, 16) and seen.inspection.blocks[1].layout.query_grid == (8, 8)
+    assert views.block_query(seen, 0, (9, 9)).describe() == "patch (9, 9)"  # queries on the input grid
+    query = views.block_query(seen, 1, (9, 9))
+    assert query.describe() == "patch (9, 9) (query (4, 4) of the block's 8x8 grid)"
+    layout = seen.inspection.blocks[1].layout
+    y, x = layout.query_pixels[query.token].tolist()  # the answering query covers the clicked patch's centre
+    assert abs(y - 38) <= 4 and abs(x - 38) <= 4

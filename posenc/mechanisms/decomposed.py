@@ -14,18 +14,18 @@ from PIL import Image
 
 from posenc import viz
 from posenc.mechanisms import Mechanism, ViewSpec
-from posenc.queries import key_values
+from posenc.queries import Query, key_values
 from posenc.views import Patch, Seen, View, ViewUnavailable, block_query, describe_block
 
 _DEPENDS = "computed from this query's content: it changes with the image"
 
 
-def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, Patch]:
+def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.ndarray, Query]:
     """The clicked query's row and column terms over the keys it attends to, on the block's grid.
 
     Returns:
         (heads, gh, gw) row term ``q . R_h[row offset]`` and column term ``q . R_w[column offset]`` (NaN for keys
-        outside the query's window), and the query on the block's grid.
+        outside the query's window), and the clicked patch's query in the block (:class:`~posenc.queries.Query`).
     """
     trace = seen.inspection.blocks[block]
     if "rel_h" not in trace.position:
@@ -47,7 +47,7 @@ def query_factors(seen: Seen, block: int, patch: Patch) -> tuple[np.ndarray, np.
     no_bias = fh.new_zeros(fh.shape[0], len(layout.key_prefix))  # heads, Pk
     row_term, _ = key_values(layout, query.group, torch.cat([no_bias, fh[:, rows]], dim=-1))  # heads, hk, wk
     col_term, _ = key_values(layout, query.group, torch.cat([no_bias, fw[:, cols]], dim=-1))  # heads, hk, wk
-    return row_term, col_term, query.patch
+    return row_term, col_term, query
 
 
 def query_bias(seen: Seen, block: int, patch: Patch) -> View:
@@ -55,19 +55,19 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     row_term, col_term, query = query_factors(seen, block, patch)
     bias = row_term + col_term  # heads, gh, gw
     sheet = viz.query_bias_overlays(
-        seen.photo, bias, query,
-        title=f"{seen.name}: decomposed bias from patch {query} to the keys it attends to ({_DEPENDS})\n"
+        seen.photo, bias, query.patch,
+        title=f"{seen.name}: decomposed bias from {query.describe()} to the keys it attends to ({_DEPENDS})\n"
               f"{describe_block(seen, block)}")  # fmt: skip
-    return View(sheet.image, {"decomposed_bias": bias, "block_patch": np.array(query)})
+    return View(sheet.image, {"decomposed_bias": bias, "block_patch": np.array(query.patch)})
 
 
 def factors(seen: Seen, block: int, patch: Patch) -> View:
     """The two terms of the clicked query's bias: along rows (``q . R_h``) and along columns (``q . R_w``)."""
     row_term, col_term, query = query_factors(seen, block, patch)
     sheet = viz.signed_head_overlays(
-        seen.photo, np.stack([row_term, col_term]), query,
+        seen.photo, np.stack([row_term, col_term]), query.patch,
         row_labels=("row term q\u00b7R_h[\u0394row]", "column term q\u00b7R_w[\u0394col]"),
-        title=f"{seen.name}: the two factors of the bias from patch {query} ({_DEPENDS})\n"
+        title=f"{seen.name}: the two factors of the bias from {query.describe()} ({_DEPENDS})\n"
               f"{describe_block(seen, block)}",
         colorbar_label="added to the attention logits (their sum is the bias)")  # fmt: skip
     return View(sheet.image, {"bias_row_term": row_term, "bias_column_term": col_term})
@@ -89,14 +89,14 @@ def stage_biases(seen: Seen, block: int, patch: Patch) -> View:
                               "off, or none in this model)")  # fmt: skip
     sheets, arrays = [], {}
     for stage, i in firsts.items():
-        row_term, col_term, key = query_factors(seen, i, patch)
+        row_term, col_term, query = query_factors(seen, i, patch)
         bias = row_term + col_term  # heads, kh, kw
         layout = seen.inspection.blocks[i].tokens()
         (qh, qw), (kh, kw) = layout.query_grid, layout.key_grid
         title = (f"{seen.name}, stage {stage} (block {i}): decomposed bias from input patch {tuple(patch)} "
                  f"({_DEPENDS})\n{qh}x{qw} queries over {kh}x{kw} pooled keys; the query is outlined at its "
                  "nearest key")  # fmt: skip
-        sheets.append(viz.query_bias_overlays(seen.photo, bias, key, title=title).image)
+        sheets.append(viz.query_bias_overlays(seen.photo, bias, query.patch, title=title).image)
         arrays[f"stage{stage}_decomposed_bias"] = bias
     out = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), (255, 255, 255))
     y = 0

@@ -57,7 +57,7 @@ def positional_attention(seen: Seen, block: int, patch: Patch) -> View:
     gates_text = ", ".join(f"h{h} {g:.2f}" for h, g in enumerate(gate.tolist()))
     sheet = viz.attention_overlays(
         seen.photo, rows, query.patch,
-        title=f"{seen.name}: positional attention from patch {query.patch}, block {block}\n"
+        title=f"{seen.name}: positional attention from {query.describe()}, block {block}\n"
               f"the head mixes it in with its gate: {gates_text}",
     )  # fmt: skip
     return View(sheet.image, {"gpsa_pos_attention": rows, "gpsa_gate": gate.numpy()})

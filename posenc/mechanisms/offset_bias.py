@@ -54,7 +54,7 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     block_patch = query.patch
     sheet = viz.query_bias_overlays(
         seen.photo, rows, block_patch,
-        title=f"{seen.name}: bias from patch {block_patch} to the keys it attends to\n"
+        title=f"{seen.name}: bias from {query.describe()} to the keys it attends to\n"
               f"{describe_block(seen, block)}",
     )  # fmt: skip
     return View(sheet.image, {"query_bias": rows, "block_grid": np.array(trace.tokens().key_grid),

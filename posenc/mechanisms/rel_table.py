@@ -61,7 +61,7 @@ def query_bias(seen: Seen, block: int, patch: Patch) -> View:
     with torch.inference_mode():
         sheet = viz.query_bias_overlays(
             seen.photo, rows, query.patch, cls_bias=None if prefix is None else prefix[:, 0],
-            title=f"{seen.name}: bias from patch {query.patch} to the keys it attends to\n"
+            title=f"{seen.name}: bias from {query.describe()} to the keys it attends to\n"
                   f"{describe_block(seen, block)}")  # fmt: skip
     arrays = {"query_bias": rows, "block_grid": np.array(trace.tokens().key_grid), "block_patch": np.array(query.patch)}
     if prefix is not None:

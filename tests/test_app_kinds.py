@@ -21,7 +21,7 @@ import posenc
 from posenc import measure
 from posenc.app import QUEUE_OPTIONS, create_demo, launch_options
 from posenc.app.api import KIND_ENDPOINTS, kind_views
-from posenc.app.common import block_number, view_key, views_of
+from posenc.app.common import block_number, sentence, view_key, views_of
 from posenc.app.measure import MEASUREMENTS, MeasureHandlers
 from posenc.mechanisms import MECHANISMS
 from posenc.models import CoaTConfig, LeViTConfig, SamConfig, SwinV2Config, XCiTConfig, build_model
@@ -209,3 +209,9 @@ def test_one_block_parser_for_every_tab_and_endpoint(block, expected) -> None:
 def test_block_parser_refuses_what_is_not_a_block(block) -> None:
     with pytest.raises(ValueError, match="block"):
         block_number(block, 6)
+
+
+def test_a_message_keeps_the_case_of_the_repo_id_it_starts_with() -> None:
+    assert sentence("nonsense/model is not stored on this server") == "nonsense/model is not stored on this server."
+    assert sentence("my_folder  has no config.json") == "my_folder has no config.json."
+    assert sentence("the size must be a multiple of 16") == "The size must be a multiple of 16."

@@ -56,7 +56,8 @@ def user_message(error: BaseException) -> str:
         return OUT_OF_MEMORY
     if isinstance(error, HubLoadError) and error.reason == "offline":
         return (f"{error.source} is not stored on this server and the Hugging Face Hub cannot be reached from it, "
-                "so it cannot be loaded now; pick a bundled model, or try again later")
+                "so it cannot be loaded now; pick a model this server stores (a bundled one or a local folder), or try "
+                "again later")
     if isinstance(error, USER_ERRORS):
         return " ".join(str(error).split())
     logger.error("unexpected error", exc_info=error)
@@ -69,7 +70,8 @@ def sentence(message: str) -> str:
     message = " ".join(message.split())
     if not message:
         return message
-    message = message[0].upper() + message[1:]
+    if message.split()[0].isalpha():  # a word, not a repo id or a folder the user typed ("nonsense/model")
+        message = message[0].upper() + message[1:]
     return message if message.endswith((".", "!", "?")) else message + "."
 
 

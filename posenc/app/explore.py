@@ -162,8 +162,8 @@ class ExploreHandlers:
         if not shown:
             return {"status": gr.Markdown(f"**Not run.** {message}", visible=True)}
         return {
-            "status": gr.Markdown(f"**Not run.** {message}  \nThe pictures below still show the previous request: "
-                                  f"{shown['summary']}.", visible=True),
+            "status": gr.Markdown(f"**Not run.** {message}  \nThe pictures below still show the previous request.",
+                                  visible=True),  # the summary line under them names it
             "summary": f"*Previous request:* {shown['summary']}",
             "model": gr.Dropdown(value=shown["model"], allow_custom_value=True),
             "size": gr.Dropdown(value=shown["size"], allow_custom_value=True),

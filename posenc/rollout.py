@@ -167,7 +167,7 @@ def step_back(rows: Tensor, trace: BlockTrace, attn: Tensor, before: Tokens, aft
     device = attn.device
     keys = _map_onto(before, layout.key_prefix, layout.key_pixels[pk:]).to(device)  # sparse Nk, P + N
     own = _map_onto(before, layout.query_prefix, layout.query_pixels[pq:]).to(device)  # sparse Nq, P + N
-    grouped = layout.grouped(attn.double()).mean(-3)  # B, G, nq, nk: heads averaged
+    grouped = layout.grouped(attn).mean(-3).double()  # B, G, nq, nk: heads averaged (in the maps' dtype, then float64)
     batch, groups, nq, nk = grouped.shape
     q, k = layout.query_tokens.to(device), layout.key_tokens.to(device)  # G, nq / G, nk; -1: padding
     q_slot, k_slot = (q >= 0).reshape(-1), (k >= 0).reshape(-1)  # G*nq / G*nk

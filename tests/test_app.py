@@ -735,3 +735,29 @@ def test_mechanism_views_are_wide_unless_two_share_a_row() -> None:
     assert all(wide[f"view:cpb/{key}"] for key in ("cpb_table", "cpb_extrapolation", "cpb_temperature",
                                                    "cpb_query_bias"))
     assert wide["view:learned/similarity_grid"] and not wide["view:learned/similarity"] and not wide["view:learned/pca"]
+
+
+@pytest.mark.parametrize(("arch", "config", "why"), [
+    ("coat", dict(img_size=64, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1), num_heads=2,
+                  crpe_window=((3, 1), (5, 1))), "no token-to-token map"),
+    ("xcit", dict(img_size=64, embed_dim=32, depth=2, num_heads=4), "channels attend to channels"),
+])
+def test_attention_tab_says_why_in_place_of_a_picture_it_cannot_draw(tmp_path: Path, arch, config, why) -> None:
+    from posenc.models import CoaTConfig, XCiTConfig
+    from posenc.preprocess import Preprocess
+
+    config_cls = {"coat": CoaTConfig, "xcit": XCiTConfig}[arch]
+    folder = tmp_path / "checkpoints" / f"tiny-{arch}"
+    torch.manual_seed(0)
+    build_model(config_cls(**config, num_classes=5, preprocess=Preprocess(input_size=(64, 64), crop_pct=1.0))
+                ).save_pretrained(folder)  # fmt: skip
+    h = Handlers(cache=ModelCache(load), catalog=Catalog.build(folder.parent, (), []), hub=HubStatus(lambda: False))
+    result = _explore(h, None, f"tiny-{arch}")
+    assert result["picker"] and not result["status"].visible  # the request ran
+    note = result["attention_note"]
+    assert note.visible and "**Attention per head:**" in note.value and why in note.value
+    assert result["attention"].visible is False  # no empty box under the note
+    if arch == "coat":  # no block attends between tokens: no rollout either, and the note says so
+        assert "**Attention rollout:**" in note.value
+    else:  # XCiT's token norms draw on its channel-attention blocks
+        assert result["token_norms"].visible is True and "Token norms" not in note.value

@@ -202,10 +202,13 @@ class ExploreHandlers:
         seen = views.inspect_image(loaded, path, input_size, name=key)
         progress(0.6, desc="Drawing the views")
         drawn = draw_mechanisms(seen, b, patch)
-        attention, _ = views.try_view(lambda: views.attention_view(seen, b, patch))  # None: no token map (CoaT)
-        prefix, _ = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))
-        rolled, _ = views.try_view(lambda: views.rollout_view(seen, b, patch))
-        normed, _ = views.try_view(lambda: views.token_norms_view(seen, b, patch))
+        attention, why_attention = views.try_view(lambda: views.attention_view(seen, b, patch))  # None: no token map
+        prefix, why_prefix = views.try_view(lambda: views.prefix_attention_view(seen, b, patch))
+        rolled, why_rolled = views.try_view(lambda: views.rollout_view(seen, b, patch))
+        normed, why_normed = views.try_view(lambda: views.token_norms_view(seen, b, patch))
+        missing = [f"**{what}:** {sentence(why)}" for what, why in (
+            ("Attention per head", why_attention), ("Attention to prefix tokens", why_prefix),
+            ("Attention rollout", why_rolled), ("Token norms", why_normed)) if why]  # fmt: skip
         files = self.files.downloads(seen, patch, b)
         summary = summary_line(seen, patch, b)
         native = views.native_size(loaded)
@@ -229,7 +232,8 @@ class ExploreHandlers:
             "shown": shown,
             "picker": files.png("input", views.patch_picker(seen, patch)),
             "label": predictions(seen),
-            "attention": files.png("attention", attention.image if attention else None),
+            "attention": gr.Image(files.png("attention", attention.image if attention else None), visible=bool(attention)),
+            "attention_note": gr.Markdown("\n\n".join(missing), visible=bool(missing)),
             "prefix_attention": gr.Image(files.png("prefix_attention", prefix.image if prefix else None),
                                          visible=bool(prefix)),
             "rollout": gr.Image(files.png("rollout", rolled.image if rolled else None), visible=bool(rolled)),
@@ -345,6 +349,7 @@ def explore_tab(h: ExploreHandlers, *, choices: list[tuple[str, str]], default_m
                     mechanism_named = mechanism_tabs()
                     with gr.Tab("Attention", id="attention-tab"):
                         gr.Markdown(ATTENTION_HELP)
+                        attention_note = gr.Markdown(visible=False, elem_id="note-attention")  # what cannot be drawn
                         attention = view_image("Attention per head", elem_id="attention", elem_classes=["posenc-wide"])
                         prefix_attention = view_image("Attention to prefix tokens", elem_id="prefix-attention",
                                                       elem_classes=["posenc-wide"], visible=False)
@@ -357,7 +362,8 @@ def explore_tab(h: ExploreHandlers, *, choices: list[tuple[str, str]], default_m
 
     named = {"status": status, "summary": summary, "info": info, "model": model, "size": size, "block": block,
              "row": row, "col": col, "shown": shown, "picker": picker, "label": label, "attention": attention,
-             "prefix_attention": prefix_attention, "rollout": rollout, "token_norms": token_norms, "npz": npz, **mechanism_named}
+             "attention_note": attention_note, "prefix_attention": prefix_attention, "rollout": rollout,
+             "token_norms": token_norms, "npz": npz, **mechanism_named}
     outputs = Outputs(named)
     tab = ExploreTab(model=model, image=image, gallery=gallery, row=row, col=col, shown=shown, outputs=outputs,
                      named=named)

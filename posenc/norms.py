@@ -133,7 +133,7 @@ def inspect_with_outputs(model: nn.Module, x: Tensor) -> tuple[Inspection, list[
     with torch.inference_mode(), block_outputs(model) as outputs:
         seen = model.inspect(x)
     if len(outputs) != len(seen.blocks):  # blocks that are not an attention + MLP module each (CoaT's serial blocks)
-        note = (f"token norms: {len(outputs)} block outputs were collected for {len(seen.blocks)} blocks (the model's "
+        note = (f"{len(outputs)} block outputs were collected for {len(seen.blocks)} blocks (the model's "
                 "blocks are not one attention + MLP module each)")
         return seen, [note] * len(seen.blocks)
     return seen, token_norms(outputs, seen)

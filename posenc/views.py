@@ -403,6 +403,8 @@ def prefix_attention_shares(seen: Seen) -> tuple[np.ndarray, tuple[str, ...]]:
         ViewUnavailable: no block of the model has prefix keys.
     """
     insp = seen.inspection
+    if all(trace.layout is None for trace in insp.blocks):
+        raise ViewUnavailable(f"{seen.name}: no block attends between tokens, so no attention goes to prefix tokens")
     names: list[str] = []
     for trace in insp.blocks:
         names += [n for n in (trace.layout.key_prefix if trace.layout is not None else ()) if n not in names]

@@ -757,7 +757,7 @@ def test_attention_tab_says_why_in_place_of_a_picture_it_cannot_draw(tmp_path: P
     note = result["attention_note"]
     assert note.visible and "**Attention per head:**" in note.value and why in note.value
     assert result["attention"].visible is False  # no empty box under the note
-    if arch == "coat":  # no block attends between tokens: no rollout either, and the note says so
-        assert "**Attention rollout:**" in note.value
+    if arch == "coat":  # no block attends between tokens: no rollout or prefix shares either, and the note says so
+        assert "**Attention rollout:**" in note.value and "no cls token" not in note.value
     else:  # XCiT's token norms draw on its channel-attention blocks
         assert result["token_norms"].visible is True and "Token norms" not in note.value

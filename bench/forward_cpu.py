@@ -11,6 +11,11 @@ Two controls say how far a ratio can be trusted:
 - **Kernels**: the aten operators each forward pass calls, counted with ``torch.profiler``. When posenc calls
   exactly timm's operators the same number of times, a ratio within the A/A noise is a tie.
 
+The allocator: by default (``--allocator steady``) the command runs itself again with glibc's mmap and trim
+thresholds fixed (:data:`STEADY_ALLOCATOR`). With glibc's dynamic thresholds a batch-16 forward can take tens of
+thousands of page faults, more in one library's forwards than the other's by chance, which moves a ratio by up
+to 10 % although both run the same kernels; ``--allocator default`` measures with the allocator as it comes.
+
 On a shared machine one run can land in a busy minute; ``--runs N`` repeats every figure N times (the models
 taking turns) and reports the run with the median ratio, with every run's ratio, A/A and load average beside it.
 
@@ -25,6 +30,7 @@ import argparse
 import copy
 import logging
 import os
+import sys
 from collections import Counter
 from typing import Any
 
@@ -224,6 +230,10 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="forward_cpu", help="result file name (bench/results/<name>.json)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16], help="batches of the timm comparison")
     parser.add_argument("--inspect-batch", type=int, default=1, help="batch of the inspection figure (the app's)")
+    parser.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                        help="steady (default): run with glibc's mmap and trim thresholds fixed (STEADY_ALLOCATOR), so "
+                             "large activations are not handed back to the system and faulted in again on every "
+                             "forward; default: the allocator as it comes")
 
 
 def write_runs(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], done: int) -> None:
@@ -236,13 +246,24 @@ def write_runs(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], 
                   "same_kernels compares the aten operators each forward calls (torch.profiler); "
                   "with several runs, each row is the run with the median ratio and 'runs' lists them all",
         "runs": done,
+        "allocator": {"mode": args.allocator,
+                      "environment": {k: os.environ.get(k) for k in STEADY_ALLOCATOR}},
         "targets": {f"batch_{b}": t for b, t in TARGETS.items()},
         "models": models,
     })  # fmt: skip
 
 
+#: glibc settings of ``--allocator steady``: with its default dynamic thresholds glibc returns large blocks to the
+#: system and maps them again, so a batch-16 forward takes 2,000 to 40,000 page faults, and which library a run
+#: happens to fault more in swings the ratio by up to 10 % (the same for both: it is not either library's code).
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], repeats=20, warmup=3, min_seconds=40.0, extra=_options)
+    if args.allocator == "steady" and any(os.environ.get(k) != v for k, v in STEADY_ALLOCATOR.items()):
+        os.environ.update(STEADY_ALLOCATOR)  # glibc reads them at start-up: run this command again with them
+        os.execv(sys.executable, [sys.executable, "-m", "bench.forward_cpu", *sys.argv[1:]])
     if args.runs < 1 or not args.name.startswith("forward_cpu"):
         raise SystemExit("--runs must be at least 1 and --name start with 'forward_cpu' (the report finds it so)")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.models}

@@ -84,6 +84,10 @@ def forward_cpu(record: dict[str, Any]) -> list[str]:
     if runs > 1:
         lines[-4] += (f" {runs} runs, the models taking turns; each row is the run with the median ratio, and the "
                       "table below it lists every run.")
+    allocator = record.get("allocator", {}).get("mode")
+    lines[-4] += (" glibc's mmap and trim thresholds fixed (`--allocator steady`), so no forward faults its "
+                  "activations in again." if allocator == "steady" else
+                  " glibc's allocator as it comes (its page faults move batch-16 ratios by up to 10 %).")
     for name, m in record["models"].items():
         for row in m["forward"]:
             posenc, timm = _ms(row["posenc"]["median_ms"]), _ms(row["timm"]["median_ms"])

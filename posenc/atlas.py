@@ -308,8 +308,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use the first N images")
     parser.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (for every model)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda:LOCAL_RANK when a GPU is present, else the CPU")
+    distributed.add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -326,11 +325,8 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun every rank runs this: each model's images are sharded over the ranks (as ``posenc measure``
     does) and rank 0 alone shows progress and writes the files.
     """
-    ranks = distributed.join(None if args.device == "auto" else args.device)
-    try:
+    with distributed.joined(args.device) as ranks:
         return _run(args, ranks)
-    finally:
-        distributed.leave()
 
 
 def _run(args: argparse.Namespace, ranks: Ranks) -> int:

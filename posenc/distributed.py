@@ -9,8 +9,10 @@ rank, so the result equals one process's: exactly for counts, to float tolerance
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,22 @@ def leave() -> None:
     """Destroy the process group when one was joined (call once, at the end of the command)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option of a command that runs under torchrun (see :func:`joined`)."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda:LOCAL_RANK when a GPU is present, else the CPU")
+
+
+@contextmanager
+def joined(device: str = "auto") -> Iterator[Ranks]:
+    """:func:`join` for the length of a command (``device``: the ``--device`` option) and :func:`leave` after."""
+    ranks = join(None if device == "auto" else device)
+    try:
+        yield ranks
+    finally:
+        leave()
 
 
 def all_sum(sums: Mapping[str, Any], ranks: Ranks) -> dict[str, Any]:

@@ -997,8 +997,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rope-scales", type=_scales, default=list(ROPE_SCALES), metavar="S,S,...",
                         help="RoPE coordinate scales for models with a rotary mechanism (default "
                              f"{','.join(f'{s:g}' for s in ROPE_SCALES)})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda:LOCAL_RANK when a GPU is present, else the CPU")
+    distributed.add_device_option(parser)
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.set_defaults(func=run)
 
@@ -1008,11 +1007,8 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every rank runs this; they measure their shards and rank 0 writes the files.
     """
-    ranks = distributed.join(None if getattr(args, "device", "auto") == "auto" else args.device)
-    try:
+    with distributed.joined(getattr(args, "device", "auto")) as ranks:
         return _run(args, ranks)
-    finally:
-        distributed.leave()
 
 
 def _run(args: argparse.Namespace, ranks: Ranks) -> int:

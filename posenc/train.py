@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from posenc import mechanisms
+from posenc import distributed, mechanisms
 from posenc.labels import CIFAR10_LABELS
 from posenc.models import PosencModel, SwinConfig, ViTConfig, build_model
 from posenc.preprocess import Preprocess, load_image
@@ -379,17 +379,11 @@ def derive_seed(*parts: int) -> int:
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Join torchrun's process group when WORLD_SIZE > 1 (env:// init); pick the device and the precision."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    ranks = distributed.join()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    return Runtime(device, torch.bfloat16 if bf16 else None, dist.get_rank() if world_size > 1 else 0, world_size)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ranks.device.type == "cuda")
+    return Runtime(ranks.device, torch.bfloat16 if bf16 else None, ranks.rank, ranks.world_size)
 
 
 def _all_sum(values: list[float], rt: Runtime) -> list[float]:
@@ -707,8 +701,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.leave()
     if metrics["epochs_done"] < metrics["epochs"] and int(os.environ.get("RANK", "0")) == 0:
         logger.info("stopped after epoch %d of %d; continue with --resume", metrics["epochs_done"], metrics["epochs"])
     return 0

@@ -86,8 +86,6 @@ def token_map(to_pixels: Tensor, from_pixels: Tensor) -> Tensor:
         (M, N) float64, rows summing to 1.
     """
     to_pixels, from_pixels = to_pixels.double(), from_pixels.double()
-    if len(from_pixels) == 0 and len(to_pixels):  # CaiT's class-attention blocks output no patch token
-        raise RolloutUnavailable("a block's patch tokens come from a block that outputs none: no rollout through it")
     if to_pixels.shape == from_pixels.shape and torch.equal(to_pixels, from_pixels):  # the same grid
         return torch.eye(len(to_pixels), dtype=torch.float64)
     dist = torch.cdist(to_pixels, from_pixels)  # M, N
